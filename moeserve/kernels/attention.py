@@ -1,0 +1,80 @@
+"""Attention over a paged KV cache.
+
+The cache is split into fixed-size blocks; a sequence's tokens live in the blocks its row of
+`block_tables` lists, token t at block_tables[b, t // block_size], offset t % block_size.
+
+- `mla_decode`: one query token per sequence, MLA in the weight-absorbed form: queries are
+  already projected into the latent space, the cache holds [latent (L) | rope key (R)] per
+  token, and the output is the attention-weighted latent (projected to values by the caller).
+- `paged_decode`: one query token per sequence, grouped-query attention over K/V caches.
+- `varlen_attention`: prefill over sequences packed back to back (no padding); each sequence's
+  queries are the last q_len of its k_len keys (prefix context already in the cache), causal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_paged(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, ...] -> [B, max_len, ...] (positions past seq_len hold junk)."""
+    block_size = cache.shape[1]
+    max_len = int(seq_lens.max()) if seq_lens.numel() else 0
+    nblk = (max_len + block_size - 1) // block_size
+    blocks = cache[block_tables[:, :nblk].long()]  # [B, nblk, block_size, ...]
+    return blocks.reshape(blocks.shape[0], nblk * block_size, *cache.shape[2:])[:, :max_len]
+
+
+def _length_mask(seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    return torch.arange(max_len, device=seq_lens.device)[None, :] < seq_lens[:, None]
+
+
+def mla_decode_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q_latent [B, H, L], q_rope [B, H, R], kv_cache [NB, BS, L + R] -> [B, H, L] (q dtype)."""
+    latent_dim = q_latent.shape[-1]
+    kv = gather_paged(kv_cache, block_tables, seq_lens).to(torch.float32)  # [B, S, L+R]
+    q = torch.cat((q_latent, q_rope), dim=-1).to(torch.float32)  # [B, H, L+R]
+    scores = torch.einsum("bhd,bsd->bhs", q, kv) * scale
+    scores = scores.masked_fill(~_length_mask(seq_lens, kv.shape[1])[:, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bhs,bsl->bhl", probs, kv[..., :latent_dim]).to(q_latent.dtype)
+
+
+def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D], k_cache/v_cache [NB, BS, Hkv, D] -> [B, H, D] (q dtype)."""
+    num_heads, num_kv = q.shape[1], k_cache.shape[2]
+    k = gather_paged(k_cache, block_tables, seq_lens).to(torch.float32)  # [B, S, Hkv, D]
+    v = gather_paged(v_cache, block_tables, seq_lens).to(torch.float32)
+    k = k.repeat_interleave(num_heads // num_kv, dim=2)
+    v = v.repeat_interleave(num_heads // num_kv, dim=2)
+    scores = torch.einsum("bhd,bshd->bhs", q.to(torch.float32), k) * scale
+    scores = scores.masked_fill(~_length_mask(seq_lens, k.shape[1])[:, None, :], float("-inf"))
+    return torch.einsum("bhs,bshd->bhd", scores.softmax(dim=-1), v).to(q.dtype)
+
+
+def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: list[int],
+                         cu_seqlens_k: list[int], scale: float) -> torch.Tensor:
+    """q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv], cumulative lengths as host lists -> [Tq, H, Dv]."""
+    num_heads, num_kv = q.shape[1], k.shape[1]
+    out = q.new_empty(q.shape[0], num_heads, v.shape[-1])
+    for b in range(len(cu_seqlens_q) - 1):
+        qs, qe = cu_seqlens_q[b], cu_seqlens_q[b + 1]
+        ks, ke = cu_seqlens_k[b], cu_seqlens_k[b + 1]
+        if qe == qs:
+            continue
+        qb = q[qs:qe].to(torch.float32).transpose(0, 1)  # [H, q, D]
+        kb = k[ks:ke].to(torch.float32).repeat_interleave(num_heads // num_kv, dim=1).transpose(0, 1)
+        vb = v[ks:ke].to(torch.float32).repeat_interleave(num_heads // num_kv, dim=1).transpose(0, 1)
+        scores = qb @ kb.transpose(1, 2) * scale  # [H, q, k]
+        q_pos = torch.arange(ke - ks - (qe - qs), ke - ks, device=q.device)
+        causal = torch.arange(ke - ks, device=q.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out[qs:qe] = (scores.softmax(dim=-1) @ vb).transpose(0, 1).to(out.dtype)
+    return out
+
+
+mla_decode = mla_decode_ref
+paged_decode = paged_decode_ref
+varlen_attention = varlen_attention_ref
