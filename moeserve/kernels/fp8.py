@@ -57,3 +57,7 @@ def block_fp8_matmul_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     x_deq = xq.to(torch.float32) * xs.repeat_interleave(block[1], dim=1)[:, :k]
     w_deq = dequant_block_fp8_ref(w, w_scale, block)
     return (x_deq @ w_deq.t()).to(x.dtype)
+
+
+block_fp8_matmul = block_fp8_matmul_ref
+per_token_group_quant_fp8 = per_token_group_quant_fp8_ref
