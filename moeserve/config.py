@@ -198,7 +198,7 @@ class ModelConfig:
                 cfg.rope_interleave = True
         else:
             cfg.head_dim = raw.get("head_dim") or cfg.hidden_size // cfg.num_attention_heads
-            cfg.n_routed_experts = raw.get("num_experts", 0)
+            cfg.n_routed_experts = raw.get("num_experts", raw.get("num_local_experts", 0))  # transformers 5 writes the latter
             cfg.num_experts_per_tok = raw.get("num_experts_per_tok", 0)
             cfg.moe_intermediate_size = raw.get("moe_intermediate_size", 0)
             cfg.norm_topk_prob = bool(raw.get("norm_topk_prob", False))

@@ -1,0 +1,211 @@
+"""Attention layers over the paged KV cache: MLA (DeepSeek V2/V3) and GQA (Qwen3-MoE).
+
+A step's batch is flat: T tokens from B sequences back to back, no padding. The first
+`num_decodes` sequences contribute exactly one token each (decode); the rest are prefill
+chunks, whose earlier tokens (prefix cache hits, earlier chunks) are already in the cache.
+Every layer first writes its new tokens' cache entries at `slot_mapping`, then attends over
+the cache: decode through the paged decode kernels, prefill through varlen attention.
+
+MLA caches only the compressed latent: [kv_lora_rank normalised latent | rope key] per token,
+never expanded K/V. Decode uses the weight-absorbed form (queries projected into the latent
+space, values projected out of it after attention); prefill expands the latent with kv_b_proj.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.kernels.attention import mla_decode, paged_decode, varlen_attention
+from moeserve.layers.linear import Linear
+from moeserve.layers.norm import RMSNorm
+from moeserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token; -1 = skip
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache for each sequence after this step
+    query_lens: list[int]  # host copy: new tokens per sequence
+    seq_lens_cpu: list[int]  # host copy of seq_lens
+    num_decodes: int  # the first num_decodes sequences have query length 1
+
+    @property
+    def num_prefills(self) -> int:
+        return len(self.query_lens) - self.num_decodes
+
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device | str) -> "AttentionMetadata":
+        """From host lists. Decode sequences (query length 1) must come first."""
+        num_decodes = 0
+        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        if any(q == 1 for q in query_lens[num_decodes:]) and any(q > 1 for q in query_lens[:num_decodes]):
+            raise ValueError("decode sequences must come before prefill sequences")
+        slots: list[int] = []
+        for q_len, s_len, table in zip(query_lens, seq_lens, block_tables):
+            for pos in range(s_len - q_len, s_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(block_tables), width),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_lens=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+            num_decodes=num_decodes,
+        )
+
+
+def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+    """cache [num_blocks, block_size, *entry], values [T, *entry]; slots < 0 are skipped (padding)."""
+    flat = cache.view(-1, *cache.shape[2:])
+    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        slot_mapping, values = slot_mapping[keep], values[keep]
+    flat.index_copy_(0, slot_mapping, values.to(cache.dtype))
+
+
+def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len cache entries of one sequence, in order: [seq_len, *entry]."""
+    block_size = cache.shape[1]
+    nblk = -(-seq_len // block_size)
+    return cache[block_table[:nblk].long()].reshape(nblk * block_size, *cache.shape[2:])[:seq_len]
+
+
+def _prefill_cu_lens(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
+    cu_q, cu_k = [0], [0]
+    for q_len, s_len in zip(meta.query_lens[meta.num_decodes:], meta.seq_lens_cpu[meta.num_decodes:]):
+        cu_q.append(cu_q[-1] + q_len)
+        cu_k.append(cu_k[-1] + s_len)
+    return cu_q, cu_k
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: str | None = None):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        block = cfg.weight_block_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, self.num_heads * qk_dim, quant=quant, block=block)
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias, quant=quant, block=block)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.num_heads * qk_dim, quant=quant, block=block)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.kv_lora_rank + self.rope_dim,
+                                         bias=cfg.attention_bias, quant=quant, block=block)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), quant=quant,
+                                block=block)
+        self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias, quant=quant,
+                             block=block)
+        self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim, cfg.max_position_embeddings, cfg.rope_interleave)
+        self.scale = yarn_softmax_scale(cfg.rope, qk_dim)
+        self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_lora_rank + rope_dim]
+        self.w_uk: torch.Tensor | None = None  # [H, nope_dim, kv_lora_rank], absorbed into queries
+        self.w_uv: torch.Tensor | None = None  # [H, v_dim, kv_lora_rank], absorbed into outputs
+
+    def kv_cache_entry_shape(self) -> tuple[int, ...]:
+        return (self.kv_lora_rank + self.rope_dim,)
+
+    def process_weights_after_loading(self, dtype: torch.dtype) -> None:
+        w = self.kv_b_proj.dequantized_weight(dtype).view(self.num_heads, self.nope_dim + self.v_dim,
+                                                          self.kv_lora_rank)
+        self.w_uk = w[:, : self.nope_dim].contiguous()
+        self.w_uv = w[:, self.nope_dim:].contiguous()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent.contiguous())
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe.unsqueeze(1))
+        write_cache(self.kv_cache, meta.slot_mapping, torch.cat((latent, k_pe.squeeze(1)), dim=-1))
+
+        out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
+        nd = meta.num_decodes
+        if nd:
+            q_latent = torch.einsum("thd,hdl->thl", q_nope[:nd], self.w_uk)
+            o_latent = mla_decode(q_latent, q_pe[:nd].contiguous(), self.kv_cache, meta.block_tables[:nd],
+                                  meta.seq_lens[:nd], self.scale)
+            out[:nd] = torch.einsum("thl,hvl->thv", o_latent, self.w_uv)
+        if meta.num_prefills:
+            out[nd:] = self._prefill(q_nope[nd:], q_pe[nd:], meta)
+        return self.o_proj(out.view(num_tokens, self.num_heads * self.v_dim))
+
+    def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Expanded form: the prefill sequences' whole latent (prefix + new) through kv_b_proj."""
+        nd = meta.num_decodes
+        entries = torch.cat([gather_sequence(self.kv_cache, meta.block_tables[b], meta.seq_lens_cpu[b])
+                             for b in range(nd, len(meta.query_lens))]).to(q_nope.dtype)
+        latent, k_pe = entries.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        cu_q, cu_k = _prefill_cu_lens(meta)
+        return varlen_attention(q, k, v.contiguous(), cu_q, cu_k, self.scale)
+
+
+class GQAAttention(nn.Module):
+    """Grouped-query attention with per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, quant: str | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        block = cfg.weight_block_size
+        bias = cfg.attention_bias
+        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias, quant=quant, block=block)
+        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias, quant=quant, block=block)
+        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias, quant=quant, block=block)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias, quant=quant, block=block)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.rope, self.head_dim, cfg.max_position_embeddings, interleaved=False)
+        self.scale = self.head_dim**-0.5
+        self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+
+    def kv_cache_entry_shape(self) -> tuple[int, ...]:
+        return (2, self.num_kv_heads, self.head_dim)  # the engine allocates [2, num_blocks, block_size, ...]
+
+    def process_weights_after_loading(self, dtype: torch.dtype) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
+        write_cache(k_cache, meta.slot_mapping, k)
+        write_cache(v_cache, meta.slot_mapping, v)
+
+        out = x.new_empty(t, self.num_heads, self.head_dim)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = paged_decode(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd],
+                                    meta.seq_lens[:nd], self.scale)
+        if meta.num_prefills:
+            seqs = range(nd, len(meta.query_lens))
+            keys = torch.cat([gather_sequence(k_cache, meta.block_tables[b], meta.seq_lens_cpu[b]) for b in seqs])
+            vals = torch.cat([gather_sequence(v_cache, meta.block_tables[b], meta.seq_lens_cpu[b]) for b in seqs])
+            cu_q, cu_k = _prefill_cu_lens(meta)
+            out[nd:] = varlen_attention(q[nd:].contiguous(), keys.to(q.dtype), vals.to(q.dtype), cu_q, cu_k,
+                                        self.scale)
+        return self.o_proj(out.view(t, self.num_heads * self.head_dim))

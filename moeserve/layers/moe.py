@@ -1,0 +1,128 @@
+"""DeepSeekMoE / Qwen3-MoE block: router, routed experts, shared experts; and the dense MLP.
+
+Routing (all in fp32):
+- softmax scoring (DeepSeek-V2, Qwen3): greedy top-k, or group_limited_greedy (keep the
+  topk_group groups with the highest max score, then top-k inside them);
+- sigmoid scoring with e_score_correction_bias (DeepSeek-V3 noaux_tc): the bias only chooses
+  experts (groups ranked by the sum of their top-2 biased scores); weights are the unbiased
+  sigmoid scores, optionally renormalised, times routed_scaling_factor.
+Routed experts are stacked ([E, 2I, H] gate|up, [E, H, I] down) and run by the fused MoE kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.kernels.fp8 import FP8_DTYPE
+from moeserve.kernels.fused_moe import fused_moe
+from moeserve.layers.linear import Linear, _ceil_div
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, intermediate: int, quant: str | None = None, block=(128, 128)):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate, quant=quant, block=block)
+        self.up_proj = Linear(hidden, intermediate, quant=quant, block=block)
+        self.down_proj = Linear(intermediate, hidden, quant=quant, block=block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, topk_method: str, n_group: int,
+                   topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
+                   correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int64)."""
+    logits = router_logits.to(torch.float32)
+    num_experts = logits.shape[-1]
+    if scoring == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        scores = logits.softmax(dim=-1)
+    choice = scores if correction_bias is None else scores + correction_bias.to(torch.float32)
+    if topk_method in ("group_limited_greedy", "noaux_tc") and n_group > 1:
+        grouped = choice.view(-1, n_group, num_experts // n_group)
+        if topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, num_experts).bool()
+        # V3 masks unchosen groups with -inf; V2 with 0 (all its scores are positive softmax values).
+        choice = choice.masked_fill(~expert_mask, float("-inf") if topk_method == "noaux_tc" else 0.0)
+    topk_ids = choice.topk(top_k, dim=-1, sorted=False).indices
+    topk_weights = scores.gather(1, topk_ids)
+    if norm_topk_prob:
+        denom = topk_weights.sum(dim=-1, keepdim=True)
+        topk_weights = topk_weights / (denom + 1e-20 if scoring == "sigmoid" else denom)
+    return topk_weights * routed_scaling_factor, topk_ids
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                                                        requires_grad=False)
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if cfg.arch == "qwen3_moe":
+            logits = F.linear(x, self.weight)  # transformers' Qwen3 gate runs in the model dtype
+        else:
+            logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
+        return select_experts(logits, cfg.num_experts_per_tok, cfg.scoring_func, cfg.topk_method, cfg.n_group,
+                              cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor,
+                              self.e_score_correction_bias)
+
+
+class Experts(nn.Module):
+    """Stacked routed-expert weights; FP8 with per-expert 128x128 block scales when quantized."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, quant: str | None, block=(128, 128)):
+        super().__init__()
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.block = tuple(block)
+        # FP8 gate|up stacking keeps each half's blocks aligned only if I is a multiple of the block.
+        self.quant = quant if quant == "fp8" and intermediate % block[0] == 0 else None
+        dtype = FP8_DTYPE if self.quant else None
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate, dtype=dtype), requires_grad=False)
+        if self.quant:
+            bn, bk = block
+            self.w13_scale = nn.Parameter(torch.empty(num_experts, _ceil_div(2 * intermediate, bn),
+                                                      _ceil_div(hidden, bk)), requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.empty(num_experts, _ceil_div(hidden, bn), _ceil_div(intermediate, bk)),
+                                         requires_grad=False)
+        else:
+            self.w13_scale = self.w2_scale = None
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: str | None = None):
+        super().__init__()
+        block = cfg.weight_block_size
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant, block)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, quant, block)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.gate(x)
+        out = self.experts(x, topk_weights, topk_ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

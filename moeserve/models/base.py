@@ -1,0 +1,116 @@
+"""The decoder shared by every supported model: embed -> N x (attention, MLP/MoE) -> norm -> lm_head.
+
+Architectures differ only in the attention they build (MLA or GQA), which layers are MoE,
+and DeepSeek-V3's optional MTP layers; they plug in through `build_attention` and `build_mlp`.
+Module names follow the Hugging Face checkpoints, so most weights load by name.
+
+Interface the engine uses:
+  forward(input_ids [T], positions [T], meta) -> hidden [T, H] (final-normed)
+  compute_logits(hidden [N, H]) -> fp32 logits [N, V]
+  attention_layers() -> attention modules in cache order; each has `kv_cache` (set by the engine)
+  and `kv_cache_entry_shape()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.layers.attention import AttentionMetadata, GQAAttention, MLAAttention
+from moeserve.layers.moe import MLP, MoE
+from moeserve.layers.norm import RMSNorm
+
+
+def build_attention(cfg: ModelConfig, quant: str | None) -> nn.Module:
+    return MLAAttention(cfg, quant) if cfg.is_mla else GQAAttention(cfg, quant)
+
+
+def build_mlp(cfg: ModelConfig, layer_idx: int, quant: str | None) -> nn.Module:
+    if cfg.is_moe_layer(layer_idx):
+        return MoE(cfg, quant)
+    return MLP(cfg.hidden_size, cfg.intermediate_size, quant, cfg.weight_block_size)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, quant: str | None):
+        super().__init__()
+        self.self_attn = build_attention(cfg, quant)
+        self.mlp = build_mlp(cfg, layer_idx, quant)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block with the residual add fused into the next norm; returns (out, residual)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: str | None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, meta)
+        return self.norm(x, residual)[0]
+
+
+class MTPLayer(nn.Module):
+    """DeepSeek-V3 multi-token prediction module (checkpoint: model.layers.{num_hidden_layers + i}.*).
+
+    Predicts token t+2 from the main model's hidden state at t and the embedding of token t+1.
+    Loaded and kept for speculative decoding; the embedding is shared with the main model.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, quant: str | None):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = DecoderLayer(cfg, layer_idx, quant)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.shared_head.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_embeds: torch.Tensor, prev_hidden: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.eh_proj(torch.cat((self.enorm(input_embeds), self.hnorm(prev_hidden)), dim=-1))
+        x, residual = self.block(x, None, positions, meta)
+        return self.shared_head.norm(x, residual)[0]
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: str | None = None, num_mtp_layers: int = 0):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, quant)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp_layers = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + i, quant)
+                                        for i in range(num_mtp_layers))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).to(torch.float32)
+
+    def attention_layers(self) -> list[nn.Module]:
+        """Attention modules that own a KV cache: the decoder layers', then the MTP layers'."""
+        return [layer.self_attn for layer in self.model.layers] + [m.block.self_attn for m in self.mtp_layers]
+
+    def process_weights_after_loading(self, dtype: torch.dtype) -> None:
+        for attn in self.attention_layers():
+            attn.process_weights_after_loading(dtype)

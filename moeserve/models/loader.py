@@ -1,0 +1,229 @@
+"""Build a model from a Hugging Face folder: safetensors (sharded or not), DeepSeek FP8 block
+format, or dummy random weights of the configured shapes (no file read).
+
+Checkpoint names map to our modules by name, except:
+- routed experts `...mlp.experts.{e}.{gate,up,down}_proj.weight[_scale_inv]` are stacked into
+  `...mlp.experts.w13[e]` (gate rows, then up rows) and `...mlp.experts.w2[e]`;
+- DeepSeek's MTP layers `model.layers.{num_hidden_layers + i}.*` go to `mtp_layers.{i}`;
+- an FP8 tensor whose module is not kept in FP8 is dequantized with its `_scale_inv`.
+Every parameter must be written exactly once and every checkpoint tensor must be used, else
+loading fails with an error that names the missing and unexpected tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.kernels.fp8 import FP8_DTYPE, dequant_block_fp8_ref
+from moeserve.models import MODEL_CLASSES
+from moeserve.models.deepseek_v3 import mtp_param_name, num_mtp_layers_in
+
+EXPERT_RE = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+FUSED_EXPERT_RE = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+IGNORED_RE = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+class Checkpoint:
+    """Lazy access to the tensors of a folder's *.safetensors files."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self.file_of = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+        else:
+            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors in {path!r}")
+            self.file_of = {}
+            for fname in files:
+                with safe_open(fname, framework="pt") as f:
+                    self.file_of.update({name: fname for name in f.keys()})
+        self._open: dict[str, object] = {}
+        self._stack = contextlib.ExitStack()
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        fname = self.file_of[name]
+        if fname not in self._open:
+            self._open[fname] = self._stack.enter_context(safe_open(fname, framework="pt"))
+        return self._open[fname].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._open.clear()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, num_mtp_layers: int = 0) -> nn.Module:
+    """Allocate the model's parameters (uninitialised) directly on `device`."""
+    with default_dtype(dtype), torch.device(device):
+        model = MODEL_CLASSES[cfg.arch](cfg, cfg.quant_method, num_mtp_layers)
+    return model.eval()
+
+
+def _expected_keys(model: nn.Module) -> set[str]:
+    """Everything a checkpoint must provide: each parameter, and each expert's projections one by one."""
+    keys = set()
+    for name, param in model.named_parameters():
+        m = re.match(r"(.*\.mlp\.experts)\.(w13|w2)(_scale)?$", name)
+        if m:
+            projs = ("gate_proj", "up_proj") if m.group(2) == "w13" else ("down_proj",)
+            keys |= {f"{m.group(1)}.{e}.{p}{m.group(3) or ''}" for e in range(param.shape[0]) for p in projs}
+        else:
+            keys.add(name)
+    return keys
+
+
+def _dequant_if_needed(ckpt: Checkpoint, name: str, tensor: torch.Tensor, target: torch.Tensor, cfg: ModelConfig,
+                       consumed: set[str]) -> torch.Tensor:
+    if tensor.dtype == FP8_DTYPE and target.dtype != FP8_DTYPE:
+        scale_name = name + "_scale_inv"
+        if scale_name not in ckpt.file_of:
+            raise CheckpointMismatch(f"FP8 tensor {name} has no {scale_name}")
+        consumed.add(scale_name)
+        return dequant_block_fp8_ref(tensor, ckpt.get(scale_name), cfg.weight_block_size, target.dtype)
+    return tensor
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    cfg: ModelConfig = model.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected, loaded = _expected_keys(model), set()
+    ckpt = Checkpoint(path)
+    # Scale tensors used while dequantizing their weight. Names are visited sorted, so
+    # "X.weight" comes before "X.weight_scale_inv".
+    consumed: set[str] = set()
+    unexpected: list[str] = []
+    try:
+        for name in sorted(ckpt.names()):
+            if IGNORED_RE.match(name) or name in consumed:
+                continue
+            target_name = name
+            if cfg.is_mla:
+                mapped = mtp_param_name(cfg, name)
+                if mapped == "":
+                    continue
+                target_name = mapped or name
+            if _load_expert(ckpt, name, target_name, params, cfg, loaded, consumed):
+                continue
+            if target_name not in params:
+                unexpected.append(name)
+                continue
+            param = params[target_name]
+            tensor = _dequant_if_needed(ckpt, name, ckpt.get(name), param, cfg, consumed)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+            param.data.copy_(tensor.to(param.dtype))
+            loaded.add(target_name)
+    finally:
+        ckpt.close()
+    missing = sorted(expected - loaded)
+    if missing or unexpected:
+        raise CheckpointMismatch(
+            f"checkpoint {path!r} does not match its config: "
+            f"{len(missing)} missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
+            f"{len(unexpected)} unexpected tensors {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}"
+        )
+
+
+def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str, torch.Tensor], cfg: ModelConfig,
+                 loaded: set[str], consumed: set[str]) -> bool:
+    """Write one routed expert's projection (or its scale) into the stacked tensors."""
+    fused = FUSED_EXPERT_RE.match(target_name)
+    if fused and f"{fused.group(1)}.w13" in params:
+        stacked = params[f"{fused.group(1)}.{'w13' if fused.group(2) == 'gate_up_proj' else 'w2'}"]
+        tensor = ckpt.get(name)
+        if tuple(tensor.shape) != tuple(stacked.shape):
+            raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(stacked.shape)}")
+        stacked.data.copy_(tensor.to(stacked.dtype))
+        projs = ("gate_proj", "up_proj") if fused.group(2) == "gate_up_proj" else ("down_proj",)
+        loaded.update(f"{fused.group(1)}.{e}.{p}" for e in range(stacked.shape[0]) for p in projs)
+        return True
+    m = EXPERT_RE.match(target_name)
+    if not m:
+        return False
+    prefix, expert, proj, kind = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    w_name = f"{prefix}.{'w2' if proj == 'down_proj' else 'w13'}"
+    if w_name not in params:
+        return False
+    is_scale = kind == "weight_scale_inv"
+    if is_scale and params[w_name].dtype != FP8_DTYPE:
+        return False  # a scale whose weight is not FP8 was consumed by the dequantization, else unexpected
+    stacked = params[w_name + ("_scale" if is_scale else "")]
+    if expert >= stacked.shape[0]:
+        return False
+    rows = stacked.shape[1] // 2
+    dest = stacked[expert] if proj == "down_proj" else stacked[expert, :rows] if proj == "gate_proj" else stacked[expert, rows:]
+    tensor = ckpt.get(name)
+    if not is_scale:
+        tensor = _dequant_if_needed(ckpt, name, tensor, dest, cfg, consumed)
+    if tuple(tensor.shape) != tuple(dest.shape):
+        raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
+    dest.copy_(tensor.to(dest.dtype))
+    loaded.add(f"{prefix}.{expert}.{proj}{'_scale' if is_scale else ''}")
+    return True
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of the right shapes, generated on the parameters' device (no file read)."""
+    gen_device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    if gen_device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith("e_score_correction_bias"):
+            param.zero_()
+        elif "scale" in name.rsplit(".", 1)[-1]:
+            param.fill_(0.02 / 64)  # fp8 values up to ~64 dequantize to ~N(0, 0.02)-sized weights
+        elif param.dtype == FP8_DTYPE:
+            for chunk in param.view(-1, param.shape[-1]).split(1 << 14):
+                chunk.copy_(torch.empty(chunk.shape, device=chunk.device).uniform_(-64, 64))
+        else:
+            param.uniform_(-0.0346, 0.0346)  # std 0.02; uniform is cheaper than normal on CPU
+
+
+def load_model(cfg: ModelConfig, path: str | None, dtype: torch.dtype, device: torch.device | str,
+               load_format: str = "auto", seed: int = 0) -> nn.Module:
+    if load_format == "dummy":
+        model = build_model(cfg, dtype, device, num_mtp_layers=cfg.num_nextn_predict_layers)
+        init_dummy_weights(model, seed)
+    elif load_format in ("auto", "safetensors"):
+        if path is None:
+            raise ValueError("a model path is needed unless load_format='dummy'")
+        num_mtp = num_mtp_layers_in(cfg, Checkpoint(path).names()) if cfg.is_mla else 0
+        model = build_model(cfg, dtype, device, num_mtp_layers=num_mtp)
+        load_weights(model, path)
+    else:
+        raise ValueError(f"unknown load_format {load_format!r}; use auto or dummy")
+    model.process_weights_after_loading(dtype)
+    return model
