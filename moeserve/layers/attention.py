@@ -115,8 +115,8 @@ class MLAAttention(nn.Module):
         self.w_uk: torch.Tensor | None = None  # [H, nope_dim, kv_lora_rank], absorbed into queries
         self.w_uv: torch.Tensor | None = None  # [H, v_dim, kv_lora_rank], absorbed into outputs
 
-    def kv_cache_entry_shape(self) -> tuple[int, ...]:
-        return (self.kv_lora_rank + self.rope_dim,)
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, self.kv_lora_rank + self.rope_dim)
 
     def process_weights_after_loading(self, dtype: torch.dtype) -> None:
         w = self.kv_b_proj.dequantized_weight(dtype).view(self.num_heads, self.nope_dim + self.v_dim,
@@ -180,8 +180,8 @@ class GQAAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
 
-    def kv_cache_entry_shape(self) -> tuple[int, ...]:
-        return (2, self.num_kv_heads, self.head_dim)  # the engine allocates [2, num_blocks, block_size, ...]
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)  # K and V
 
     def process_weights_after_loading(self, dtype: torch.dtype) -> None:
         pass

@@ -8,7 +8,7 @@ Interface the engine uses:
   forward(input_ids [T], positions [T], meta) -> hidden [T, H] (final-normed)
   compute_logits(hidden [N, H]) -> fp32 logits [N, V]
   attention_layers() -> attention modules in cache order; each has `kv_cache` (set by the engine)
-  and `kv_cache_entry_shape()`.
+  and `kv_cache_shape(num_blocks, block_size)`.
 """
 
 from __future__ import annotations
