@@ -13,6 +13,17 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class Embedding(nn.Module):
+    """Token embedding table; allocated uninitialised (the loader fills it)."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b). With quant="fp8" the weight is e4m3 [out, in] with one fp32
     `weight_scale_inv` per block; activations are quantized per 1 x block[1] group on the fly."""

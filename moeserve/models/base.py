@@ -18,6 +18,7 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.layers.attention import AttentionMetadata, GQAAttention, MLAAttention
+from moeserve.layers.linear import Embedding, Linear
 from moeserve.layers.moe import MLP, MoE
 from moeserve.layers.norm import RMSNorm
 
@@ -55,7 +56,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, quant: str | None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -77,11 +78,11 @@ class MTPLayer(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.block = DecoderLayer(cfg, layer_idx, quant)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.shared_head.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.shared_head.head = Linear(cfg.hidden_size, cfg.vocab_size)
 
     def forward(self, input_embeds: torch.Tensor, prev_hidden: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -95,7 +96,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg, quant)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp_layers = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + i, quant)

@@ -17,7 +17,7 @@ import glob
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -191,25 +191,39 @@ def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str
     return True
 
 
+_DUMMY_CHUNK = 1 << 24
+
+
+def _fill_random(flat: torch.Tensor, make: Callable[[int], torch.Tensor]) -> None:
+    """Fill a 1-D tensor from one random chunk of at most 16M values, repeated: large tensors
+    stay random-looking while CPU start-up stays in seconds (generation is the slow part)."""
+    chunk = make(min(flat.numel(), _DUMMY_CHUNK))
+    for start in range(0, flat.numel(), chunk.numel()):
+        part = flat[start:start + chunk.numel()]
+        part.copy_(chunk[: part.numel()])
+
+
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights of the right shapes, generated on the parameters' device (no file read)."""
-    gen_device = next(model.parameters()).device
     torch.manual_seed(seed)
-    if gen_device.type == "cuda":
-        torch.cuda.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
     for name, param in model.named_parameters():
+        device = param.device
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith("e_score_correction_bias"):
             param.zero_()
         elif "scale" in name.rsplit(".", 1)[-1]:
-            param.fill_(0.02 / 64)  # fp8 values up to ~64 dequantize to ~N(0, 0.02)-sized weights
+            param.fill_(0.02)  # times fp8 values of magnitude ~1: weights of ~0.02
         elif param.dtype == FP8_DTYPE:
-            for chunk in param.view(-1, param.shape[-1]).split(1 << 14):
-                chunk.copy_(torch.empty(chunk.shape, device=chunk.device).uniform_(-64, 64))
+            # Random bytes with the top exponent bit cleared: finite e4m3 values in [-1.875, 1.875].
+            _fill_random(param.view(torch.uint8).view(-1),
+                         lambda n: torch.randint(0, 256, (n,), dtype=torch.uint8, device=device) & 0xBF)
         else:
-            param.uniform_(-0.0346, 0.0346)  # std 0.02; uniform is cheaper than normal on CPU
+            # uniform(-a, a) with std 0.02
+            _fill_random(param.view(-1), lambda n: torch.empty(n, device=device).uniform_(-0.0346, 0.0346))
 
 
 def load_model(cfg: ModelConfig, path: str | None, dtype: torch.dtype, device: torch.device | str,
