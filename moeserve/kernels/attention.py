@@ -34,9 +34,11 @@ def mla_decode_ref(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch
     """q_latent [B, H, L], q_rope [B, H, R], kv_cache [NB, BS, L + R] -> [B, H, L] (q dtype)."""
     latent_dim = q_latent.shape[-1]
     kv = gather_paged(kv_cache, block_tables, seq_lens).to(torch.float32)  # [B, S, L+R]
+    valid = _length_mask(seq_lens, kv.shape[1])
+    kv = kv.masked_fill(~valid[..., None], 0.0)  # slots past seq_len may hold anything, NaN included
     q = torch.cat((q_latent, q_rope), dim=-1).to(torch.float32)  # [B, H, L+R]
     scores = torch.einsum("bhd,bsd->bhs", q, kv) * scale
-    scores = scores.masked_fill(~_length_mask(seq_lens, kv.shape[1])[:, None, :], float("-inf"))
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
     return torch.einsum("bhs,bsl->bhl", probs, kv[..., :latent_dim]).to(q_latent.dtype)
 
@@ -45,12 +47,14 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, D], k_cache/v_cache [NB, BS, Hkv, D] -> [B, H, D] (q dtype)."""
     num_heads, num_kv = q.shape[1], k_cache.shape[2]
-    k = gather_paged(k_cache, block_tables, seq_lens).to(torch.float32)  # [B, S, Hkv, D]
-    v = gather_paged(v_cache, block_tables, seq_lens).to(torch.float32)
+    valid = _length_mask(seq_lens, int(seq_lens.max()) if seq_lens.numel() else 0)
+    # slots past seq_len may hold anything, NaN included
+    k = gather_paged(k_cache, block_tables, seq_lens).to(torch.float32).masked_fill(~valid[..., None, None], 0.0)
+    v = gather_paged(v_cache, block_tables, seq_lens).to(torch.float32).masked_fill(~valid[..., None, None], 0.0)
     k = k.repeat_interleave(num_heads // num_kv, dim=2)
     v = v.repeat_interleave(num_heads // num_kv, dim=2)
     scores = torch.einsum("bhd,bshd->bhs", q.to(torch.float32), k) * scale
-    scores = scores.masked_fill(~_length_mask(seq_lens, k.shape[1])[:, None, :], float("-inf"))
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     return torch.einsum("bhs,bshd->bhd", scores.softmax(dim=-1), v).to(q.dtype)
 
 
