@@ -2,6 +2,15 @@
 sum the expert outputs weighted by the router. Expert weights are stacked:
 w13 [E, 2*I, H] (gate rows, then up rows) and w2 [E, H, I].
 An expert id < 0 means "not computed here" (an expert on another rank) and adds nothing.
+
+The Triton path (`fused_moe_triton`):
+  1. moe_align: sort (token, expert) pairs by expert into blocks of BLOCK_M rows (moe_align.py);
+  2. grouped GEMM x @ w13[e].T for each block's expert, SiLU(gate) * up in the epilogue -> [pairs, I];
+  3. grouped GEMM act @ w2[e].T, times the pair's router weight -> [pairs, H];
+  4. sum over each token's top-k pairs, skipping pairs of experts < 0 -> [T, H].
+With FP8 weights (block scales given) the activations entering each GEMM are quantized per
+1 x block[1] group (W8A8, DeepSeek's recipe; `fp8_activations=False` keeps them in x.dtype and
+converts weight tiles instead, W8A16, which is what fused_moe_ref computes).
 """
 
 from __future__ import annotations
@@ -9,7 +18,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.fp8 import dequant_block_fp8_ref
+from moeserve.kernels import moe_config
+from moeserve.kernels.fp8 import (FP8_DTYPE, dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
+                                  per_token_group_quant_fp8_triton, triton_runs_on)
+from moeserve.kernels.moe_align import moe_align_block_size_triton
+
+try:
+    import triton
+    import triton.language as tl
+
+    from moeserve.kernels.fp8 import _grouped_pid
+except ImportError:  # pragma: no cover
+    triton = None
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -40,4 +60,191 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     return out.to(x.dtype)
 
 
-fused_moe = fused_moe_ref
+def _fake_quant_act(a: torch.Tensor, group: int) -> torch.Tensor:
+    q, s = per_token_group_quant_fp8_ref(a, group)
+    return q.to(torch.float32) * s.repeat_interleave(group, dim=1)[:, :a.shape[1]]
+
+
+def fused_moe_w8a8_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+                       block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """fused_moe_ref with each GEMM's activations also quantized per 1 x block[1] group, as the
+    Triton W8A8 path computes it (the intermediate rounded to x.dtype first, as the kernel stores it)."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.reshape(-1)
+    token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
+    weight_of = topk_weights.reshape(-1).to(torch.float32)
+    xq = _fake_quant_act(x, block[1])
+    for e in torch.unique(flat_ids).tolist():
+        if e < 0:
+            continue
+        sel = (flat_ids == e).nonzero(as_tuple=True)[0]
+        tok = token_of[sel]
+        h = xq[tok] @ dequant_block_fp8_ref(w13[e], w13_scale[e], block).t()
+        gate, up = h.chunk(2, dim=-1)
+        act = _fake_quant_act((F.silu(gate) * up).to(x.dtype), block[1])
+        y = act @ dequant_block_fp8_ref(w2[e], w2_scale[e], block).t()
+        out.index_add_(0, tok, y * weight_of[sel, None])
+    return out.to(x.dtype)
+
+
+
+if triton is not None:
+
+    @triton.jit
+    def _moe_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, route_w_ptr,
+                         sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+                         num_pairs, n, k, a_row_div, max_padded,
+                         stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,
+                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_SIZE_M: tl.constexpr, GATE_UP: tl.constexpr, W_FP8: tl.constexpr,
+                         A_FP8: tl.constexpr):
+        """One program: BLOCK_M sorted pairs (all of one expert) x BLOCK_N output columns.
+
+        GATE_UP: out[pair, j] = silu(a @ w[e, j].T) * (a @ w[e, n + j].T), a row = pair // a_row_div.
+        else:    out[pair, j] = route_w[pair] * (a[pair] @ w[e, j].T).
+        """
+        pid = tl.program_id(0)
+        pid_m, pid_n = _grouped_pid(pid, max_padded // BLOCK_M, tl.cdiv(n, BLOCK_N), GROUP_SIZE_M)
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        mask_m = pair < num_pairs
+        a_row = (pair // a_row_div).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n
+        offs_k = tl.arange(0, BLOCK_K)
+
+        a_rows = a_ptr + a_row[:, None] * stride_am
+        w_gate = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
+        ws_gate = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATE_UP:  # up rows sit n rows below the gate rows
+            w_up = w_gate + n * stride_wn
+            ws_up = ws_ptr + expert * stride_wse + ((offs_n + n) // GROUP_N) * stride_wsn
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < k
+            a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w_mask = mask_n[None, :] & mask_k[:, None]
+            b = tl.load(w_gate + kk[:, None], mask=w_mask, other=0.0)
+            if GATE_UP:
+                b_up = tl.load(w_up + kk[:, None], mask=w_mask, other=0.0)
+            if W_FP8:
+                kg = k0 // GROUP_K
+                s_gate = tl.load(ws_gate + kg, mask=mask_n, other=0.0)
+                if GATE_UP:
+                    s_up = tl.load(ws_up + kg, mask=mask_n, other=0.0)
+                if A_FP8:
+                    a_s = tl.load(as_ptr + a_row * stride_asm + kg, mask=mask_m, other=0.0)[:, None]
+                    acc += tl.dot(a, b) * a_s * s_gate[None, :]
+                    if GATE_UP:
+                        acc_up += tl.dot(a, b_up) * a_s * s_up[None, :]
+                else:
+                    acc += tl.dot(a, b.to(a.dtype)) * s_gate[None, :]
+                    if GATE_UP:
+                        acc_up += tl.dot(a, b_up.to(a.dtype)) * s_up[None, :]
+            else:
+                acc = tl.dot(a, b, acc)
+                if GATE_UP:
+                    acc_up = tl.dot(a, b_up, acc_up)
+        if GATE_UP:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        else:
+            acc = acc * tl.load(route_w_ptr + pair, mask=mask_m, other=0.0)[:, None]
+        out = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, top_k, h, stride_ym, stride_om, BLOCK_H: tl.constexpr):
+        # out[t] = sum of y[t * top_k + j] over the j whose expert id is >= 0 (rows of the others
+        # were never written)
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in range(0, top_k):
+            width = tl.where(tl.load(ids_ptr + t * top_k + j) >= 0, h, 0)  # nothing from uncomputed pairs
+            row = y_ptr + (t * top_k + j) * stride_ym
+            acc += tl.load(row + offs, mask=offs < width, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < h)
+
+
+def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_row_div, gate_up, cfg, block):
+    sorted_ids, block_expert, num_padded = align
+    n = w.shape[1] // 2 if gate_up else w.shape[1]
+    k = w.shape[2]
+    w_fp8 = w_scale is not None
+    grid = (block_expert.numel() * triton.cdiv(n, cfg["BLOCK_N"]),)
+    dummy = out  # stands in for pointers a variant does not read
+    _moe_gemm_kernel[grid](
+        a, a_scale if a_scale is not None else dummy, w, w_scale if w_fp8 else dummy, out,
+        route_w if route_w is not None else dummy, sorted_ids, block_expert, num_padded,
+        num_pairs, n, k, a_row_div, sorted_ids.numel(),
+        a.stride(0), a_scale.stride(0) if a_scale is not None else 0, w.stride(0), w.stride(1),
+        w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0),
+        GROUP_N=block[0], GROUP_K=block[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=min(cfg["BLOCK_K"], block[1]) if w_fp8 else cfg["BLOCK_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
+        GATE_UP=gate_up, W_FP8=w_fp8, A_FP8=a.dtype == FP8_DTYPE,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    t, top_k = topk_ids.shape
+    h = y.shape[1]
+    block_h = min(1024, triton.next_power_of_2(h))
+    _moe_sum_kernel[(t, triton.cdiv(h, block_h))](y, topk_ids, out, top_k, h, y.stride(0), out.stride(0),
+                                                  BLOCK_H=block_h, num_warps=4)
+    return out
+
+
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                     w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
+                     fp8_activations: bool = True, config: dict | None = None) -> torch.Tensor:
+    tokens, hidden = x.shape
+    num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = tokens * top_k
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
+    w_fp8 = w13_scale is not None
+    wdtype = "fp8" if w_fp8 else str(w13.dtype).removeprefix("torch.")
+    cfg = config or moe_config.moe_config(tokens, num_experts, hidden, intermediate, top_k, wdtype, x.device)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    topk_ids = topk_ids.contiguous()
+    route_w = topk_weights.to(torch.float32).contiguous()
+    align = moe_align_block_size_triton(topk_ids, cfg["BLOCK_M"], num_experts)
+    quant = w_fp8 and fp8_activations
+
+    a, a_scale = per_token_group_quant_fp8_triton(x, block[1]) if quant else (x, None)
+    act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
+    _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block)
+
+    a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant else (act, None)
+    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, cfg, block)
+    return moe_sum(y, topk_ids, out)
+
+
+def _triton_supports(x, w13, w2, w13_scale, w2_scale, block) -> bool:
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if w13_scale is not None:
+        bk = block[1]
+        return (w13.dtype == FP8_DTYPE and w2.dtype == FP8_DTYPE and w2_scale is not None
+                and bk >= 16 and bk & (bk - 1) == 0)
+    return w13.dtype == x.dtype and w2.dtype == x.dtype
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              block: tuple[int, int] = (128, 128), fp8_activations: bool = True) -> torch.Tensor:
+    """Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1), else fused_moe_ref."""
+    if triton_runs_on(x, w13, w2, topk_ids) and _triton_supports(x, w13, w2, w13_scale, w2_scale, block):
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block),
+                                fp8_activations)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block)
