@@ -1,0 +1,366 @@
+"""Expert-parallel dispatch/combine: send each token to the ranks holding its top-k experts and
+bring the weighted expert outputs back, over one EP process group.
+
+Placement: experts are logical ids 0..E-1; physical slots 0..S-1 (S = E + redundant) live on
+ranks in contiguous blocks of S / ep slots (slot s on rank s // (S/ep), local slot s % (S/ep)).
+A logical expert may own several slots (replicas); a token picks replica
+(token index + rank) % replica count, so replicas share an expert's load.
+
+One message row per (token, destination rank), not per (token, expert): a token whose experts
+share a rank travels there once (dedupe). Its row carries, after the codec payload,
+    k int32 local slot ids (-1: expert not on this rank) and k fp32 router weights,
+so the receiver runs fused_moe on [rows, k] exactly as a single rank would; the expert side
+applies the router weights, and combine sends back one partial sum per row, which the
+source adds up: y[t] = sum over ranks of partial[t, rank].
+
+Backends, behind Dispatcher:
+- "ht" (high-throughput): per-rank row counts go first (all_to_all of counts, one host sync),
+  then variable-split all_to_all of just the rows that exist, and back.
+- "ll" (low-latency): a fixed buffer of `capacity` rows per destination rank, row t holding
+  token t; one equal-split all_to_all, no host sync, static shapes -> CUDA-graph capturable.
+  Padding rows carry ids -1 and come back as zeros. It cannot overflow: a rank sends a token at
+  most once per rank, so capacity = max tokens per rank suffices (tokens beyond it raise).
+
+All ranks of the group must use the same backend in a step: `begin_step` decides from the
+max tokens per rank over the group (one all_reduce), or from a max the caller already shares.
+A rank with zero tokens still takes part in every collective.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moeserve.distributed.wire import Codec, bytes_as, make_codec
+
+BACKENDS = ("ht", "ll")
+ENV_BACKEND = "MOESERVE_DISPATCH"
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+@dataclass
+class Placement:
+    """slot_expert[s] = logical expert held by physical slot s (slot s on rank s // slots_per_rank)."""
+
+    slot_expert: torch.Tensor  # [num_slots] int64, on CPU
+    num_experts: int
+    num_ranks: int
+
+    def __post_init__(self) -> None:
+        self.slot_expert = self.slot_expert.to(torch.int64).cpu()
+        num_slots = self.slot_expert.numel()
+        if num_slots % self.num_ranks:
+            raise ValueError(f"{num_slots} physical slots do not split evenly over {self.num_ranks} ranks")
+        counts = torch.bincount(self.slot_expert, minlength=self.num_experts)
+        if counts.numel() != self.num_experts or (counts == 0).any():
+            raise ValueError("every logical expert needs at least one slot, and ids must be < num_experts")
+
+    @classmethod
+    def contiguous(cls, num_experts: int, num_ranks: int, num_redundant: int = 0) -> "Placement":
+        """Expert e in slot e (E/ep consecutive experts per rank); redundant slots copy experts 0, 1, ..."""
+        slots = torch.cat([torch.arange(num_experts), torch.arange(num_redundant) % num_experts])
+        return cls(slots, num_experts, num_ranks)
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_expert.numel()
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.num_slots // self.num_ranks
+
+    @property
+    def max_replicas(self) -> int:
+        """Upper bound on replicas of one expert for any placement with this many slots."""
+        return self.num_slots - self.num_experts + 1
+
+    def rank_experts(self, rank: int) -> list[int]:
+        spr = self.slots_per_rank
+        return self.slot_expert[rank * spr:(rank + 1) * spr].tolist()
+
+    def replica_count(self) -> torch.Tensor:
+        return torch.bincount(self.slot_expert, minlength=self.num_experts)
+
+    def replica_slots(self) -> torch.Tensor:
+        """[E, max_replicas] physical slots of each expert, ascending, padded with -1."""
+        table = torch.full((self.num_experts, self.max_replicas), -1, dtype=torch.int64)
+        filled = [0] * self.num_experts
+        for slot, e in enumerate(self.slot_expert.tolist()):
+            table[e, filled[e]] = slot
+            filled[e] += 1
+        return table
+
+
+class RoutingTable:
+    """Device copies of a placement's lookup tables, updated in place (stable addresses for CUDA graphs)."""
+
+    def __init__(self, placement: Placement, device: torch.device | str = "cpu"):
+        self.placement = placement
+        self.replica_slots = placement.replica_slots().to(device)
+        self.replica_count = placement.replica_count().to(device)
+
+    def load(self, placement: Placement) -> None:
+        if placement.replica_slots().shape != self.replica_slots.shape:
+            raise ValueError("a new placement must keep the number of experts, slots and ranks")
+        self.placement = placement
+        self.replica_slots.copy_(placement.replica_slots())
+        self.replica_count.copy_(placement.replica_count())
+
+    def physical_slots(self, topk_ids: torch.Tensor, rank: int) -> torch.Tensor:
+        """topk_ids [T, k] logical (< 0: none) -> physical slots [T, k] (-1 where none)."""
+        valid = topk_ids >= 0
+        ids = topk_ids.clamp(min=0)
+        token = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
+        replica = (token + rank) % self.replica_count[ids]
+        slots = self.replica_slots[ids, replica]
+        return torch.where(valid, slots, -1)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _route(table: RoutingTable, topk_ids: torch.Tensor, rank: int, num_ranks: int):
+    """-> dest rank [T, k] (num_ranks where none), local slot [T, k], hit [num_ranks, T] bool."""
+    slots = table.physical_slots(topk_ids, rank)
+    spr = table.placement.slots_per_rank
+    dest = torch.where(slots >= 0, slots // spr, num_ranks)
+    local = torch.where(slots >= 0, slots % spr, -1)
+    hit = torch.zeros(topk_ids.shape[0], num_ranks + 1, dtype=torch.bool, device=topk_ids.device)
+    hit.scatter_(1, dest, True)
+    return dest, local, hit[:, :num_ranks].t()
+
+
+def _per_rank_meta(dest, local, weights, num_ranks):
+    """[R, T, k] local slot ids (-1 where the expert is on another rank) and weights (0 there)."""
+    ranks = torch.arange(num_ranks, device=dest.device)[:, None, None]
+    mine = dest[None] == ranks
+    ids = torch.where(mine, local[None], -1).to(torch.int32)
+    w = torch.where(mine, weights[None].to(torch.float32), 0.0)
+    return ids, w
+
+
+def _pack(payload: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Rows [..., bpt] + [..., k] int32 + [..., k] fp32 -> uint8 [..., bpt + 8k]."""
+    lead, k = payload.shape[:-1], ids.shape[-1]
+    return torch.cat([payload, ids.contiguous().view(torch.uint8).reshape(*lead, 4 * k),
+                      weights.contiguous().view(torch.uint8).reshape(*lead, 4 * k)], dim=-1)
+
+
+def _unpack(rows: torch.Tensor, bpt: int, k: int):
+    ids = bytes_as(rows[:, bpt:bpt + 4 * k], torch.int32).to(torch.int64)
+    w = bytes_as(rows[:, bpt + 4 * k:bpt + 8 * k], torch.float32)
+    return rows[:, :bpt], ids, w
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@dataclass
+class HTHandle:
+    send_token: torch.Tensor  # [N_send] source token of each row sent
+    send_counts: list[int]  # rows sent to each rank
+    recv_counts: list[int]  # rows received from each rank
+    num_tokens: int
+    dtype: torch.dtype
+
+
+@dataclass
+class LLHandle:
+    hit: torch.Tensor  # [R, T] token t was sent to rank r
+    num_tokens: int
+    dtype: torch.dtype
+
+
+class HighThroughputBackend:
+    """Counts first, then variable-split all_to_all of only the rows that exist."""
+
+    name = "ht"
+
+    def __init__(self, d: "Dispatcher"):
+        self.d = d
+
+    def dispatch(self, x, topk_ids, topk_weights, table):
+        d = self.d
+        dest, local, hit = _route(table, topk_ids, d.rank, d.num_ranks)
+        ids, w = _per_rank_meta(dest, local, topk_weights, d.num_ranks)
+        send_rank, send_token = hit.nonzero(as_tuple=True)  # grouped by destination rank, then token
+        send_counts = torch.bincount(send_rank, minlength=d.num_ranks)
+        rows = _pack(d.dispatch_codec.encode(x)[send_token], ids[send_rank, send_token], w[send_rank, send_token])
+        recv_counts = d.exchange_counts(send_counts)
+        send_list = send_counts.tolist()
+        recv = rows.new_empty(sum(recv_counts), rows.shape[1])
+        d.all_to_all(recv, rows, recv_counts, send_list)
+        payload, recv_ids, recv_w = _unpack(recv, d.dispatch_codec.bytes_per_token(d.hidden), topk_ids.shape[1])
+        recv_x = d.dispatch_codec.decode(payload, d.hidden).to(x.dtype)
+        return recv_x, recv_ids, recv_w, HTHandle(send_token, send_list, recv_counts, x.shape[0], x.dtype)
+
+    def combine(self, expert_out, h: HTHandle):
+        d = self.d
+        enc = d.combine_codec.encode(expert_out)
+        back = enc.new_empty(sum(h.send_counts), enc.shape[1])
+        d.all_to_all(back, enc, h.send_counts, h.recv_counts)
+        partial = d.combine_codec.decode(back, d.hidden).to(torch.float32)
+        y = torch.zeros(h.num_tokens, d.hidden, dtype=torch.float32, device=expert_out.device)
+        y.index_add_(0, h.send_token, partial)
+        return y.to(h.dtype)
+
+
+class LowLatencyBackend:
+    """Fixed `capacity` rows per destination rank (row t = token t), equal splits, no host sync."""
+
+    name = "ll"
+
+    def __init__(self, d: "Dispatcher"):
+        self.d = d
+
+    def dispatch(self, x, topk_ids, topk_weights, table):
+        d = self.d
+        t, cap, r = x.shape[0], d.ll_capacity, d.num_ranks
+        if t > cap:
+            raise ValueError(f"low-latency dispatch got {t} tokens on rank {d.rank}, capacity {cap}: "
+                             f"raise ll_capacity or use the high-throughput backend")
+        dest, local, hit = _route(table, topk_ids, d.rank, r)
+        ids, w = _per_rank_meta(dest, local, topk_weights, r)
+        k = topk_ids.shape[1]
+        bpt = d.dispatch_codec.bytes_per_token(d.hidden)
+        payload = torch.zeros(r, cap, bpt, dtype=torch.uint8, device=x.device)
+        payload[:, :t] = d.dispatch_codec.encode(x)[None]  # rows not hit carry ids -1: ignored there
+        all_ids = torch.full((r, cap, k), -1, dtype=torch.int32, device=x.device)
+        all_ids[:, :t] = ids
+        all_w = torch.zeros(r, cap, k, dtype=torch.float32, device=x.device)
+        all_w[:, :t] = w
+        rows = _pack(payload, all_ids, all_w).view(r * cap, -1)
+        recv = torch.empty_like(rows)
+        d.all_to_all(recv, rows)
+        payload, recv_ids, recv_w = _unpack(recv, bpt, k)
+        recv_x = d.dispatch_codec.decode(payload, d.hidden).to(x.dtype)
+        return recv_x, recv_ids, recv_w, LLHandle(hit, t, x.dtype)
+
+    def combine(self, expert_out, h: LLHandle):
+        d = self.d
+        enc = d.combine_codec.encode(expert_out)
+        back = torch.empty_like(enc)
+        d.all_to_all(back, enc)
+        partial = d.combine_codec.decode(back, d.hidden).to(torch.float32).view(d.num_ranks, d.ll_capacity, -1)
+        partial = torch.where(h.hit[..., None], partial[:, :h.num_tokens], 0.0)
+        return partial.sum(dim=0).to(h.dtype)
+
+
+# ----------------------------------------------------------------------------- the interface
+
+
+def select_backend(num_tokens_per_rank: int, threshold: int) -> str:
+    """'ll' for decode-sized steps (max tokens per rank <= threshold), else 'ht'.
+
+    Pass a value every rank agrees on (the max over the EP group), or ranks would pick
+    different collectives and hang.
+    """
+    return "ll" if num_tokens_per_rank <= threshold else "ht"
+
+
+def resolve_mode(mode: str | None) -> str:
+    """Argument, else env MOESERVE_DISPATCH, else 'auto'."""
+    mode = mode or os.environ.get(ENV_BACKEND) or "auto"
+    if mode not in BACKENDS + ("auto",):
+        raise ValueError(f"dispatch mode {mode!r}: use ht, ll or auto")
+    return mode
+
+
+class Dispatcher:
+    """dispatch(x, topk_ids, topk_weights) -> (recv_x, recv_local_expert_ids, recv_weights, handle);
+    run the local experts on the received rows (ids are this rank's local slots, -1 = skip,
+    weights already applied by the expert compute); combine(expert_out, handle) -> y [T, H].
+
+    group: the EP process group; None means a single rank (no communication).
+    One Dispatcher serves every MoE layer of a rank; each layer passes its own RoutingTable.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, placement: Placement, hidden: int,
+                 dtype: torch.dtype = torch.bfloat16, dispatch_codec: str | Codec = "none",
+                 combine_codec: str | Codec = "none", mode: str | None = None, threshold: int = 128,
+                 ll_capacity: int | None = None, device: torch.device | str = "cpu"):
+        self.group = group
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.num_ranks = dist.get_world_size(group) if group is not None else 1
+        if placement.num_ranks != self.num_ranks:
+            raise ValueError(f"placement is for {placement.num_ranks} ranks, the EP group has {self.num_ranks}")
+        self.hidden, self.dtype, self.device = hidden, dtype, torch.device(device)
+        self.dispatch_codec = dispatch_codec if isinstance(dispatch_codec, Codec) else make_codec(dispatch_codec, dtype)
+        self.combine_codec = combine_codec if isinstance(combine_codec, Codec) else make_codec(combine_codec, dtype)
+        self.mode = resolve_mode(mode)
+        self.threshold = threshold
+        # In auto mode 'll' runs only when max tokens per rank <= threshold, so that is enough room.
+        self.ll_capacity = ll_capacity or threshold
+        self.table = RoutingTable(placement, self.device)
+        self.backends = {"ht": HighThroughputBackend(self), "ll": LowLatencyBackend(self)}
+        self.step_backend: str | None = None
+
+    # -- choosing the backend -------------------------------------------------------------
+
+    def begin_step(self, num_tokens: int, global_max: int | None = None) -> str:
+        """Pick the backend for every MoE layer of this step; call on every rank of the group.
+
+        With global_max (a max over ranks the caller already shares) no communication happens;
+        otherwise one all_reduce(MAX) of num_tokens over the group (a host sync, once per step).
+        """
+        if self.mode != "auto":
+            self.step_backend = self.mode
+            return self.mode
+        if global_max is None:
+            global_max = self.max_over_ranks(num_tokens)
+        self.step_backend = select_backend(global_max, min(self.threshold, self.ll_capacity))
+        return self.step_backend
+
+    def max_over_ranks(self, value: int) -> int:
+        if self.group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+    def _backend(self, num_tokens: int) -> str:
+        if self.step_backend is not None:
+            return self.step_backend
+        if self.mode != "auto":
+            return self.mode
+        # No begin_step this step: agree on the spot (one extra all_reduce per call).
+        return select_backend(self.max_over_ranks(num_tokens), min(self.threshold, self.ll_capacity))
+
+    # -- the interface ----------------------------------------------------------------------
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 table: RoutingTable | None = None):
+        if x.shape[1] != self.hidden:
+            raise ValueError(f"dispatcher built for hidden {self.hidden}, got {x.shape[1]}")
+        backend = self.backends[self._backend(x.shape[0])]
+        return backend.dispatch(x, topk_ids, topk_weights, table or self.table)
+
+    def combine(self, expert_out: torch.Tensor, handle: HTHandle | LLHandle) -> torch.Tensor:
+        backend = self.backends["ht" if isinstance(handle, HTHandle) else "ll"]
+        return backend.combine(expert_out, handle)
+
+    # -- collectives (skipped for a single rank) -------------------------------------------
+
+    def exchange_counts(self, send_counts: torch.Tensor) -> list[int]:
+        if self.group is None:
+            return send_counts.tolist()
+        recv = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv, send_counts, group=self.group)
+        return recv.tolist()
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
+                   in_splits: list[int] | None = None) -> None:
+        if self.group is None:
+            out.copy_(inp)
+            return
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+
+    def bytes_per_row(self, k: int) -> tuple[int, int]:
+        """(dispatch row bytes, combine row bytes) on the wire, metadata included."""
+        return (self.dispatch_codec.bytes_per_token(self.hidden) + 8 * k,
+                self.combine_codec.bytes_per_token(self.hidden))

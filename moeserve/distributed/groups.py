@@ -1,0 +1,141 @@
+"""Process groups for one serving instance: tensor (TP), attention data (DP) and expert (EP) parallelism.
+
+An instance has world = dp * tp ranks, possibly spread over nnodes machines
+(global rank = node_rank * nproc_per_node + local_rank). Rank layout:
+
+    rank = dp_rank * tp + tp_rank
+
+so a TP group is tp consecutive ranks (one node's NVLink domain when tp <= GPUs per node)
+and a DP group holds the ranks with the same tp_rank. EP groups are ep consecutive ranks;
+with DP attention + EP, ep = dp * tp and the one EP group spans the whole instance.
+
+Every collective gets a deadline: the process groups are created with `timeout`, which gloo
+applies to each collective and NCCL's watchdog enforces.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass
+class ParallelState:
+    """Who this process is and the groups it talks through. Groups are None when of size 1."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    tp: int
+    dp: int
+    ep: int
+    tp_rank: int
+    dp_rank: int
+    ep_rank: int
+    tp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    ep_group: dist.ProcessGroup | None
+    timeout: timedelta
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend(device: str | torch.device | None = None) -> str:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_distributed(init_addr: str, local_rank: int, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+                     device: str | torch.device | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+    """Join the instance's default process group through TCP rendezvous at init_addr ("host:port").
+
+    Rank 0 (node 0, local rank 0) hosts the rendezvous store; every node passes the same address.
+    Returns this rank's device (cuda:local_rank with NCCL, cpu with gloo).
+    """
+    backend = default_backend(device)
+    rank = node_rank * nproc_per_node + local_rank
+    world = nnodes * nproc_per_node
+    dev = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://{init_addr}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+    return dev
+
+
+def init_from_env(device: str | torch.device | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+    """Join through torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK)."""
+    backend = default_backend(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return dev
+
+
+def group_ranks(world: int, tp: int, dp: int, ep: int) -> dict[str, list[list[int]]]:
+    """The rank lists of every TP, DP and EP group (pure arithmetic, the same on every rank)."""
+    if tp * dp != world:
+        raise ValueError(f"tp * dp = {tp} * {dp} must equal the world size {world}")
+    if ep < 1 or world % ep:
+        raise ValueError(f"ep = {ep} must divide the world size {world}")
+    return {
+        "tp": [list(range(d * tp, (d + 1) * tp)) for d in range(dp)],
+        "dp": [list(range(t, world, tp)) for t in range(tp)],
+        "ep": [list(range(g * ep, (g + 1) * ep)) for g in range(world // ep)],
+    }
+
+
+def _new_groups(lists: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup | None:
+    """Every rank must create every group (torch.distributed's rule); keep the one holding `rank`."""
+    mine = None
+    for ranks in lists:
+        if len(ranks) == 1:
+            continue
+        group = dist.group.WORLD if len(ranks) == dist.get_world_size() else dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def build_parallel_state(tp: int = 1, dp: int = 1, ep: int | None = None, device: torch.device | None = None,
+                         local_rank: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelState:
+    """After init_distributed: build the TP/DP/EP groups. ep defaults to dp * tp (DP attention + EP).
+
+    A group of one rank is None: callers skip communication for it (it does NOT mean WORLD here).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ep = tp * dp if ep is None else ep
+    lists = group_ranks(world, tp, dp, ep)
+    timeout = timedelta(seconds=timeout_s)
+    groups = {name: _new_groups(lists[name], rank, timeout) for name in ("tp", "dp", "ep")}
+    backend = dist.get_backend()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return ParallelState(
+        rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank,
+        backend=backend, device=device, tp=tp, dp=dp, ep=ep,
+        tp_rank=rank % tp, dp_rank=rank // tp, ep_rank=rank % ep,
+        tp_group=groups["tp"], dp_group=groups["dp"], ep_group=groups["ep"], timeout=timeout)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
