@@ -98,7 +98,8 @@ if triton is not None:
         # the mantissa rounds up into the next power of two: 126.8 -> 64).
         exp_field = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)  # 121: e4m3's 2^-6 floor
         magic = ((exp_field + 20) << 23).to(tl.float32, bitcast=True) * 1.5  # 1.5 * 2^23 * step
-        return (v + magic) - magic
+        r = (v + magic) - magic
+        return tl.where(r == 0, v * 0.0, r)  # keep the sign of values that round to zero, as torch does
 
     @triton.jit
     def _group_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows, k, num_groups, stride_xm, stride_qm, stride_sm,

@@ -53,7 +53,8 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     results = {}
     for name, ids, block_m, experts in [
         ("align_small", torch.randint(-1, 6, (7, 3)), 4, 6),
-        ("align_chunks", torch.randint(-1, 40, (50, 4)), 16, 40),  # > one 64-pair chunk, E_PAD 64
+        ("align_chunks", torch.randint(-1, 300, (130, 5)), 16, 300),  # 650 pairs: 3 chunks of 256
+        ("align_block_128", torch.randint(-1, 5, (40, 2)), 128, 5),
         ("align_all_dropped", torch.full((3, 2), -1), 16, 8),
     ]:
         ref, out = moe_align_block_size_ref(ids, block_m, experts), moe_align_block_size_triton(ids, block_m, experts)
@@ -103,7 +104,7 @@ def interpreter_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-CASES = ["align_small", "align_chunks", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
+CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
          "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
          "fp8_w8a8", "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts"]
 
