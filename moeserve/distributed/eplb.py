@@ -23,11 +23,15 @@ from moeserve.distributed.dispatch import Placement
 # ----------------------------------------------------------------------------- the algorithm
 
 
-def replicate_experts(load: list[float], num_slots: int) -> list[int]:
-    """Replica count per expert: one each, then each spare slot to the highest load per replica."""
+def replicate_experts(load: list[float], num_slots: int, max_replicas: int | None = None) -> list[int]:
+    """Replica count per expert: one each, then each spare slot to the highest load per replica.
+
+    max_replicas (the number of ranks): more replicas than ranks would share a rank and not help.
+    """
     counts = [1] * len(load)
     for _ in range(num_slots - len(load)):
-        hottest = max(range(len(load)), key=lambda e: (load[e] / counts[e], -e))
+        open_ = [e for e in range(len(load)) if max_replicas is None or counts[e] < max_replicas]
+        hottest = max(open_ or range(len(load)), key=lambda e: (load[e] / counts[e], -e))
         counts[hottest] += 1
     return counts
 
@@ -80,7 +84,8 @@ def _match_bins(bins: list[list[int]], old: Placement) -> list[list[int]]:
 
 
 def rebalance(load: torch.Tensor, old: Placement, num_nodes: int = 1, num_groups: int = 1) -> Placement:
-    """A new placement with old's shape (experts, slots, ranks) that evens out per-rank load."""
+    """A new placement with old's shape (experts, slots, ranks) that evens out per-rank load
+    (old itself when the new one would not be more even)."""
     load_list = [float(v) for v in load.tolist()]
     num_ranks, spr = old.num_ranks, old.slots_per_rank
     if num_nodes > 1:
@@ -90,15 +95,19 @@ def rebalance(load: torch.Tensor, old: Placement, num_nodes: int = 1, num_groups
         ranks_per_node = num_ranks // num_nodes
         for experts in pack_groups(load_list, num_groups, num_nodes):
             sub = [load_list[e] for e in experts]
-            counts = replicate_experts(sub, ranks_per_node * spr)
+            counts = replicate_experts(sub, ranks_per_node * spr, ranks_per_node)
             node_bins = pack_replicas(sub, counts, list(range(len(experts))), ranks_per_node, spr)
             bins += [[experts[i] for i in b] for b in node_bins]
     else:
-        counts = replicate_experts(load_list, old.num_slots)
+        counts = replicate_experts(load_list, old.num_slots, num_ranks)
         bins = pack_replicas(load_list, counts, list(range(len(load_list))), num_ranks, spr)
     if num_nodes == 1:
         bins = _match_bins(bins, old)
-    return Placement(torch.tensor([e for b in bins for e in b]), old.num_experts, num_ranks)
+    new = Placement(torch.tensor([e for b in bins for e in b]), old.num_experts, num_ranks)
+    # Greedy packing is not optimal: never trade the current placement for a worse one.
+    if imbalance(rank_loads(load, new)) >= imbalance(rank_loads(load, old)) and num_nodes == 1:
+        return old
+    return new
 
 
 def rank_loads(load: torch.Tensor, placement: Placement) -> torch.Tensor:

@@ -22,6 +22,8 @@ Errors (per element, x the input, q the round trip):
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
@@ -43,6 +45,99 @@ def bytes_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not t.is_contiguous() or t.storage_offset() % dtype.itemsize:
         t = t.clone(memory_format=torch.contiguous_format)
     return t.view(dtype)
+
+
+def compiled_on_cuda(fn):
+    """Run fn eagerly on CPU; on CUDA through torch.compile, which fuses its elementwise passes into
+    one kernel (eager torch would make ~10 passes over the activations). Falls back to eager if
+    compiling fails, or when MOESERVE_COMPILE_CODECS=0."""
+    state: dict = {}
+
+    def run(x, *args):
+        if not x.is_cuda or os.environ.get("MOESERVE_COMPILE_CODECS", "1") == "0" or state.get("broken"):
+            return fn(x, *args)
+        if "fn" not in state:
+            state["fn"] = torch.compile(fn, dynamic=True)
+        try:
+            return state["fn"](x, *args)
+        except Exception as e:  # a compiler problem must not take serving down; eager is correct
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eagerly")
+            state["broken"] = True
+            return fn(x, *args)
+
+    run.__name__ = fn.__name__
+    return run
+
+
+# ----------------------------------------------------------------------------- fp8
+
+
+def fp8_encode(x: torch.Tensor) -> torch.Tensor:
+    t, h = x.shape
+    groups = -(-h // FP8_GROUP)
+    xp = torch.nn.functional.pad(x.to(torch.float32), (0, groups * FP8_GROUP - h)).view(t, groups, FP8_GROUP)
+    scale = xp.abs().amax(dim=-1).clamp(min=1e-10) / FP8_MAX
+    q = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(t, groups * FP8_GROUP)[:, :h].to(FP8_DTYPE)
+    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8).view(t, 4 * groups)], dim=1)
+
+
+def fp8_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    t = payload.shape[0]
+    groups = -(-hidden // FP8_GROUP)
+    q = bytes_as(payload[:, :hidden], FP8_DTYPE).to(torch.float32)
+    scale = bytes_as(payload[:, hidden:hidden + 4 * groups], torch.float32)
+    q = torch.nn.functional.pad(q, (0, groups * FP8_GROUP - hidden)).view(t, groups, FP8_GROUP)
+    return (q * scale[..., None]).view(t, groups * FP8_GROUP)[:, :hidden].to(dtype)
+
+
+# ----------------------------------------------------------------------------- mxfp4
+
+
+def e2m1_round(v: torch.Tensor) -> torch.Tensor:
+    """Magnitudes v >= 0 (already scaled) -> e2m1 codes 0..7: round to nearest, ties to the even
+    code, values above 6 saturate to code 7 (6.0), as the OCP MX spec allows for FP4.
+
+    The grid step is 0.5 below 2, 1 in [2, 4), 2 from 4 on; torch.round (half to even) on v / step
+    gives an integer whose parity is the code's, and the code is that integer + 0, 2 or 4.
+    """
+    v = v.to(torch.float32)
+    step = torch.where(v < 2, 0.5, torch.where(v < 4, 1.0, 2.0))
+    offset = torch.where(v < 2, 0.0, torch.where(v < 4, 2.0, 4.0))
+    return (torch.round(v / step) + offset).clamp(max=7).to(torch.uint8)
+
+
+def e2m1_value(code: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 (bit 3 = sign) -> fp32 values: 0.5*m when the exponent field is 0, else 2^(e-1) * (1 + m/2)."""
+    c = code.to(torch.int32)
+    e, m = ((c >> 1) & 3).to(torch.float32), (c & 1).to(torch.float32)
+    mag = torch.where(e == 0, 0.5 * m, torch.exp2(e - 1) * (1 + 0.5 * m))
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def mxfp4_encode(x: torch.Tensor) -> torch.Tensor:
+    t, h = x.shape
+    blocks = x.to(torch.float32).view(t, h // MX_BLOCK, MX_BLOCK)
+    amax = blocks.abs().amax(dim=-1)
+    # frexp: amax = m * 2^e with m in [0.5, 1), so floor(log2(amax)) = e - 1, exactly.
+    _, e = torch.frexp(amax)
+    shared = torch.where(amax > 0, e - 1 - E2M1_EMAX, -E8M0_BIAS).clamp(-E8M0_BIAS, E8M0_BIAS)
+    scaled = blocks * torch.exp2(-shared.to(torch.float32))[..., None]
+    codes = e2m1_round(scaled.abs()) | ((scaled < 0).to(torch.uint8) << 3)
+    codes = codes.view(t, h // 2, 2)
+    packed = codes[..., 0] | (codes[..., 1] << 4)
+    return torch.cat([packed, (shared + E8M0_BIAS).to(torch.uint8)], dim=1)
+
+
+def mxfp4_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    t = payload.shape[0]
+    packed = payload[:, :hidden // 2]
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(t, hidden // MX_BLOCK, MX_BLOCK)
+    shared = payload[:, hidden // 2:hidden // 2 + hidden // MX_BLOCK].to(torch.float32) - E8M0_BIAS
+    return (e2m1_value(codes) * torch.exp2(shared)[..., None]).view(t, hidden).to(dtype)
+
+
+_fp8_encode, _fp8_decode = compiled_on_cuda(fp8_encode), compiled_on_cuda(fp8_decode)
+_mxfp4_encode, _mxfp4_decode = compiled_on_cuda(mxfp4_encode), compiled_on_cuda(mxfp4_decode)
 
 
 class Codec:
@@ -90,33 +185,12 @@ class Fp8Codec(Codec):
         return hidden + 4 * math.ceil(hidden / FP8_GROUP)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        t, h = x.shape
-        groups = math.ceil(h / FP8_GROUP)
-        xp = torch.nn.functional.pad(x.to(torch.float32), (0, groups * FP8_GROUP - h)).view(t, groups, FP8_GROUP)
-        scale = xp.abs().amax(dim=-1).clamp(min=1e-10) / FP8_MAX
-        q = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(t, groups * FP8_GROUP)[:, :h].to(FP8_DTYPE)
-        return torch.cat([q.view(torch.uint8), scale.view(torch.uint8).view(t, 4 * groups)], dim=1)
+        if x.shape[0] == 0:  # torch cannot reinterpret the bytes of an empty scale tensor
+            return torch.empty(0, self.bytes_per_token(x.shape[1]), dtype=torch.uint8, device=x.device)
+        return _fp8_encode(x)
 
     def decode(self, payload: torch.Tensor, hidden: int) -> torch.Tensor:
-        t = payload.shape[0]
-        groups = math.ceil(hidden / FP8_GROUP)
-        q = payload[:, :hidden].contiguous().view(FP8_DTYPE).to(torch.float32)
-        scale = bytes_as(payload[:, hidden:hidden + 4 * groups], torch.float32)
-        x = q * scale.repeat_interleave(FP8_GROUP, dim=1)[:, :hidden]
-        return x.to(self.dtype).reshape(t, hidden)
-
-
-def e2m1_round(v: torch.Tensor) -> torch.Tensor:
-    """Magnitudes v >= 0 (already scaled) -> e2m1 codes 0..7, round to nearest, ties to even code.
-
-    Values above 6 saturate to code 7 (6.0), as the OCP MX spec allows for FP4 elements.
-    """
-    mid = torch.tensor(E2M1_MIDPOINTS, dtype=v.dtype, device=v.device)
-    below = torch.bucketize(v, mid, right=False)  # number of midpoints < v
-    at_or_below = torch.bucketize(v, mid, right=True)  # number of midpoints <= v
-    # On a tie (v is a midpoint between codes k and k+1) take the even code.
-    tie_to_upper = (at_or_below != below) & (below % 2 == 1)
-    return (below + tie_to_upper.to(below.dtype)).to(torch.uint8)
+        return _fp8_decode(payload, hidden, self.dtype)
 
 
 class Mxfp4Codec(Codec):
@@ -136,32 +210,14 @@ class Mxfp4Codec(Codec):
             raise ValueError(f"mxfp4 needs hidden % {MX_BLOCK} == 0, got {hidden}")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        t, h = x.shape
-        self._check(h)
-        blocks = x.to(torch.float32).view(t, h // MX_BLOCK, MX_BLOCK)
-        amax = blocks.abs().amax(dim=-1)
-        # frexp: amax = m * 2^e with m in [0.5, 1), so floor(log2(amax)) = e - 1, exactly.
-        _, e = torch.frexp(amax)
-        shared = torch.where(amax > 0, e - 1 - E2M1_EMAX, torch.full_like(e, -E8M0_BIAS))
-        shared = shared.clamp(-E8M0_BIAS, E8M0_BIAS)
-        scaled = blocks * torch.exp2(-shared.to(torch.float32))[..., None]
-        codes = e2m1_round(scaled.abs()) | ((scaled < 0).to(torch.uint8) << 3)
-        codes = codes.view(t, h // 2, 2)
-        packed = codes[..., 0] | (codes[..., 1] << 4)
-        scale_bytes = (shared + E8M0_BIAS).to(torch.uint8)
-        return torch.cat([packed, scale_bytes], dim=1)
+        self._check(x.shape[1])
+        if x.shape[0] == 0:
+            return torch.empty(0, self.bytes_per_token(x.shape[1]), dtype=torch.uint8, device=x.device)
+        return _mxfp4_encode(x)
 
     def decode(self, payload: torch.Tensor, hidden: int) -> torch.Tensor:
         self._check(hidden)
-        t = payload.shape[0]
-        packed = payload[:, :hidden // 2]
-        codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(t, hidden)
-        table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32,
-                             device=payload.device)
-        values = table[codes.long()].view(t, hidden // MX_BLOCK, MX_BLOCK)
-        shared = payload[:, hidden // 2:hidden // 2 + hidden // MX_BLOCK].to(torch.float32) - E8M0_BIAS
-        x = values * torch.exp2(shared)[..., None]
-        return x.to(self.dtype).reshape(t, hidden)
+        return _mxfp4_decode(payload, hidden, self.dtype)
 
 
 CODECS = {"none": RawCodec, "bf16": RawCodec, "fp8": Fp8Codec, "mxfp4": Mxfp4Codec}

@@ -1,0 +1,308 @@
+"""Expert-parallel dispatch + combine: latency and achieved bandwidth per wire format and backend.
+
+DeepSeek-V3 shapes by default (hidden 7168, 256 experts, top-8), 128 and 4096 tokens per rank,
+bf16 activations; wire formats bf16 (none/none), fp8 (fp8/fp8) and mxfp4+fp8 (MXFP4 dispatch, FP8
+combine); backends ht (variable splits) and ll (fixed capacity = tokens per rank). Measured in
+the same run for reference: GPU0 -> GPU1 peer-copy bandwidth and a plain NCCL all_to_all_single
+moving the bytes of the bf16 high-throughput dispatch.
+
+Run on N GPUs of one host (either form):
+    torchrun --nproc-per-node N benchmarks/ep_bench.py
+    python benchmarks/ep_bench.py --nproc N
+CPU smoke run (gloo, small shapes):
+    python benchmarks/ep_bench.py --device cpu --nproc 2 --hidden 256 --experts 16 --topk 4 --tokens 8,32
+
+Writes ep_bench.json and ep_bench.md under $OUT (or --out) and prints the table last.
+Bandwidth counts the bytes a rank sends to OTHER ranks in dispatch and combine (what crosses
+NVLink), divided by the round-trip time; the round trip is the slowest rank's time, median
+over iterations. For ll the wire bytes include padding rows; 'useful' is the share that is real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+# Before any NCCL / symmetric-memory initialisation (see KINDS.md on the device machines).
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moeserve.distributed.dispatch import Dispatcher, Placement  # noqa: E402
+from moeserve.distributed.groups import free_port, init_distributed, init_from_env  # noqa: E402
+
+FORMATS = {"bf16": ("none", "none"), "fp8": ("fp8", "fp8"), "mxfp4+fp8": ("mxfp4", "fp8")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=None, help="spawn this many ranks (default: all GPUs); "
+                   "ignored under torchrun")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--tokens", default="128,4096", help="tokens per rank, comma separated")
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--backends", default="ht,ll")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--graph", action="store_true", help="also time the ll round trip captured in a CUDA graph")
+    p.add_argument("--out", default=os.environ.get("OUT", "ep_bench_out"))
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline (s) for every collective")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Wall time of a region: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def run(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def timed(fn, args, device) -> float:
+    """Median over iterations of the slowest rank's time (ranks start together at a barrier)."""
+    timer = Timer(device)
+    for _ in range(args.warmup):
+        fn()
+    times = []
+    for _ in range(args.iters):
+        dist.barrier()
+        t = torch.tensor([timer.run(fn)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(float(t))
+    return statistics.median(times)
+
+
+def mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def peer_copy_gbs(nbytes: int = 256 << 20, iters: int = 10) -> float | None:
+    """GPU0 -> GPU1 copy bandwidth (GB/s, one direction), measured before the process group exists."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    return nbytes * iters / (time.perf_counter() - t0) / 1e9
+
+
+def routing(tokens: int, args, rank: int, device):
+    g = torch.Generator(device="cpu").manual_seed(1234 + rank)
+    x = torch.randn(tokens, args.hidden, generator=g).to(device=device, dtype=torch.bfloat16)
+    ids = torch.rand(tokens, args.experts, generator=g).topk(args.topk, dim=1).indices.to(device)
+    w = torch.rand(tokens, args.topk, generator=g).softmax(dim=-1).to(device)
+    return x, ids, w
+
+
+def remote_rows(d: Dispatcher, ids: torch.Tensor) -> tuple[int, int]:
+    """(rows this rank sends to other ranks in the ht layout, tokens it sends to other ranks)."""
+    slots = d.table.physical_slots(ids, d.rank)
+    dest = slots // d.table.placement.slots_per_rank
+    hit = torch.zeros(ids.shape[0], d.num_ranks, dtype=torch.bool, device=ids.device)
+    hit.scatter_(1, dest, True)
+    hit[:, d.rank] = False
+    return int(hit.sum()), int(hit.any(dim=1).sum())
+
+
+def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dcodec, ccodec = FORMATS[fmt]
+    placement = Placement.contiguous(args.experts, world)
+    d = Dispatcher(dist.group.WORLD, placement, args.hidden, torch.bfloat16, dcodec, ccodec, mode=backend,
+                   ll_capacity=tokens, device=device)
+    x, ids, w = routing(tokens, args, rank, device)
+
+    def round_trip():
+        recv_x, _, _, handle = d.dispatch(x, ids, w)
+        return d.combine(recv_x, handle)  # identity experts: the bytes are what is measured
+
+    t_rt = timed(round_trip, args, device)
+    t_dispatch = timed(lambda: d.dispatch(x, ids, w), args, device)
+    recv_x, _, _, handle = d.dispatch(x, ids, w)
+    t_combine = timed(lambda: d.combine(recv_x, handle), args, device)  # a handle can be combined again
+    drow, crow = d.bytes_per_row(args.topk)
+    rows, _ = remote_rows(d, ids)
+    if backend == "ht":
+        wire = rows * (drow + crow)
+    else:
+        wire = (world - 1) * tokens * (drow + crow)
+    useful = rows * (drow + crow)
+    wire, useful = mean_over_ranks(wire, device), mean_over_ranks(useful, device)
+    row = {"format": fmt, "backend": backend, "tokens_per_rank": tokens, "round_trip_us": t_rt * 1e6,
+           "dispatch_us": t_dispatch * 1e6, "combine_us": t_combine * 1e6,
+           "wire_bytes_per_rank": wire, "useful_fraction": useful / wire if wire else 1.0,
+           "gbs": wire / t_rt / 1e9, "bytes_per_token_round_trip": d.dispatch_codec.bytes_per_token(args.hidden)
+           + d.combine_codec.bytes_per_token(args.hidden)}
+    if args.graph and backend == "ll" and device.type == "cuda":
+        row["graph_round_trip_us"] = graph_round_trip(round_trip, args, device)
+    return row
+
+
+def graph_round_trip(fn, args, device) -> float | str:
+    """The ll round trip captured in a CUDA graph (no host sync may happen inside)."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timed(graph.replay, args, device) * 1e6
+    except Exception as e:  # report, do not abort the other measurements
+        return f"capture failed: {type(e).__name__}: {e}"[:200]
+
+
+def bench_plain_all_to_all(tokens: int, args, device) -> dict:
+    """all_to_all_single with equal splits moving the bf16 ht dispatch's bytes (one direction)."""
+    world = dist.get_world_size()
+    placement = Placement.contiguous(args.experts, world)
+    d = Dispatcher(dist.group.WORLD, placement, args.hidden, torch.bfloat16, device=device)
+    _, ids, _ = routing(tokens, args, dist.get_rank(), device)
+    rows, _ = remote_rows(d, ids)
+    per_peer = max(1, round(mean_over_ranks(rows, device) / max(world - 1, 1)))
+    row_bytes = 2 * args.hidden
+    send = torch.zeros(world * per_peer, row_bytes, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+    t = timed(lambda: dist.all_to_all_single(recv, send), args, device)
+    wire = (world - 1) * per_peer * row_bytes
+    return {"tokens_per_rank": tokens, "a2a_us": t * 1e6, "wire_bytes_per_rank": wire, "gbs": wire / t / 1e9}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else ("n/a" if value is None else str(value)[:40])
+
+
+def table(report: dict) -> str:
+    peer = report["peer_copy_gbs"]
+    lines = [f"EP dispatch+combine, {report['world']} x {report['device_name']}, hidden {report['hidden']}, "
+             f"{report['experts']} experts, top-{report['topk']}; GPU0->GPU1 peer copy {_fmt(peer, '.0f')} GB/s", "",
+             "| tokens/rank | format | backend | B/token rt | round trip us | dispatch us | combine us | GB/s "
+             "| x peer copy | vs bf16 | useful | graph us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    bf16 = {(r["backend"], r["tokens_per_rank"]): r["round_trip_us"] for r in report["rows"] if r["format"] == "bf16"}
+    for r in report["rows"]:
+        ref = bf16.get((r["backend"], r["tokens_per_rank"]))
+        cells = [r["tokens_per_rank"], r["format"], r["backend"], r["bytes_per_token_round_trip"],
+                 _fmt(r["round_trip_us"], ".1f"), _fmt(r["dispatch_us"], ".1f"), _fmt(r["combine_us"], ".1f"),
+                 _fmt(r["gbs"], ".3g"), _fmt(r["gbs"] / peer if peer else None, ".2f"),
+                 _fmt(r["round_trip_us"] / ref if ref else None, ".2f"), _fmt(r["useful_fraction"], ".2f"),
+                 _fmt(r.get("graph_round_trip_us", ""), ".1f")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "| tokens/rank | plain all_to_all us (bf16 ht dispatch bytes) | GB/s | x peer copy |",
+              "|---|---|---|---|"]
+    for a in report["all_to_all"]:
+        lines.append(f"| {a['tokens_per_rank']} | {a['a2a_us']:.1f} | {a['gbs']:.3g} "
+                     f"| {_fmt(a['gbs'] / peer if peer else None, '.2f')} |")
+    lines.append("")
+    for tokens in sorted({r["tokens_per_rank"] for r in report["rows"]}):
+        rt = {(r["format"], r["backend"]): r["round_trip_us"] for r in report["rows"] if r["tokens_per_rank"] == tokens}
+        for backend in ("ht", "ll"):
+            if ("bf16", backend) in rt and ("mxfp4+fp8", backend) in rt:
+                lines.append(f"{tokens} tokens/rank, {backend}: mxfp4+fp8 / bf16 round trip = "
+                             f"{rt[('mxfp4+fp8', backend)] / rt[('bf16', backend)]:.2f}")
+        if ("bf16", "ll") in rt and ("bf16", "ht") in rt:
+            lines.append(f"{tokens} tokens/rank, bf16: ll / ht round trip = {rt[('bf16', 'll')] / rt[('bf16', 'ht')]:.2f}")
+    return "\n".join(lines)
+
+
+def run(args, device: torch.device, peer: float | None) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    rows, a2a = [], []
+    for tokens in token_counts:
+        a2a.append(bench_plain_all_to_all(tokens, args, device))
+        for fmt in args.formats.split(","):
+            for backend in args.backends.split(","):
+                rows.append(bench_round_trip(fmt, backend, tokens, args, device))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if rank != 0:
+        return
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+              "world": world, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "hidden": args.hidden, "experts": args.experts, "topk": args.topk,
+              "peer_copy_gbs": peer, "rows": rows, "all_to_all": a2a}
+    os.makedirs(args.out, exist_ok=True)
+    text = table(report)
+    with open(os.path.join(args.out, "ep_bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "ep_bench.md"), "w") as f:
+        f.write(f"{report['date']} `{report['command']}` torch {report['torch']}\n\n{text}\n")
+    print(text, flush=True)
+
+
+def worker(local_rank: int, nproc: int, addr: str, args) -> None:
+    peer = peer_copy_gbs() if local_rank == 0 and args.device == "cuda" else None
+    device = init_distributed(addr, local_rank, nproc, device=args.device, timeout_s=args.timeout)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    try:
+        run(args, device, peer)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        peer = peer_copy_gbs() if local_rank == 0 and args.device == "cuda" else None
+        device = init_from_env(args.device, timeout_s=args.timeout)
+        try:
+            run(args, device, peer)
+        finally:
+            dist.destroy_process_group()
+        return
+    nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
+    if nproc < 2:
+        raise SystemExit("expert parallelism needs at least 2 ranks")
+    torch.multiprocessing.spawn(worker, args=(nproc, f"127.0.0.1:{free_port()}", args), nprocs=nproc, join=True)
+
+
+if __name__ == "__main__":
+    main()
