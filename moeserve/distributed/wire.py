@@ -27,8 +27,8 @@ import warnings
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from moeserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, per_token_group_quant_fp8
+
 FP8_GROUP = 128
 
 MX_BLOCK = 32
@@ -70,15 +70,6 @@ def compiled_on_cuda(fn):
 
 
 # ----------------------------------------------------------------------------- fp8
-
-
-def fp8_encode(x: torch.Tensor) -> torch.Tensor:
-    t, h = x.shape
-    groups = -(-h // FP8_GROUP)
-    xp = torch.nn.functional.pad(x.to(torch.float32), (0, groups * FP8_GROUP - h)).view(t, groups, FP8_GROUP)
-    scale = xp.abs().amax(dim=-1).clamp(min=1e-10) / FP8_MAX
-    q = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(t, groups * FP8_GROUP)[:, :h].to(FP8_DTYPE)
-    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8).view(t, 4 * groups)], dim=1)
 
 
 def fp8_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
@@ -136,7 +127,7 @@ def mxfp4_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torc
     return (e2m1_value(codes) * torch.exp2(shared)[..., None]).view(t, hidden).to(dtype)
 
 
-_fp8_encode, _fp8_decode = compiled_on_cuda(fp8_encode), compiled_on_cuda(fp8_decode)
+_fp8_decode = compiled_on_cuda(fp8_decode)
 _mxfp4_encode, _mxfp4_decode = compiled_on_cuda(mxfp4_encode), compiled_on_cuda(mxfp4_decode)
 
 
@@ -187,7 +178,9 @@ class Fp8Codec(Codec):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:  # torch cannot reinterpret the bytes of an empty scale tensor
             return torch.empty(0, self.bytes_per_token(x.shape[1]), dtype=torch.uint8, device=x.device)
-        return _fp8_encode(x)
+        # The same quantization as the FP8 expert GEMMs' activations (Triton on GPU, bit-equal to the reference).
+        q, scale = per_token_group_quant_fp8(x, FP8_GROUP)
+        return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1)
 
     def decode(self, payload: torch.Tensor, hidden: int) -> torch.Tensor:
         return _fp8_decode(payload, hidden, self.dtype)
