@@ -246,7 +246,8 @@ def table(report: dict) -> str:
                 lines.append(f"{tokens} tokens/rank, {backend}: mxfp4+fp8 / bf16 round trip = "
                              f"{rt[('mxfp4+fp8', backend)] / rt[('bf16', backend)]:.2f}")
         if ("bf16", "ll") in rt and ("bf16", "ht") in rt:
-            lines.append(f"{tokens} tokens/rank, bf16: ll / ht round trip = {rt[('bf16', 'll')] / rt[('bf16', 'ht')]:.2f}")
+            ratio = rt[("bf16", "ll")] / rt[("bf16", "ht")]
+            lines.append(f"{tokens} tokens/rank, bf16: ll / ht round trip = {ratio:.2f}")
     return "\n".join(lines)
 
 

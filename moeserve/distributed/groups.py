@@ -129,9 +129,10 @@ def build_parallel_state(tp: int = 1, dp: int = 1, ep: int | None = None, device
     backend = dist.get_backend()
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
     return ParallelState(
-        rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank,
-        backend=backend, device=device, tp=tp, dp=dp, ep=ep,
+        rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device, tp=tp, dp=dp, ep=ep,
         tp_rank=rank % tp, dp_rank=rank // tp, ep_rank=rank % ep,
         tp_group=groups["tp"], dp_group=groups["dp"], ep_group=groups["ep"], timeout=timeout)
 

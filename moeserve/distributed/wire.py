@@ -2,7 +2,9 @@
 
 A codec turns activations x [T, H] into a uint8 payload [T, bytes_per_token(H)] and back.
 Payloads are plain bytes so they travel through any all_to_all (NCCL, gloo) unchanged.
-All work is done with torch ops, so the same code runs on CPU and CUDA.
+All work is done with torch ops, so the same code runs on CPU and CUDA; on CUDA the mxfp4 and
+fp8-decode math goes through torch.compile (one fused kernel instead of ~10 passes), and fp8
+encode is the Triton per-1x128-group quantization the FP8 GEMMs use.
 
 Byte layout of one token's row (little-endian, as torch stores it):
 
@@ -27,7 +29,7 @@ import warnings
 
 import torch
 
-from moeserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, per_token_group_quant_fp8
+from moeserve.kernels.fp8 import FP8_DTYPE, per_token_group_quant_fp8
 
 FP8_GROUP = 128
 

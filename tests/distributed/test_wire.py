@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from moeserve.distributed.wire import (E2M1_MIDPOINTS, E2M1_VALUES, FP8_MAX, bytes_as, e2m1_round, e2m1_value,
+from moeserve.distributed.wire import (E2M1_MIDPOINTS, E2M1_VALUES, bytes_as, e2m1_round, e2m1_value,
                                       make_codec)
-from moeserve.kernels.fp8 import per_token_group_quant_fp8_ref
+from moeserve.kernels.fp8 import FP8_MAX, per_token_group_quant_fp8_ref
 
 
 def test_bytes_per_token_deepseek_v3():
