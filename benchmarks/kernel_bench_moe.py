@@ -32,10 +32,10 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imp
     os.environ["TRITON_INTERPRET"] = "1"
 
 from moeserve.kernels import moe_config  # noqa: E402
-from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul_ref, block_fp8_matmul_triton,  # noqa: E402
+from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_ref, block_fp8_matmul_triton,  # noqa: E402
                                   dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton)
-from moeserve.kernels.fused_moe import fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref  # noqa: E402
+from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref  # noqa: E402
 from moeserve.kernels.moe_align import moe_align_block_size_ref, moe_align_block_size_triton  # noqa: E402
 
 MODELS = {  # name: (E, H, I, top_k, experts routed over: > E means only E are local, the rest -1)
@@ -190,6 +190,8 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
     out = fused_moe_triton(x, w13, w2, rw, ids, s13, s2, BLOCK, act_fp8)
     row = {"model": name, "tokens": tokens, "variant": variant}
     row["err_vs_ref"] = rel_err(out, fused_moe_ref(x, w13, w2, rw, ids, s13, s2, BLOCK))
+    if variant != "fp8_w8a16":  # the public name must dispatch to the kernel on CUDA
+        row["dispatch_err"] = rel_err(fused_moe(x, w13, w2, rw, ids, s13, s2, BLOCK), out)
     if act_fp8:
         row["err_vs_w8a8_ref"] = rel_err(out, fused_moe_w8a8_ref(x, w13, w2, rw, ids, s13, s2, BLOCK))
     if tokens <= 256:
@@ -249,6 +251,7 @@ def dense_case(n, k, m, timer, ceil, tune, tuned, smoke, device):
     row = {"model": f"dense N={n} K={k}", "tokens": m, "variant": "fp8"}
     row["err_vs_w8a8_ref"] = rel_err(out, block_fp8_matmul_ref(xs[0], ws[0], ss[0], BLOCK))
     row["err_vs_ref"] = rel_err(out, xs[0].float() @ dequant_block_fp8_ref(ws[0], ss[0], BLOCK).t())
+    row["dispatch_err"] = rel_err(block_fp8_matmul(xs[0], ws[0], ss[0], BLOCK), out)
 
     def run_with(config):
         return lambda j: block_fp8_matmul_triton(xs[j], ws[j], ss[j], BLOCK, config)
@@ -292,6 +295,8 @@ def quant_check(timer, ceil, device, smoke):
 # ---- report ------------------------------------------------------------------------------------
 
 def git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):  # the device machine's copy of the tree has no .git
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
@@ -356,8 +361,8 @@ def main():
 
     def record(row):
         rows.append(row)
-        print(fmt_row(row), json.dumps({k: v for k, v in row.items() if k in ("config", "t_eager_us", "t_align_us",
-                                                                             "align_mismatch", "q_mismatch")}))
+        extra = ("config", "t_eager_us", "t_align_us", "align_mismatch", "q_mismatch", "dispatch_err")
+        print(fmt_row(row), json.dumps({k: v for k, v in row.items() if k in extra}))
         write_report(args.out, meta, rows, tuned_moe, tuned_dense)
 
     def guarded(fn, label):
