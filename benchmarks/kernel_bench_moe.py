@@ -32,7 +32,8 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imp
     os.environ["TRITON_INTERPRET"] = "1"
 
 from moeserve.kernels import moe_config  # noqa: E402
-from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_ref, block_fp8_matmul_triton,  # noqa: E402
+from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_ref,  # noqa: E402
+                                  block_fp8_matmul_triton,
                                   dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton)
 from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref  # noqa: E402
@@ -57,8 +58,8 @@ def moe_candidates(rows_per_expert: float) -> list[dict]:
         return [cfg(16, 64, 128, 1, 4, 4), cfg(16, 128, 128, 1, 4, 3), cfg(16, 32, 128, 1, 4, 5)]
     if rows_per_expert <= 48:
         return [cfg(16, 64, 128, 1, 4, 4), cfg(32, 64, 128, 1, 4, 4), cfg(64, 64, 128, 1, 4, 3)]
-    return [cfg(64, 128, 64, 8, 4, 3), cfg(128, 64, 64, 8, 8, 3), cfg(128, 128, 64, 8, 8, 3), cfg(128, 64, 128, 8, 8, 3),
-            cfg(128, 128, 64, 8, 8, 4), cfg(128, 128, 128, 8, 8, 2)]
+    return [cfg(64, 128, 64, 8, 4, 3), cfg(128, 64, 64, 8, 8, 3), cfg(128, 128, 64, 8, 8, 3),
+            cfg(128, 64, 128, 8, 8, 3), cfg(128, 128, 64, 8, 8, 4), cfg(128, 128, 128, 8, 8, 2)]
 
 
 def dense_candidates(m: int) -> list[dict]:

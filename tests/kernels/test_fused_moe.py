@@ -66,7 +66,8 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
         "fp16": (9, 4, 64, 32, 2, torch.float16, {}),
         "fp32_T1": (1, 8, 32, 64, 3, torch.float32, {}),
         "fp32_T37_multi_block": (37, 3, 48, 40, 2, torch.float32, {"drop": 0.0}),  # 37*2/3 rows per expert > 16
-        "fp32_ep_local_experts": (20, 4, 32, 32, 4, torch.float32, {"ep_experts": 16}),  # most ids -1, some experts empty
+        # most ids -1, some experts empty
+        "fp32_ep_local_experts": (20, 4, 32, 32, 4, torch.float32, {"ep_experts": 16}),
     }
     for name, (t, e, h, i, k, dtype, extra) in cases.items():
         x, w13, w2, w, ids = random_moe(t, e, h, i, k, dtype, **extra)
