@@ -1,0 +1,145 @@
+"""The offline API, shaped like vLLM's:
+
+    from moeserve import LLM, SamplingParams
+    llm = LLM(model="path/to/checkpoint", dtype="auto", device="cuda")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+from moeserve.config import EngineConfig
+from moeserve.engine.core import EngineCore
+from moeserve.engine.output import OutputProcessor, RequestOutput
+from moeserve.engine.sampling_params import SamplingParams
+from moeserve.models.tokenizer import load_tokenizer
+
+
+class LLM:
+    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", tokenizer: str | None = None,
+                 **engine_args):
+        self.config = EngineConfig.from_kwargs(model, dtype=dtype, device=device, **engine_args)
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.engine = EngineCore(self.config)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    @property
+    def stats(self):
+        return self.engine.stats
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or lists of token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
+        ids = []
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                ids.append(self._add(prompt, params))
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            for rid in ids:  # leave the engine clean for the next call
+                self.engine.abort_requests(self.output_processor.abort(rid))
+            raise
+
+    def _add(self, prompt: str | list[int], params: SamplingParams) -> str:
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            text, token_ids = None, list(prompt)
+        self.engine.check_prompt(len(token_ids))
+        rid = str(next(self._ids))
+        for engine_id, child_params in self.output_processor.add(rid, text, token_ids, params):
+            self.engine.add_request(engine_id, token_ids, child_params)
+        return rid
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="requests")
+        pending = set(ids)
+        while pending:
+            outputs = self.engine.step()
+            _, to_abort = self.output_processor.process(outputs)
+            self.engine.abort_requests(to_abort)
+            for rid in list(pending):
+                out = self.output_processor.pop_if_finished(rid)
+                if out is not None:
+                    done[rid] = out
+                    pending.discard(rid)
+                    if bar:
+                        bar.update(1)
+            if pending and not outputs and not self.engine.has_unfinished():
+                raise RuntimeError("engine went idle with requests still pending")
+        if bar:
+            bar.close()
+        return [done[rid] for rid in ids]
+
+
+# ---- `moeserve generate` ----------------------------------------------------------------------
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine flags shared by `generate` and `serve`."""
+    parser.add_argument("--model", required=True, help="checkpoint folder (Hugging Face format)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    parser.add_argument("--cpu-kv-cache-mb", type=int, default=256)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, load_format=args.load_format, seed=args.seed,
+                block_size=args.block_size, num_blocks=args.num_blocks,
+                gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_mb=args.cpu_kv_cache_mb,
+                kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed-sampling", dest="sampling_seed", type=int, default=None,
+                        help="seed of the sampler (--seed seeds the engine)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.sampling_seed if args.sampling_seed is not None else
+                                (args.seed if args.temperature > 0 else None))
+        llm = LLM(model=args.model, **engine_kwargs(args))
+        for out in llm.generate(args.prompt, params):
+            print(f"prompt: {out.prompt!r}\noutput: {out.outputs[0].text!r}  "
+                  f"({len(out.outputs[0].token_ids)} tokens, {out.outputs[0].finish_reason})")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,160 @@
+"""The model runner: owns the model and the KV cache tensors, turns a scheduled step into one
+flat variable-length batch (no padding), runs the forward and samples.
+
+On GPU the KV cache is sized from the memory left after a profiling forward of the largest
+step (`gpu_memory_utilization`); on CPU from `num_blocks` or `cpu_kv_cache_mb`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
+from moeserve.engine.request import Request
+from moeserve.engine.scheduler import SchedulerOutput
+from moeserve.layers.attention import AttentionMetadata
+from moeserve.layers.sampler import SamplingBatch, sample
+from moeserve.models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    if name == "auto":
+        return model_dtype
+    if name in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    raise ValueError(f"unknown kv_cache_dtype {name!r}; use auto or fp8")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device | None = None):
+        self.config = config
+        self.model_config = model_config
+        self.device = device or resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_config)
+        self.block_size = config.cache.block_size
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = load_model(model_config, config.model, self.dtype, self.device, config.load_format,
+                                seed=config.seed)
+        self.model.eval()
+        self.kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
+        self.num_blocks = self._decide_num_blocks()
+        self._allocate_kv_cache(self.num_blocks)
+
+    # ---- KV cache ---------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        total = 0
+        for attn in self.model.attention_layers():
+            shape = attn.kv_cache_shape(1, self.block_size)
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * elem
+        return total
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        for attn in self.model.attention_layers():
+            attn.kv_cache = None
+        for attn in self.model.attention_layers():
+            attn.kv_cache = torch.zeros(attn.kv_cache_shape(num_blocks, self.block_size), dtype=self.kv_dtype,
+                                        device=self.device)
+
+    def _decide_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if self.device.type != "cuda":
+            return max(2, cache.cpu_kv_cache_mb * (1 << 20) // self._block_bytes())
+        # Profile the largest step on a throwaway cache, then give what is left to the KV cache.
+        max_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len_hint())
+        self._allocate_kv_cache(-(-max_tokens // self.block_size) + 1)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_forward(max_tokens)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        self._allocate_kv_cache(0)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_allocated()
+        budget = total * cache.gpu_memory_utilization - used_by_others - peak
+        num_blocks = int(budget // self._block_bytes())
+        if num_blocks < 2:
+            raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
+                               f"{total / 2**30:.1f} GiB); raise gpu_memory_utilization or lower max_num_batched_tokens")
+        log.info("KV cache: %d blocks of %d tokens (%.1f GiB)", num_blocks, self.block_size,
+                 num_blocks * self._block_bytes() / 2**30)
+        return num_blocks
+
+    def max_model_len_hint(self) -> int:
+        return self.config.scheduler.max_model_len or self.model_config.max_position_embeddings
+
+    @torch.inference_mode()
+    def _profile_forward(self, num_tokens: int) -> None:
+        table = list(range(1, -(-num_tokens // self.block_size) + 1))
+        meta = AttentionMetadata.build([num_tokens], [num_tokens], [table], self.block_size, self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        hidden = self.model(ids, pos, meta)
+        self.model.compute_logits(hidden[-min(num_tokens, self.config.scheduler.max_num_seqs):])
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
+        gens, banned = [], []
+        for r in requests:
+            p = r.params
+            if p.seed is not None and r.generator is None:
+                r.generator = torch.Generator(device=self.device).manual_seed(p.seed)
+            gens.append(r.generator if p.seed is not None else None)
+            ban = []
+            if len(r.output_token_ids) < p.min_tokens:
+                ban = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
+            banned.append(ban)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        return SamplingBatch(
+            temperature=torch.tensor([0.0 if r.params.greedy else r.params.temperature for r in requests], **f32),
+            top_k=[r.params.top_k for r in requests],
+            top_p=torch.tensor([r.params.top_p for r in requests], **f32),
+            min_p=torch.tensor([r.params.min_p for r in requests], **f32),
+            generators=gens,
+            banned=banned,
+            num_logprobs=[r.params.logprobs for r in requests],
+        )
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> dict[str, tuple[int, object]]:
+        """Forward the scheduled tokens; returns request id -> (sampled token, logprobs) for the
+        requests whose sequence this step completes (mid-prompt chunks sample nothing)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        query_lens, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
+        for s in sched.scheduled:
+            r, start, n = s.request, s.start, s.num_new_tokens
+            ids += r.all_token_ids[start:start + n]
+            positions += range(start, start + n)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(r.block_ids)
+            if s.completes_sequence:
+                sample_rows.append(len(ids) - 1)
+                sample_reqs.append(r)
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta)
+        if not sample_reqs:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        tokens, logprobs = sample(logits, self._sampling_batch(sample_reqs))
+        return {r.request_id: (t, lp) for r, t, lp in zip(sample_reqs, tokens.tolist(), logprobs)}
