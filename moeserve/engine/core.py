@@ -78,6 +78,8 @@ class EngineCore:
     def abort_requests(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.scheduler.abort(rid)
+        if request_ids:
+            self._update_stats(0)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

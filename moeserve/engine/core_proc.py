@@ -1,0 +1,118 @@
+"""The engine core in its own process, talking to the API server over two ZMQ sockets.
+
+server -> engine (PUSH/PULL): ("add", [(request_id, prompt_token_ids, sampling params dict), ...]),
+                              ("abort", [request_id, ...]), ("shutdown", None)
+engine -> server (PUSH/PULL): ("ready", info), ("step", [EngineOutput, ...], stats),
+                              ("error", message)
+One "step" message carries every request's new tokens of one engine step, so streaming many
+requests costs one socket message per step. The process exits when its parent dies, so the
+engine never outlives the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import traceback
+
+import msgspec
+import zmq
+
+from moeserve.config import EngineConfig
+from moeserve.engine.output import EngineOutput
+from moeserve.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+ENCODER = msgspec.msgpack.Encoder()
+DECODER = msgspec.msgpack.Decoder()
+STEP_DECODER = msgspec.msgpack.Decoder(tuple[str, list[EngineOutput], dict])
+IDLE_POLL_MS = 50  # how long an idle engine waits for input before checking on its parent
+
+
+def encode_add(requests: list[tuple[str, list[int], SamplingParams]]) -> bytes:
+    return ENCODER.encode(("add", [(rid, ids, dataclasses.asdict(p)) for rid, ids, p in requests]))
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: get SIGTERM when the parent dies (the poll below covers everything else)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
+    _set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which shuts us down
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.connect(input_addr)
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 2000)
+    out.connect(output_addr)
+    try:
+        from moeserve.engine.core import EngineCore
+
+        engine = EngineCore(config)
+        out.send(ENCODER.encode(("ready", {
+            "max_model_len": engine.max_model_len,
+            "kv_capacity_tokens": engine.kv.num_usable_blocks * engine.kv.block_size,
+            "num_blocks": engine.kv.num_usable_blocks,
+            "vocab_size": engine.model_config.vocab_size,
+            "pid": os.getpid(),
+        })))
+        _loop(engine, inp, out, parent_pid)
+    except Exception:
+        msg = traceback.format_exc()
+        log.error("engine core failed:\n%s", msg)
+        out.send(ENCODER.encode(("error", msg)))
+    finally:
+        inp.close(linger=0)
+        out.close()
+        ctx.term()
+
+
+def _loop(engine, inp, out, parent_pid: int) -> None:
+    poller = zmq.Poller()
+    poller.register(inp, zmq.POLLIN)
+    while True:
+        if os.getppid() != parent_pid:
+            log.warning("server process is gone; engine exits")
+            return
+        # Block only when there is nothing to run.
+        timeout = 0 if engine.has_unfinished() else IDLE_POLL_MS
+        got_input = False
+        while poller.poll(timeout):
+            kind, payload = DECODER.decode(inp.recv())
+            got_input = True
+            timeout = 0
+            if kind == "shutdown":
+                return
+            rejected = _handle(engine, kind, payload)
+            if rejected:
+                out.send(ENCODER.encode(("step", rejected, dataclasses.asdict(engine.stats))))
+        outputs = engine.step() if engine.has_unfinished() else []
+        if outputs or got_input:
+            out.send(ENCODER.encode(("step", outputs, dataclasses.asdict(engine.stats))))
+
+
+def _handle(engine, kind: str, payload) -> list[EngineOutput]:
+    rejected = []
+    if kind == "add":
+        for rid, ids, params in payload:
+            try:
+                engine.add_request(rid, ids, SamplingParams(**params))
+            except (ValueError, TypeError) as e:  # validated by the server already; never fatal here
+                rejected.append(EngineOutput(rid, [], finish_reason="abort", stop_reason=f"rejected: {e}"))
+    elif kind == "abort":
+        engine.abort_requests(payload)
+    else:
+        log.error("unknown message %r", kind)
+    return rejected

@@ -1,0 +1,82 @@
+"""A real `moeserve serve` subprocess on a free port, over a tiny checkpoint."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+SERVE_ARGS = ["--device", "cpu", "--dtype", "float32", "--block-size", "4", "--num-blocks", "512",
+              "--max-model-len", "512"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: str, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(os.path.dirname(model), f"serve-{self.port}.log"), "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moeserve.cli", "serve", "--model", model, "--port", str(self.port),
+             *SERVE_ARGS, *extra], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"server not healthy after 120 s:\n{self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def engine_pids(self) -> list[int]:
+        path = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
+        with open(path) as f:
+            return [int(p) for p in f.read().split()]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(deepseek_v3_dir):
+    srv = ServerProcess(deepseek_v3_dir)
+    yield srv
+    rc = srv.stop()
+    assert rc == 0, srv.output()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def model_name(deepseek_v3_dir):
+    return deepseek_v3_dir
