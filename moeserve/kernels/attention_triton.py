@@ -37,10 +37,10 @@ def _paged_slots(bt_row_ptr, offs_n, valid, PAGE_SIZE: tl.constexpr, stride_page
 
 
 @triton.jit
-def _split_range(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
     """[start, end) of this split's tokens; splits are whole BLOCK_N tiles, trailing ones may be empty."""
     tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tiles, num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
     return start, end
@@ -48,23 +48,23 @@ def _split_range(seq_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _store_partial(acc, m_i, l_i, part_ptr, lse_ptr, row_ids, row_mask, offs_d, d_mask, stride_row, split,
-                   NUM_SPLITS: tl.constexpr):
+                   num_splits):
     """Write acc / l and m + log(l) (natural log) for rows row_ids; an empty split writes 0 and -inf."""
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    ptrs = part_ptr + (row_ids[:, None] * NUM_SPLITS + split) * stride_row + offs_d[None, :]
+    ptrs = part_ptr + (row_ids[:, None] * num_splits + split) * stride_row + offs_d[None, :]
     tl.store(ptrs, out, mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + row_ids * NUM_SPLITS + split, lse, mask=row_mask)
+    tl.store(lse_ptr + row_ids * num_splits + split, lse, mask=row_mask)
 
 
 @triton.jit
 def _mla_decode_split_kernel(
         ql_ptr, qr_ptr, kv_ptr, bt_ptr, seq_lens_ptr, part_ptr, lse_ptr,
-        num_heads, qk_scale_log2,
+        num_heads, num_splits, qk_scale_log2,
         stride_ql_b, stride_ql_h, stride_qr_b, stride_qr_h, stride_kv_page, stride_kv_tok, stride_bt,
         LATENT: tl.constexpr, ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -83,7 +83,7 @@ def _mla_decode_split_kernel(
                      mask=h_mask[:, None] & r_mask[None, :], other=0.0)
 
     seq_len = tl.load(seq_lens_ptr + b)
-    start, end = _split_range(seq_len, split, NUM_SPLITS, BLOCK_N)
+    start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
 
     # finite floor instead of -inf: a fully masked tile then gives exp2(-inf) = 0, never inf - inf
@@ -110,17 +110,17 @@ def _mla_decode_split_kernel(
 
     # m_i is in log2 units: (m_i + log2 l) * ln 2 is the natural-log lse
     _store_partial(acc, m_i, l_i, part_ptr, lse_ptr, b * num_heads + offs_h, h_mask, offs_l, l_mask, BLOCK_L,
-                   split, NUM_SPLITS)
+                   split, num_splits)
 
 
 @triton.jit
 def _gqa_decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, part_ptr, lse_ptr,
-        num_heads, qk_scale_log2,
+        num_heads, num_splits, qk_scale_log2,
         stride_q_b, stride_q_h, stride_k_page, stride_k_tok, stride_k_head,
         stride_v_page, stride_v_tok, stride_v_head, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -135,7 +135,7 @@ def _gqa_decode_split_kernel(
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
     seq_len = tl.load(seq_lens_ptr + b)
-    start, end = _split_range(seq_len, split, NUM_SPLITS, BLOCK_N)
+    start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     k_head = k_ptr + kv_head.to(tl.int64) * stride_k_head
     v_head = v_ptr + kv_head.to(tl.int64) * stride_v_head
@@ -163,24 +163,23 @@ def _gqa_decode_split_kernel(
         m_i = m_new
 
     _store_partial(acc, m_i, l_i, part_ptr, lse_ptr, b * num_heads + offs_h, g_mask, offs_d, d_mask, BLOCK_D,
-                   split, NUM_SPLITS)
+                   split, num_splits)
 
 
 @triton.jit
-def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_heads, stride_out_b, stride_out_h,
-                         DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_heads, num_splits, stride_out_b, stride_out_h,
+                         DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """out[row] = sum_s exp(lse_s) * part_s / sum_s exp(lse_s) for one (sequence, head) row."""
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < DIM
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    lse = tl.load(lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # seq_len 0: every split empty, output zeros
     w = tl.exp(lse - m)
-    part = tl.load(part_ptr + (row * NUM_SPLITS + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+    part = tl.load(part_ptr + (row * num_splits + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
     b = row // num_heads
@@ -222,8 +221,8 @@ def _check_paged(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torc
 def _merge(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, dim: int) -> torch.Tensor:
     batch, num_heads, num_splits = lse.shape
     _merge_splits_kernel[(batch * num_heads,)](
-        part, lse, out, num_heads, out.stride(0), out.stride(1),
-        DIM=dim, BLOCK_D=part.shape[-1], NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        part, lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
+        DIM=dim, BLOCK_D=part.shape[-1], BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=4)
     return out
 
@@ -247,11 +246,11 @@ def mla_decode_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: to
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q_latent.device)
     _mla_decode_split_kernel[(batch, head_blocks, num_splits)](
         q_latent, q_rope, kv_cache, block_tables, seq_lens, part, lse,
-        num_heads, scale * math.log2(math.e),
+        num_heads, num_splits, scale * math.log2(math.e),
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         LATENT=latent, ROPE=rope, BLOCK_L=block_l, BLOCK_R=triton.next_power_of_2(rope),
-        BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
+        BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=page_size,
         DOT_PRECISION=_dot_precision(q_latent.dtype), num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(batch, num_heads, latent, dtype=q_latent.dtype, device=q_latent.device)
     return _merge(part, lse, out, latent)
@@ -275,11 +274,11 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _gqa_decode_split_kernel[(batch, num_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part, lse,
-        num_heads, scale * math.log2(math.e),
+        num_heads, num_splits, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(group)), BLOCK_N=block_n, PAGE_SIZE=page_size,
-        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
     return _merge(part, lse, out, head_dim)
