@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tests.helpers import ServerProcess
+
 # CI has 2 cores and pytest-xdist runs 2 workers: one thread each.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,3 +42,23 @@ def deepseek_v2_dir(tiny_model):
 @pytest.fixture(scope="session")
 def qwen3_moe_dir(tiny_model):
     return tiny_model("qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def server(deepseek_v3_dir):
+    srv = ServerProcess(deepseek_v3_dir)
+    yield srv
+    rc = srv.stop()
+    assert rc == 0, srv.output()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def model_name(deepseek_v3_dir):
+    return deepseek_v3_dir

@@ -148,12 +148,9 @@ class AsyncEngineClient:
             await self._in.send(ENCODER.encode(("abort", ids)))
 
     async def _output_loop(self) -> None:
+        watchdog = asyncio.create_task(self._watch_process())
         try:
             while True:
-                if not await self._out.poll(1000):
-                    if not self._proc.is_alive():
-                        raise EngineDeadError(f"engine process died (exit code {self._proc.exitcode})")
-                    continue
                 raw = await self._out.recv()
                 kind = DECODER.decode(raw)[0]
                 if kind == "error":
@@ -172,7 +169,19 @@ class AsyncEngineClient:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the engine is gone: fail every waiting request, report unhealthy
-            self.error = str(e)
-            log.error("%s", e)
-            for queue in self.queues.values():
-                queue.put_nowait(EngineDeadError(self.error))
+            self._fail(str(e))
+        finally:
+            watchdog.cancel()
+
+    async def _watch_process(self) -> None:
+        while self._proc.is_alive():
+            await asyncio.sleep(1.0)
+        self._fail(f"engine process died (exit code {self._proc.exitcode})")
+        self._task.cancel()
+
+    def _fail(self, error: str) -> None:
+        if self.error is None:
+            self.error = error
+            log.error("%s", error)
+        for queue in self.queues.values():
+            queue.put_nowait(EngineDeadError(self.error))

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.server.conftest import ServerProcess
+from tests.helpers import ServerProcess
 
 
 def metric(text: str, name: str) -> float:

@@ -1,4 +1,5 @@
-"""A real `moeserve serve` subprocess on a free port, over a tiny checkpoint."""
+"""A real `moeserve serve` subprocess on a free port, over a tiny checkpoint (used by the
+`server` fixture in conftest.py and by tests that need a server of their own)."""
 
 import os
 import signal
@@ -8,7 +9,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 SERVE_ARGS = ["--device", "cpu", "--dtype", "float32", "--block-size", "4", "--num-blocks", "512",
               "--max-model-len", "512"]
@@ -60,23 +60,3 @@ class ServerProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.log.close()
-
-
-@pytest.fixture(scope="session")
-def server(deepseek_v3_dir):
-    srv = ServerProcess(deepseek_v3_dir)
-    yield srv
-    rc = srv.stop()
-    assert rc == 0, srv.output()
-
-
-@pytest.fixture(scope="session")
-def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.url + "/v1", api_key="none", timeout=60, max_retries=0)
-
-
-@pytest.fixture(scope="session")
-def model_name(deepseek_v3_dir):
-    return deepseek_v3_dir
