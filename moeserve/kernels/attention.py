@@ -79,6 +79,53 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     return out
 
 
-mla_decode = mla_decode_ref
-paged_decode = paged_decode_ref
-varlen_attention = varlen_attention_ref
+def _use_triton(q: torch.Tensor, *caches: torch.Tensor) -> bool:
+    from moeserve.kernels.fp8 import triton_runs_on
+
+    if not triton_runs_on(q, *caches):
+        return False
+    return q.is_cuda or q.dtype in (torch.float32, torch.float16)  # bf16 is wrong under the interpreter
+
+
+def mla_decode(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale):
+    if _use_triton(q_latent, kv_cache):
+        from moeserve.kernels.attention_triton import mla_decode_triton
+        return mla_decode_triton(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale)
+    return mla_decode_ref(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale)
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    if _use_triton(q, k_cache, v_cache):
+        from moeserve.kernels.attention_triton import paged_decode_triton
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
+    """Prefill. On GPU each sequence goes through PyTorch's fused SDPA (flash / memory-efficient
+    kernels, no [q, k] score matrix in HBM); elsewhere the reference."""
+    if not q.is_cuda:
+        return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+    return varlen_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+
+
+def varlen_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
+    import torch.nn.functional as F
+
+    num_heads, num_kv = q.shape[1], k.shape[1]
+    out = q.new_empty(q.shape[0], num_heads, v.shape[-1])
+    for b in range(len(cu_seqlens_q) - 1):
+        qs, qe, ks, ke = cu_seqlens_q[b], cu_seqlens_q[b + 1], cu_seqlens_k[b], cu_seqlens_k[b + 1]
+        if qe == qs:
+            continue
+        qb, kb, vb = q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1)
+        q_len, k_len = qe - qs, ke - ks
+        if q_len == k_len:
+            mask, causal = None, True
+        else:  # queries are the last q_len of k_len positions (prefix already cached)
+            q_pos = torch.arange(k_len - q_len, k_len, device=q.device)
+            mask, causal = torch.arange(k_len, device=q.device)[None, :] <= q_pos[:, None], False
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal, scale=scale,
+                                           enable_gqa=num_heads != num_kv)
+        out[qs:qe] = o.transpose(0, 1)
+    return out
