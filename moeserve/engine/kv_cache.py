@@ -58,23 +58,23 @@ class KVCacheManager:
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
     # ---- prefix cache -----------------------------------------------------------------------
-    def _keys(self, token_ids: list[int], num_full_blocks: int) -> list[BlockKey]:
-        keys, parent = [], None
-        bs = self.block_size
-        for i in range(num_full_blocks):
-            key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
-            keys.append(key)
-            parent = hash(key)
-        return keys
+    def _keys(self, request: Request, num_full_blocks: int) -> list[BlockKey]:
+        """Keys of the request's first num_full_blocks blocks; computed once per block, since a
+        request's tokens only ever grow."""
+        keys, bs = request.block_keys, self.block_size
+        while len(keys) < num_full_blocks:
+            i = len(keys)
+            parent = hash(keys[-1]) if keys else None
+            keys.append((parent, tuple(request.token_slice(i * bs, (i + 1) * bs))))
+        return keys[:num_full_blocks]
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Block ids holding the longest cached prefix of the request's tokens. At least one
         token is always left to compute, since the step needs its logits."""
         if not self.enable_prefix_caching:
             return []
-        tokens = request.all_token_ids
         hits = []
-        for key in self._keys(tokens, (len(tokens) - 1) // self.block_size):
+        for key in self._keys(request, (request.num_tokens - 1) // self.block_size):
             block_id = self.cached.get(key)
             if block_id is None:
                 break
@@ -117,12 +117,14 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         num_full = request.num_computed_tokens // self.block_size
-        keys = self._keys(request.all_token_ids, num_full)
-        for key, block_id in zip(keys, request.block_ids):
+        start = request.num_cached_blocks_registered
+        keys = self._keys(request, num_full)
+        for key, block_id in zip(keys[start:], request.block_ids[start:num_full]):
             block = self.blocks[block_id]
             if block.key is None and key not in self.cached:
                 block.key = key
                 self.cached[key] = block_id
+        request.num_cached_blocks_registered = num_full
 
     def free(self, request: Request) -> None:
         """Drop the request's references; the tail is queued first so it is evicted first."""

@@ -44,6 +44,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     generator: object | None = None  # torch.Generator for seeded sampling, made by the runner
+    block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, grown as it goes
+    num_cached_blocks_registered: int = 0  # of its blocks, how many the prefix cache has seen
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +54,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without copying the whole sequence (a decode needs one token)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - num_prompt]
 
     @property
     def finish_reason(self) -> str | None:

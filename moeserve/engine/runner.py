@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
@@ -19,6 +20,72 @@ from moeserve.layers.sampler import SamplingBatch, sample
 from moeserve.models.loader import load_model
 
 log = logging.getLogger(__name__)
+
+
+class CudaGraphs:
+    """Decode-only steps replayed from CUDA graphs captured at a ladder of batch sizes.
+
+    A batch of B decodes runs the graph of the smallest captured size >= B; the padding rows
+    write their KV into scratch block 0 and attend to one slot of it, and their outputs are
+    dropped. Every graph reads its inputs from the same static buffers.
+    """
+
+    def __init__(self, model, device: torch.device, max_num_seqs: int, max_blocks_per_seq: int, block_size: int):
+        self.model, self.device, self.block_size = model, device, block_size
+        top = min(max_num_seqs, 512)
+        self.sizes = sorted({s for s in [1, 2, 4] + list(range(8, top + 1, 8)) if s <= top} | {top})
+        n = self.sizes[-1]
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(n, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, **i32)
+        self.seq_lens = torch.ones(n, **i32)
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture()
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(self.slot_mapping[:bs], self.block_tables[:bs], self.seq_lens[:bs], [1] * bs,
+                                 [1] * bs, bs)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+                for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                    self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs))
+                self.graphs[bs] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def can_run(self, query_lens: list[int]) -> bool:
+        return len(query_lens) <= self.sizes[-1] and all(q == 1 for q in query_lens)
+
+    def run(self, ids: list[int], positions: list[int], seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
+        b = len(ids)
+        bs = next(s for s in self.sizes if s >= b)
+        width = self.block_tables.shape[1]
+        bt = np.zeros((bs, width), dtype=np.int32)
+        slots = np.zeros(bs, dtype=np.int64)
+        for i, (table, n) in enumerate(zip(tables, seq_lens)):
+            bt[i, :len(table)] = table
+            slots[i] = table[(n - 1) // self.block_size] * self.block_size + (n - 1) % self.block_size
+        pad = bs - b
+        self.input_ids[:bs].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.positions[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.seq_lens[:bs].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self.slot_mapping[:bs].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.block_tables[:bs].copy_(torch.from_numpy(bt), non_blocking=True)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:b]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,6 +119,10 @@ class ModelRunner:
         self.kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
+        self.graphs: CudaGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = CudaGraphs(self.model, self.device, config.scheduler.max_num_seqs,
+                                     -(-self.max_model_len_hint() // self.block_size), self.block_size)
 
     # ---- KV cache ---------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -143,7 +214,7 @@ class ModelRunner:
         query_lens, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
         for s in sched.scheduled:
             r, start, n = s.request, s.start, s.num_new_tokens
-            ids += r.all_token_ids[start:start + n]
+            ids += r.token_slice(start, start + n)
             positions += range(start, start + n)
             query_lens.append(n)
             seq_lens.append(start + n)
@@ -151,8 +222,12 @@ class ModelRunner:
             if s.completes_sequence:
                 sample_rows.append(len(ids) - 1)
                 sample_reqs.append(r)
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta)
+        if self.graphs is not None and self.graphs.can_run(query_lens):
+            hidden = self.graphs.run(ids, positions, seq_lens, tables)
+        else:
+            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
+            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                                meta)
         if not sample_reqs:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])

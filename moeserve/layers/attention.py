@@ -27,7 +27,7 @@ from moeserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token; -1 = skip
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32: tokens in the cache for each sequence after this step
     query_lens: list[int]  # host copy: new tokens per sequence
@@ -64,12 +64,13 @@ class AttentionMetadata:
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
-    """cache [num_blocks, block_size, *entry], values [T, *entry]; slots < 0 are skipped (padding)."""
+    """cache [num_blocks, block_size, *entry], values [T, *entry]. No host sync (CUDA graphs):
+    padded tokens carry slots of block 0, a scratch block the KV manager never hands out."""
     flat = cache.view(-1, *cache.shape[2:])
-    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
-        keep = slot_mapping >= 0
-        slot_mapping, values = slot_mapping[keep], values[keep]
-    flat.index_copy_(0, slot_mapping, values.to(cache.dtype))
+    values = values.to(cache.dtype)
+    if cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernels: move the bytes
+        flat, values = flat.view(torch.uint8), values.view(torch.uint8)
+    flat.index_copy_(0, slot_mapping, values)
 
 
 def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
