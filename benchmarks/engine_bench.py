@@ -175,6 +175,44 @@ def hf_generate(path: str, batches: list[int], in_len: int, out_len: int) -> lis
     return res
 
 
+def profile_decode(engine: EngineCore, batch: int, isl: int) -> dict:
+    """Split a decode step's wall time into schedule / execute / update, and list the top GPU
+    kernels of eager decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(5)
+    for i in range(batch):
+        ids = torch.randint(10, engine.model_config.vocab_size - 10, (isl,), generator=g).tolist()
+        engine.add_request(f"prof-{i}", ids, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    while engine.stats.num_scheduled_tokens != batch or engine.stats.num_running != batch:
+        engine.step()
+    phases = {"schedule": [], "execute": [], "update": []}
+    for _ in range(10):
+        t0 = time.perf_counter()
+        sched = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        sampled = engine.runner.execute(sched)
+        t2 = time.perf_counter()
+        engine.scheduler.update(sched, sampled)
+        t3 = time.perf_counter()
+        for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            phases[name].append(1e3 * dt)
+    out = {k: statistics.median(v) for k, v in phases.items()}
+    print(f"decode step phases at batch {batch} (ms, graphs): {out}", flush=True)
+    graphs = engine.runner.graphs
+    engine.runner.graphs = None
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.runner.graphs = graphs
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    print(table, flush=True)
+    engine.abort_requests([f"prof-{i}" for i in range(batch)])
+    out["kernels"] = table
+    return out
+
+
 def free(engine) -> None:
     engine.runner.graphs = None
     del engine
@@ -192,6 +230,7 @@ def main() -> int:
     p.add_argument("--fp8", action="store_true", help="also FP8 weights at --fp8-batches")
     p.add_argument("--fp8-batches", default="1,64")
     p.add_argument("--commit", default="unknown")
+    p.add_argument("--profile-batch", type=int, default=0, help="print where a decode step's time goes")
     p.add_argument("--out", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = p.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
@@ -213,6 +252,8 @@ def main() -> int:
     report["graph_vs_eager_batch1"] = eager_vs_graph(engine, args.isl)
     print("batch-1 step graph vs eager:", report["graph_vs_eager_batch1"], flush=True)
     if hf_b:
+        for b in hf_b:  # warm-up, as transformers got one: Triton compiles for new shapes on first use
+            run_batch(engine, b, 128, 32, seed=10)
         report["engine_same_workload_as_hf"] = [run_batch(engine, b, 128, 32, seed=11) for b in hf_b]
         for ours, hf in zip(report["engine_same_workload_as_hf"], report["hf_generate"]):
             ours["speedup_vs_hf"] = ours["output_tok_s"] / hf["output_tok_s"]
@@ -229,7 +270,10 @@ def main() -> int:
         print(f"  batch {b}: {r['output_tok_s']:.0f} tok/s, step {r['decode_step_ms']:.2f} ms, "
               f"roofline {roof['ms']:.2f} ms, ratio {r['ratio']:.2f}", flush=True)
     report["bf16"] = cases
+    if args.profile_batch:
+        report["profile"] = profile_decode(engine, args.profile_batch, args.isl)
     free(engine)
+    engine = None
 
     if args.fp8:
         fp8_batches = [int(x) for x in args.fp8_batches.split(",")]
@@ -246,6 +290,7 @@ def main() -> int:
                   f"vs bf16 {r['vs_bf16_step']}", flush=True)
         report["fp8"] = fp8_cases
         free(engine)
+        engine = None
 
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)
