@@ -269,16 +269,50 @@ class CacheConfig:
 
 @dataclass
 class ParallelConfig:
+    """One instance's ranks: dp attention ranks (each schedules its own requests) whose MoE
+    layers form one expert-parallel group of ep = dp ranks. One process per rank."""
+
     tp: int = 1
     dp: int = 1
     ep: int = 1
     nnodes: int = 1
     node_rank: int = 0
-    dist_init_addr: str | None = None
+    dist_init_addr: str | None = None  # "host:port" of rank 0's rendezvous; None on one node: a free local port
+    dist_timeout_s: float = 300.0  # deadline of every collective
+    # Expert-parallel wire formats: "auto" follows the checkpoint (fp8 for FP8 checkpoints, else
+    # the activation dtype), or "none" | "fp8" | "mxfp4" (dispatch only).
+    dispatch_dtype: str = "auto"
+    combine_dtype: str = "auto"
+    dispatch_backend: str = "auto"  # "auto" (by tokens per rank) | "ht" | "ll"; env MOESERVE_DISPATCH overrides auto
+    ll_threshold: int = 128  # max tokens per rank at which the low-latency kernel is used
+    ll_capacity: int | None = None  # rows per destination rank in the low-latency buffers (None: ll_threshold)
+    num_redundant_experts: int = 0
+    eplb_interval: int = 0  # steps between expert rebalances; 0: off
+    eplb_window: int = 1000  # steps of expert load the balancer looks at
+
+    def __post_init__(self) -> None:
+        if min(self.tp, self.dp, self.ep, self.nnodes) < 1:
+            raise ValueError("tp, dp, ep and nnodes must be >= 1")
+        if self.tp != 1:
+            raise ValueError("tensor parallelism (tp > 1) is not implemented yet; use dp with ep")
+        if self.ep not in (1, self.world_size):
+            raise ValueError(f"ep must be 1 or dp * tp = {self.world_size} (one EP group over the instance)")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"{self.world_size} ranks do not split evenly over {self.nnodes} nodes")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not in [0, {self.nnodes})")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("a multi-node instance needs dist_init_addr (host:port of node 0)")
+        if self.num_redundant_experts < 0 or self.eplb_interval < 0 or self.eplb_window < 1:
+            raise ValueError("num_redundant_experts and eplb_interval must be >= 0, eplb_window >= 1")
 
     @property
     def world_size(self) -> int:
         return self.tp * self.dp
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
 
 
 @dataclass

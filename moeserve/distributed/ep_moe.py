@@ -12,8 +12,6 @@ balancer if one is attached; apply_placement moves expert weights to a new place
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from moeserve.distributed.dispatch import Dispatcher, Placement, RoutingTable
 from moeserve.distributed.eplb import Balancer, move_expert_weights
 from moeserve.kernels.fused_moe import fused_moe
@@ -27,11 +25,12 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts[:num_experts]
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE:
+    """Not an nn.Module: the weights belong to the model's Experts module, this only routes."""
+
     def __init__(self, dispatcher: Dispatcher, placement: Placement, w13: torch.Tensor, w2: torch.Tensor,
                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
                  block: tuple[int, int] = (128, 128), balancer: Balancer | None = None, layer: int = 0):
-        super().__init__()
         spr = placement.slots_per_rank
         if w13.shape[0] != spr or w2.shape[0] != spr:
             raise ValueError(f"this rank holds {spr} expert slots; got w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
@@ -45,6 +44,9 @@ class ExpertParallelMoE(nn.Module):
     @property
     def rank(self) -> int:
         return self.dispatcher.rank
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.forward(x, topk_ids, topk_weights)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.balancer is not None:
@@ -64,3 +66,68 @@ class ExpertParallelMoE(nn.Module):
         self.placement = new
         self.table.load(new)
         return moved
+
+
+class EPRuntime:
+    """A rank's expert-parallel machinery, shared by its MoE layers: one Dispatcher (one wire
+    format and one backend choice per step), each layer's ExpertParallelMoE, and the balancer.
+
+    Layers call `register` while the model is built; the engine calls `begin_step` before every
+    forward (with the max tokens per rank it already agreed on) and `after_step` after it.
+    """
+
+    def __init__(self, group, num_ranks: int, num_experts: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device, dispatch_codec: str = "none", combine_codec: str = "none",
+                 mode: str | None = None, threshold: int = 128, ll_capacity: int | None = None,
+                 num_redundant: int = 0, eplb_interval: int = 0, eplb_window: int = 1000):
+        if (num_experts + num_redundant) % num_ranks:
+            raise ValueError(f"{num_experts} experts + {num_redundant} redundant slots do not split evenly over "
+                             f"{num_ranks} expert-parallel ranks; choose --num-redundant-experts to make them")
+        self.placement = Placement.contiguous(num_experts, num_ranks, num_redundant)
+        self.dispatcher = Dispatcher(group, self.placement, hidden, dtype, dispatch_codec, combine_codec, mode,
+                                     threshold, ll_capacity, device)
+        self.group, self.device = group, device
+        self.eplb_interval, self.eplb_window = eplb_interval, eplb_window
+        self.layers: list[ExpertParallelMoE] = []
+        self.balancer: Balancer | None = None
+        self.num_rebalances = 0
+        self.bytes_moved = 0  # expert weight bytes this rank received in rebalances
+        self.steps = 0
+
+    @property
+    def rank(self) -> int:
+        return self.dispatcher.rank
+
+    def local_slot_experts(self) -> list[int]:
+        """The logical expert in each of this rank's slots (at start-up: the contiguous placement)."""
+        spr = self.placement.slots_per_rank
+        return self.placement.slot_expert[self.rank * spr:(self.rank + 1) * spr].tolist()
+
+    def register(self, w13, w2, w13_scale=None, w2_scale=None, block=(128, 128)) -> ExpertParallelMoE:
+        layer = ExpertParallelMoE(self.dispatcher, self.placement, w13, w2, w13_scale, w2_scale, block,
+                                  layer=len(self.layers))
+        self.layers.append(layer)
+        return layer
+
+    def begin_step(self, num_tokens: int, global_max: int) -> str:
+        if self.balancer is None and self.eplb_interval and self.layers:
+            self.balancer = Balancer([layer.placement for layer in self.layers], self.group, self.eplb_window,
+                                     self.eplb_interval, device=self.device)
+            for layer in self.layers:
+                layer.balancer = self.balancer
+        return self.dispatcher.begin_step(num_tokens, global_max)
+
+    @torch.no_grad()
+    def after_step(self) -> bool:
+        """Every rank, after every forward: close the step's expert counts; every eplb_interval
+        steps move the experts to a new placement (a collective). True if experts moved."""
+        self.steps += 1
+        if self.balancer is None:
+            return False
+        new = self.balancer.maybe_rebalance(self.steps)
+        if new is None:
+            return False
+        for layer, placement in zip(self.layers, new):
+            self.bytes_moved += layer.apply_placement(placement)
+        self.num_rebalances += 1
+        return True

@@ -45,6 +45,7 @@ class ParallelState:
     dp_group: dist.ProcessGroup | None
     ep_group: dist.ProcessGroup | None
     timeout: timedelta
+    ep_runtime: object = None  # moeserve.distributed.ep_moe.EPRuntime when ep > 1 (set by the worker)
 
 
 def free_port() -> int:
@@ -140,3 +141,17 @@ def build_parallel_state(tp: int = 1, dp: int = 1, ep: int | None = None, device
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# The process-wide state of a rank, set once by the worker before it builds the model (the
+# layers read it the way vLLM's layers read their parallel groups). None: a single process.
+_STATE: ParallelState | None = None
+
+
+def set_parallel_state(state: ParallelState | None) -> None:
+    global _STATE
+    _STATE = state
+
+
+def get_parallel_state() -> ParallelState | None:
+    return _STATE

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.config import EngineConfig, ModelConfig
+from moeserve.distributed.groups import get_parallel_state
+from moeserve.engine.dp import setup_rank, teardown_rank
 from moeserve.engine.kv_cache import KVCacheManager
 from moeserve.engine.output import EngineOutput
 from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.scheduler import Scheduler
-
 
 
 @dataclass
@@ -38,33 +39,48 @@ class EngineStats:
     num_partial_prefills: int = 0  # total prefill chunks that did not reach the prompt's end
     num_steps: int = 0
     num_tokens_computed: int = 0  # total tokens forwarded (prefill chunks and decodes)
+    num_rebalances: int = 0  # expert placements applied by the load balancer
+    expert_bytes_moved: int = 0  # expert weight bytes this rank received in those rebalances
+    dp_rank: int = 0
+
+
+def check_prompt_length(num_prompt_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
+    """ValueError if a prompt cannot be served (the server answers 400)."""
+    if num_prompt_tokens == 0:
+        raise ValueError("the prompt is empty")
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(f"the prompt has {num_prompt_tokens} tokens, but the context window is "
+                         f"{max_model_len} tokens, which must also hold at least one output token")
+    if num_prompt_tokens >= kv_capacity_tokens:
+        raise ValueError(f"the prompt has {num_prompt_tokens} tokens, more than the KV cache holds "
+                         f"({kv_capacity_tokens})")
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None):
+    """rank: this engine's data-parallel rank (one process per rank when dp > 1, see engine/dp.py)."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None, rank: int = 0):
         self.config = config
         self.model_config = model_config or ModelConfig.from_pretrained(config.model)
+        self.rank = rank
+        self.dp = setup_rank(config, self.model_config, rank)
+        self.ep_runtime = get_parallel_state().ep_runtime if self.dp is not None else None
+        self.stop_requested = False  # set by the caller; under DP every rank stops at the same step
+        self.stopped = False
+        self.global_tokens = 0  # under DP: the most tokens any rank ran in the last step
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.model_config)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self.max_model_len = model_len
         self.scheduler = Scheduler(config.scheduler, self.kv, model_len)
-        self.stats = EngineStats()
+        self.stats = EngineStats(dp_rank=rank)
         self.eos_token_ids = tuple(self.model_config.eos_token_id)
         self._update_stats(0)
 
     # ---- requests ---------------------------------------------------------------------------
     def check_prompt(self, num_prompt_tokens: int) -> None:
-        """ValueError if a prompt cannot be served (the server answers 400)."""
-        if num_prompt_tokens == 0:
-            raise ValueError("the prompt is empty")
-        if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(f"the prompt has {num_prompt_tokens} tokens, but the context window is "
-                             f"{self.max_model_len} tokens, which must also hold at least one output token")
-        capacity = self.kv.num_usable_blocks * self.kv.block_size
-        if num_prompt_tokens >= capacity:
-            raise ValueError(f"the prompt has {num_prompt_tokens} tokens, more than the KV cache holds ({capacity})")
+        check_prompt_length(num_prompt_tokens, self.max_model_len, self.kv.num_usable_blocks * self.kv.block_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.check_prompt(len(prompt_token_ids))
@@ -87,10 +103,28 @@ class EngineCore:
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        if self.dp is not None:
+            # Every rank forwards together (the MoE layers exchange tokens): agree first.
+            global_tokens, stop = self.dp.sync(sched.num_tokens, self.stop_requested)
+            self.global_tokens = global_tokens
+            if stop:
+                self.stopped = True
+                return []
+            if global_tokens == 0:
+                self._update_stats(0)
+                return []
+            self.ep_runtime.begin_step(sched.num_tokens, global_tokens)
+            if sched.is_empty:
+                self.runner.execute_dummy()
+                self.ep_runtime.after_step()
+                self._update_stats(0)
+                return []
+        elif sched.is_empty:
             self._update_stats(0)
             return []
         sampled = self.runner.execute(sched)
+        if self.ep_runtime is not None:
+            self.ep_runtime.after_step()
         touched = self.scheduler.update(sched, sampled)
         self._update_stats(sched.num_tokens)
         outputs = []
@@ -110,6 +144,14 @@ class EngineCore:
         s.num_scheduled_tokens = num_tokens
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_partial_prefills = self.scheduler.num_partial_prefills
+        if self.ep_runtime is not None:
+            s.num_rebalances, s.expert_bytes_moved = self.ep_runtime.num_rebalances, self.ep_runtime.bytes_moved
         if num_tokens:
             s.num_steps += 1
             s.num_tokens_computed += num_tokens
+
+    def shutdown(self) -> None:
+        """Leave the process groups (after the ranks agreed to stop)."""
+        if self.dp is not None:
+            teardown_rank()
+            self.dp = None

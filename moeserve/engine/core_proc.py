@@ -7,6 +7,10 @@ engine -> server (PUSH/PULL): ("ready", info), ("step", [EngineOutput, ...], sta
 One "step" message carries every request's new tokens of one engine step, so streaming many
 requests costs one socket message per step. The process exits when its parent dies, so the
 engine never outlives the server.
+
+With data parallelism there is one such process per rank, each with its own input socket,
+all pushing to the one output socket; the ranks step in lockstep (engine/dp.py), so a rank
+keeps stepping (and syncing) while any rank has work, and all stop together.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ ENCODER = msgspec.msgpack.Encoder()
 DECODER = msgspec.msgpack.Decoder()
 STEP_DECODER = msgspec.msgpack.Decoder(tuple[str, list[EngineOutput], dict])
 IDLE_POLL_MS = 50  # how long an idle engine waits for input before checking on its parent
+DP_IDLE_POLL_MS = 2  # idle data-parallel ranks meet every few ms, so a new request starts at once
 
 
 def encode_add(requests: list[tuple[str, list[int], SamplingParams]]) -> bytes:
@@ -47,26 +52,29 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int,
+                    rank: int = 0) -> None:
     _set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which shuts us down
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{rank}] %(levelname)s %(message)s")
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.connect(input_addr)
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.LINGER, 2000)
     out.connect(output_addr)
+    engine = None
     try:
         from moeserve.engine.core import EngineCore
 
-        engine = EngineCore(config)
+        engine = EngineCore(config, rank=rank)
         out.send(ENCODER.encode(("ready", {
             "max_model_len": engine.max_model_len,
             "kv_capacity_tokens": engine.kv.num_usable_blocks * engine.kv.block_size,
             "num_blocks": engine.kv.num_usable_blocks,
             "vocab_size": engine.model_config.vocab_size,
             "pid": os.getpid(),
+            "rank": rank,
         })))
         _loop(engine, inp, out, parent_pid)
     except Exception:
@@ -74,6 +82,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         log.error("engine core failed:\n%s", msg)
         out.send(ENCODER.encode(("error", msg)))
     finally:
+        if engine is not None:
+            engine.shutdown()
         inp.close(linger=0)
         out.close()
         ctx.term()
@@ -82,23 +92,34 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
 def _loop(engine, inp, out, parent_pid: int) -> None:
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
-    while True:
-        if os.getppid() != parent_pid:
-            log.warning("server process is gone; engine exits")
-            return
+    lockstep = engine.dp is not None
+    busy = False  # under DP: did any rank run the last step
+    while not engine.stopped:
+        if parent_pid and os.getppid() != parent_pid:
+            log.warning("parent process is gone; engine exits")
+            if not lockstep:
+                return
+            engine.stop_requested = True  # the other ranks stop at the next sync too
         # Block only when there is nothing to run.
-        timeout = 0 if engine.has_unfinished() else IDLE_POLL_MS
+        timeout = 0 if engine.has_unfinished() or busy else (DP_IDLE_POLL_MS if lockstep else IDLE_POLL_MS)
         got_input = False
-        while poller.poll(timeout):
+        while not engine.stop_requested and poller.poll(timeout):
             kind, payload = DECODER.decode(inp.recv())
             got_input = True
             timeout = 0
             if kind == "shutdown":
-                return
+                if not lockstep:
+                    return
+                engine.stop_requested = True
+                break
             rejected = _handle(engine, kind, payload)
             if rejected:
                 out.send(ENCODER.encode(("step", rejected, dataclasses.asdict(engine.stats))))
-        outputs = engine.step() if engine.has_unfinished() else []
+        if lockstep:
+            outputs = engine.step()  # every rank, every turn: the ranks meet here
+            busy = engine.global_tokens > 0
+        else:
+            outputs = engine.step() if engine.has_unfinished() else []
         if outputs or got_input:
             out.send(ENCODER.encode(("step", outputs, dataclasses.asdict(engine.stats))))
 

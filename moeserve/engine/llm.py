@@ -24,13 +24,22 @@ class LLM:
                  **engine_args):
         self.config = EngineConfig.from_kwargs(model, dtype=dtype, device=device, **engine_args)
         self.tokenizer = load_tokenizer(tokenizer or model)
-        self.engine = EngineCore(self.config)
+        if self.config.parallel.world_size > 1:  # one engine-core process per data-parallel rank
+            from moeserve.engine.mp_engine import MultiprocEngine
+            self.engine = MultiprocEngine(self.config)
+        else:
+            self.engine = EngineCore(self.config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     @property
     def stats(self):
         return self.engine.stats
+
+    def shutdown(self) -> None:
+        """Stop the engine's rank processes (data parallel); a no-op for one in-process engine."""
+        if hasattr(self.engine, "shutdown") and self.config.parallel.world_size > 1:
+            self.engine.shutdown()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -122,7 +122,9 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: CudaGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # Under expert parallelism every rank would have to replay the same graph size at once;
+        # until the ranks agree on that per step, EP runs eager.
+        if self.device.type == "cuda" and not config.enforce_eager and config.parallel.ep == 1:
             self.graphs = CudaGraphs(self.model, self.device, config.scheduler.max_num_seqs,
                                      -(-self.max_model_len_hint() // self.block_size), self.block_size)
 
@@ -206,6 +208,14 @@ class ModelRunner:
             banned=banned,
             num_logprobs=[r.params.logprobs for r in requests],
         )
+
+    @torch.inference_mode()
+    def execute_dummy(self) -> None:
+        """One padding token (KV written to scratch block 0, nothing sampled): the forward a
+        data-parallel rank with no requests runs so that its MoE layers join the others'."""
+        meta = AttentionMetadata.build([1], [1], [[0]], self.block_size, self.device)
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.model(zero, zero, meta)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, tuple[int, object]]:

@@ -7,6 +7,9 @@ Routing (all in fp32):
   experts (groups ranked by the sum of their top-2 biased scores); weights are the unbiased
   sigmoid scores, optionally renormalised, times routed_scaling_factor.
 Routed experts are stacked ([E, 2I, H] gate|up, [E, H, I] down) and run by the fused MoE kernel.
+Under expert parallelism (a rank's ParallelState carries an EPRuntime) a rank stacks only its
+own expert slots, and the routed tokens travel to the ranks that hold their experts and back;
+the router and the shared experts always run on the token's own rank.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
+from moeserve.distributed.groups import get_parallel_state
 from moeserve.kernels.fp8 import FP8_DTYPE
 from moeserve.kernels.fused_moe import fused_moe
 from moeserve.layers.linear import Linear, _ceil_div
@@ -87,10 +91,19 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked routed-expert weights; FP8 with per-expert 128x128 block scales when quantized."""
+    """Stacked routed-expert weights; FP8 with per-expert 128x128 block scales when quantized.
+
+    slot_experts[s]: the logical expert held in slot s (all experts in order on one rank; this
+    rank's share under expert parallelism, where the loader fills each slot from its expert).
+    """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, quant: str | None, block=(128, 128)):
         super().__init__()
+        ep = get_parallel_state()
+        self.ep_runtime = ep.ep_runtime if ep is not None else None
+        self.slot_experts = (self.ep_runtime.local_slot_experts() if self.ep_runtime is not None
+                             else list(range(num_experts)))
+        num_experts = len(self.slot_experts)
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.block = tuple(block)
         # FP8 gate|up stacking keeps each half's blocks aligned only if I is a multiple of the block.
@@ -106,8 +119,13 @@ class Experts(nn.Module):
                                          requires_grad=False)
         else:
             self.w13_scale = self.w2_scale = None
+        self.ep = None
+        if self.ep_runtime is not None:
+            self.ep = self.ep_runtime.register(self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.ep is not None:
+            return self.ep(x, topk_ids, topk_weights)
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block)
 
 

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -88,14 +89,21 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model.eval()
 
 
+def _slot_experts(model: nn.Module) -> dict[str, list[int]]:
+    """Experts-module name -> the logical expert of each of its slots (this rank's share under EP)."""
+    return {name: module.slot_experts for name, module in model.named_modules() if hasattr(module, "slot_experts")}
+
+
 def _expected_keys(model: nn.Module) -> set[str]:
-    """Everything a checkpoint must provide: each parameter, and each expert's projections one by one."""
+    """Everything a checkpoint must provide: each parameter, and each expert's projections one by one
+    (under expert parallelism only the experts this rank holds)."""
     keys = set()
+    slots = _slot_experts(model)
     for name, param in model.named_parameters():
         m = re.match(r"(.*\.mlp\.experts)\.(w13|w2)(_scale)?$", name)
         if m:
             projs = ("gate_proj", "up_proj") if m.group(2) == "w13" else ("down_proj",)
-            keys |= {f"{m.group(1)}.{e}.{p}{m.group(3) or ''}" for e in range(param.shape[0]) for p in projs}
+            keys |= {f"{m.group(1)}.{e}.{p}{m.group(3) or ''}" for e in set(slots[m.group(1)]) for p in projs}
         else:
             keys.add(name)
     return keys
@@ -115,6 +123,7 @@ def _dequant_if_needed(ckpt: Checkpoint, name: str, tensor: torch.Tensor, target
 def load_weights(model: nn.Module, path: str) -> None:
     cfg: ModelConfig = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
+    slots = _slot_experts(model)
     expected, loaded = _expected_keys(model), set()
     ckpt = Checkpoint(path)
     # Scale tensors used while dequantizing their weight. Names are visited sorted, so
@@ -131,7 +140,7 @@ def load_weights(model: nn.Module, path: str) -> None:
                 if mapped == "":
                     continue
                 target_name = mapped or name
-            if _load_expert(ckpt, name, target_name, params, cfg, loaded, consumed):
+            if _load_expert(ckpt, name, target_name, params, slots, cfg, loaded, consumed):
                 continue
             if target_name not in params:
                 unexpected.append(name)
@@ -153,18 +162,21 @@ def load_weights(model: nn.Module, path: str) -> None:
         )
 
 
-def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str, torch.Tensor], cfg: ModelConfig,
-                 loaded: set[str], consumed: set[str]) -> bool:
-    """Write one routed expert's projection (or its scale) into the stacked tensors."""
+def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str, torch.Tensor],
+                 slots: dict[str, list[int]], cfg: ModelConfig, loaded: set[str], consumed: set[str]) -> bool:
+    """Write one routed expert's projection (or its scale) into every local slot that holds it.
+    An expert held on another rank (expert parallelism) is skipped without reading it."""
     fused = FUSED_EXPERT_RE.match(target_name)
     if fused and f"{fused.group(1)}.w13" in params:
         stacked = params[f"{fused.group(1)}.{'w13' if fused.group(2) == 'gate_up_proj' else 'w2'}"]
+        experts = slots[fused.group(1)]
         tensor = ckpt.get(name)
-        if tuple(tensor.shape) != tuple(stacked.shape):
-            raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(stacked.shape)}")
-        stacked.data.copy_(tensor.to(stacked.dtype))
+        if tuple(tensor.shape[1:]) != tuple(stacked.shape[1:]) or tensor.shape[0] <= max(experts):
+            raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} does not hold the model's "
+                                     f"experts {tuple(stacked.shape)}")
+        stacked.data.copy_(tensor[torch.tensor(experts)].to(stacked.dtype))
         projs = ("gate_proj", "up_proj") if fused.group(2) == "gate_up_proj" else ("down_proj",)
-        loaded.update(f"{fused.group(1)}.{e}.{p}" for e in range(stacked.shape[0]) for p in projs)
+        loaded.update(f"{fused.group(1)}.{e}.{p}" for e in experts for p in projs)
         return True
     m = EXPERT_RE.match(target_name)
     if not m:
@@ -176,17 +188,25 @@ def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str
     is_scale = kind == "weight_scale_inv"
     if is_scale and params[w_name].dtype != FP8_DTYPE:
         return False  # a scale whose weight is not FP8 was consumed by the dequantization, else unexpected
-    stacked = params[w_name + ("_scale" if is_scale else "")]
-    if expert >= stacked.shape[0]:
+    if expert >= cfg.n_routed_experts:
         return False
+    local = [s for s, e in enumerate(slots[prefix]) if e == expert]
+    if not local:  # held by another expert-parallel rank
+        if not is_scale:
+            consumed.add(name + "_scale_inv")
+        return True
+    stacked = params[w_name + ("_scale" if is_scale else "")]
     rows = stacked.shape[1] // 2
-    dest = stacked[expert] if proj == "down_proj" else stacked[expert, :rows] if proj == "gate_proj" else stacked[expert, rows:]
-    tensor = ckpt.get(name)
-    if not is_scale:
-        tensor = _dequant_if_needed(ckpt, name, tensor, dest, cfg, consumed)
-    if tuple(tensor.shape) != tuple(dest.shape):
-        raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
-    dest.copy_(tensor.to(dest.dtype))
+    tensor = None
+    for slot in local:
+        dest = stacked[slot] if proj == "down_proj" else stacked[slot, :rows] if proj == "gate_proj" else stacked[slot, rows:]
+        if tensor is None:
+            tensor = ckpt.get(name)
+            if not is_scale:
+                tensor = _dequant_if_needed(ckpt, name, tensor, dest, cfg, consumed)
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
+        dest.copy_(tensor.to(dest.dtype))
     loaded.add(f"{prefix}.{expert}.{proj}{'_scale' if is_scale else ''}")
     return True
 
@@ -205,11 +225,13 @@ def _fill_random(flat: torch.Tensor, make: Callable[[int], torch.Tensor]) -> Non
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights of the right shapes, generated on the parameters' device (no file read)."""
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    """Random weights of the right shapes, generated on the parameters' device (no file read).
+    Each tensor is seeded from its name, so expert-parallel ranks (which hold fewer experts)
+    still get the same attention and dense weights."""
     for name, param in model.named_parameters():
+        torch.manual_seed(seed + zlib.crc32(name.encode()))
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed + zlib.crc32(name.encode()))
         device = param.device
         if name.endswith("norm.weight"):
             param.fill_(1.0)
