@@ -38,6 +38,20 @@ def wire_codecs(config: EngineConfig, model_config: ModelConfig) -> tuple[str, s
     return dispatch, combine
 
 
+def validate_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
+    """Clear errors up front, before any rank process starts."""
+    p = config.parallel
+    if p.ep == 1:
+        return
+    if not model_config.n_routed_experts:
+        raise ValueError("expert parallelism needs a MoE model")
+    slots = model_config.n_routed_experts + p.num_redundant_experts
+    if slots % p.ep:
+        raise ValueError(f"{model_config.n_routed_experts} experts + {p.num_redundant_experts} redundant slots do not "
+                         f"split evenly over {p.ep} expert-parallel ranks; choose --num-redundant-experts to make them")
+    wire_codecs(config, model_config)
+
+
 @dataclass
 class DPCoordinator:
     """The per-step agreement between ranks (one small all_reduce on a CPU group)."""

@@ -117,6 +117,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    par = parser.add_argument_group("parallelism (one process per rank; gloo on CPU, NCCL on GPU)")
+    par.add_argument("--dp", type=int, default=1, help="data-parallel attention ranks")
+    par.add_argument("--ep", type=int, default=1, help="expert-parallel ranks: 1 or dp * tp")
+    par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (only 1 for now)")
+    par.add_argument("--nnodes", type=int, default=1)
+    par.add_argument("--node-rank", type=int, default=0, help="nodes > 0 run their ranks headless")
+    par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (rendezvous; ZMQ on the next ports)")
+    par.add_argument("--dist-timeout", type=float, default=300.0, help="seconds any collective may take")
+    par.add_argument("--dispatch-dtype", default="auto", choices=["auto", "none", "bf16", "fp8", "mxfp4"])
+    par.add_argument("--combine-dtype", default="auto", choices=["auto", "none", "bf16", "fp8"])
+    par.add_argument("--dispatch-backend", default="auto", choices=["auto", "ht", "ll"],
+                     help="expert dispatch kernel: by load (auto), high-throughput or low-latency")
+    par.add_argument("--ll-threshold", type=int, default=128, help="max tokens per rank for the low-latency kernel")
+    par.add_argument("--num-redundant-experts", type=int, default=0)
+    par.add_argument("--eplb-interval", type=int, default=0, help="steps between expert rebalances (0: off)")
+    par.add_argument("--eplb-window", type=int, default=1000)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -125,7 +141,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_mb=args.cpu_kv_cache_mb,
                 kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+                max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+                dp=args.dp, ep=args.ep, tp=args.tp, nnodes=args.nnodes, node_rank=args.node_rank,
+                dist_init_addr=args.dist_init_addr, dist_timeout_s=args.dist_timeout,
+                dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype,
+                dispatch_backend=args.dispatch_backend, ll_threshold=args.ll_threshold,
+                num_redundant_experts=args.num_redundant_experts, eplb_interval=args.eplb_interval,
+                eplb_window=args.eplb_window)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

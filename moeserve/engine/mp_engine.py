@@ -8,9 +8,10 @@ import time
 
 import zmq
 
-from moeserve.config import EngineConfig
+from moeserve.config import EngineConfig, ModelConfig
 from moeserve.engine.core import EngineStats, check_prompt_length
 from moeserve.engine.core_proc import DECODER, ENCODER, STEP_DECODER, encode_add
+from moeserve.engine.dp import validate_parallel
 from moeserve.engine.output import EngineOutput
 from moeserve.engine.procs import RankRouter, addresses, spawn_ranks, stop_processes, with_rendezvous
 from moeserve.engine.sampling_params import SamplingParams
@@ -18,6 +19,7 @@ from moeserve.engine.sampling_params import SamplingParams
 
 class MultiprocEngine:
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 900.0, step_timeout_s: float = 600.0):
+        validate_parallel(config, ModelConfig.from_pretrained(config.model))
         self.config = with_rendezvous(config)
         self.step_timeout_s = step_timeout_s
         world = self.config.parallel.world_size

@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moeserve.config import EngineConfig, ModelConfig
 from moeserve.engine.llm import add_engine_args, engine_kwargs
+from moeserve.engine.dp import validate_parallel
+from moeserve.engine.procs import run_headless
 from moeserve.engine.output import Delta
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.models.tokenizer import load_tokenizer
@@ -375,8 +377,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
-    ModelConfig.from_pretrained(args.model)  # fail here, with a clear message, on a bad folder
+    try:
+        config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
+        # Fail here, with a clear message, on a bad folder or a parallel layout the model cannot take.
+        validate_parallel(config, ModelConfig.from_pretrained(args.model))
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    if config.parallel.node_rank > 0:  # this node only runs engine ranks; node 0 serves HTTP
+        return run_headless(config)
     tokenizer = load_tokenizer(args.model)
     client = AsyncEngineClient(config, tokenizer, args.engine_startup_timeout)
     app = build_app(client, tokenizer, args.served_model_name or args.model, args.shutdown_timeout)

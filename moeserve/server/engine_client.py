@@ -11,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import multiprocessing
 import os
-import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import zmq
 import zmq.asyncio
 
 from moeserve.config import EngineConfig
-from moeserve.engine.core_proc import DECODER, ENCODER, STEP_DECODER, encode_add, run_engine_core
+from moeserve.engine.core_proc import DECODER, ENCODER, STEP_DECODER, encode_add
+from moeserve.engine.procs import RankRouter, addresses, spawn_ranks, stop_processes, with_rendezvous
 from moeserve.engine.output import Delta, OutputProcessor
 from moeserve.engine.sampling_params import SamplingParams
 
@@ -40,11 +38,14 @@ class EngineInfo:
     num_blocks: int
     vocab_size: int
     pid: int
+    num_ranks: int = 1
 
 
 class AsyncEngineClient:
+    """One engine-core process, or one per data-parallel rank (requests go to the least loaded)."""
+
     def __init__(self, config: EngineConfig, tokenizer, startup_timeout_s: float = 900.0):
-        self.config = config
+        self.config = with_rendezvous(config)
         self.tokenizer = tokenizer
         self.startup_timeout_s = startup_timeout_s
         self.processor = OutputProcessor(tokenizer)
@@ -53,63 +54,66 @@ class AsyncEngineClient:
         self.info: EngineInfo | None = None
         self.error: str | None = None
         self.on_step = None  # callback(stats) after each engine message (metrics)
-        self._proc = None
+        self._procs: list = []
         self._ctx = zmq.asyncio.Context()
-        self._dir = tempfile.mkdtemp(prefix="moeserve-")
-        tag = uuid.uuid4().hex[:8]
-        self.input_addr = f"ipc://{self._dir}/in-{tag}"
-        self.output_addr = f"ipc://{self._dir}/out-{tag}"
+        self.addrs = addresses(self.config)
+        self.router = RankRouter(self.config.parallel.world_size)
         self._task: asyncio.Task | None = None
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        self._in = self._ctx.socket(zmq.PUSH)
-        self._in.setsockopt(zmq.LINGER, 0)
-        self._in.bind(self.input_addr)
+        self._inputs = []
+        for addr in self.addrs.bind_inputs:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(addr)
+            self._inputs.append(sock)
         self._out = self._ctx.socket(zmq.PULL)
-        self._out.bind(self.output_addr)
-        mp = multiprocessing.get_context("spawn")
-        self._proc = mp.Process(target=run_engine_core, name="moeserve-engine", daemon=True,
-                                args=(self.config, self.input_addr, self.output_addr, os.getpid()))
-        self._proc.start()
+        self._out.bind(self.addrs.bind_output)
+        self._procs = spawn_ranks(self.config, self.addrs, os.getpid())
         deadline = time.monotonic() + self.startup_timeout_s
-        while True:
+        infos = []
+        while len(infos) < self.config.parallel.world_size:
             if await self._out.poll(200):
                 kind, payload = DECODER.decode(await self._out.recv())[:2]
                 if kind == "ready":
-                    self.info = EngineInfo(**payload)
-                    break
+                    infos.append(payload)
+                    continue
                 if kind == "error":
                     await self.shutdown()
                     raise EngineDeadError(f"engine failed to start:\n{payload}")
-            if not self._proc.is_alive():
-                raise EngineDeadError(f"engine process exited with code {self._proc.exitcode} during start-up")
+            dead = [p for p in self._procs if not p.is_alive()]
+            if dead:
+                await self.shutdown()
+                raise EngineDeadError(f"engine process exited with code {dead[0].exitcode} during start-up")
             if time.monotonic() > deadline:
                 await self.shutdown()
                 raise EngineDeadError(f"engine not ready after {self.startup_timeout_s:.0f} s")
+        infos.sort(key=lambda i: i.get("rank", 0))
+        self.info = EngineInfo(max_model_len=min(i["max_model_len"] for i in infos),
+                               kv_capacity_tokens=min(i["kv_capacity_tokens"] for i in infos),
+                               num_blocks=sum(i["num_blocks"] for i in infos), vocab_size=infos[0]["vocab_size"],
+                               pid=infos[0]["pid"], num_ranks=len(infos))
         self._task = asyncio.create_task(self._output_loop())
 
     @property
     def healthy(self) -> bool:
-        return (self.info is not None and self.error is None and self._proc is not None and self._proc.is_alive()
-                and self._task is not None and not self._task.done())
+        return (self.info is not None and self.error is None and bool(self._procs)
+                and all(p.is_alive() for p in self._procs) and self._task is not None and not self._task.done())
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         for rid in list(self.queues):
             await self.abort(rid)
-        if self._proc is not None and self._proc.is_alive():
-            try:
-                await self._in.send(ENCODER.encode(("shutdown", None)))
-            except zmq.ZMQError:
-                pass
+        if any(p.is_alive() for p in self._procs):
+            for sock in self._inputs:  # every rank, remote nodes' included
+                try:
+                    await sock.send(ENCODER.encode(("shutdown", None)), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
             deadline = time.monotonic() + timeout_s
-            while self._proc.is_alive() and time.monotonic() < deadline:
+            while any(p.is_alive() for p in self._procs) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(5)
-            if self._proc.is_alive():
-                self._proc.kill()
+            await asyncio.to_thread(stop_processes, self._procs, 0)
         if self._task is not None:
             self._task.cancel()
         self._ctx.destroy(linger=0)
@@ -126,7 +130,10 @@ class AsyncEngineClient:
         pairs = self.processor.add(request_id, prompt, prompt_token_ids, params)
         finished = 0
         try:
-            await self._in.send(encode_add([(cid, prompt_token_ids, p) for cid, p in pairs]))
+            rank = None
+            for cid, _ in pairs:
+                rank = self.router.assign(cid)  # the n samples of a request share one rank
+            await self._inputs[rank].send(encode_add([(cid, prompt_token_ids, p) for cid, p in pairs]))
             while finished < len(pairs):
                 item = await queue.get()
                 if isinstance(item, Exception):
@@ -142,10 +149,15 @@ class AsyncEngineClient:
                 self.processor.parents.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        ids = self.processor.abort(request_id)
+        await self._abort_engine_ids(self.processor.abort(request_id))
         self.queues.pop(request_id, None)
-        if ids and self._proc is not None and self._proc.is_alive():
-            await self._in.send(ENCODER.encode(("abort", ids)))
+
+    async def _abort_engine_ids(self, ids: list[str]) -> None:
+        for rank, rank_ids in self.router.by_rank(ids).items():
+            for rid in rank_ids:
+                self.router.finished(rid)
+            if self._procs and all(p.is_alive() for p in self._procs):
+                await self._inputs[rank].send(ENCODER.encode(("abort", rank_ids)))
 
     async def _output_loop(self) -> None:
         watchdog = asyncio.create_task(self._watch_process())
@@ -156,10 +168,13 @@ class AsyncEngineClient:
                 if kind == "error":
                     raise EngineDeadError(f"engine failed:\n{DECODER.decode(raw)[1]}")
                 _, outputs, stats = STEP_DECODER.decode(raw)
-                self.stats = stats
+                self.stats = stats = self.router.merged_stats(stats, stats.get("dp_rank", 0))
+                for o in outputs:
+                    if o.finish_reason is not None:
+                        self.router.finished(o.request_id)
                 deltas, stopped = self.processor.process(outputs)
                 if stopped:
-                    await self._in.send(ENCODER.encode(("abort", stopped)))
+                    await self._abort_engine_ids(stopped)
                 for d in deltas:
                     queue = self.queues.get(d.request_id)
                     if queue is not None:
@@ -174,9 +189,10 @@ class AsyncEngineClient:
             watchdog.cancel()
 
     async def _watch_process(self) -> None:
-        while self._proc.is_alive():
+        while all(p.is_alive() for p in self._procs):
             await asyncio.sleep(1.0)
-        self._fail(f"engine process died (exit code {self._proc.exitcode})")
+        dead = next(p for p in self._procs if not p.is_alive())
+        self._fail(f"engine process {dead.name} died (exit code {dead.exitcode})")
         self._task.cancel()
 
     def _fail(self, error: str) -> None:
