@@ -1,4 +1,8 @@
-"""RMSNorm, and RMSNorm fused with the residual add that precedes it."""
+"""RMSNorm, and RMSNorm fused with the residual add that precedes it.
+
+The Triton kernels do one launch per call (a block of rows per program) where the reference
+does about six elementwise kernels; a decode step calls these a few times per layer.
+"""
 
 from __future__ import annotations
 
@@ -19,5 +23,103 @@ def fused_add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch
     return rmsnorm_ref(residual, weight, eps), residual
 
 
-rmsnorm = rmsnorm_ref
-fused_add_rmsnorm = fused_add_rmsnorm_ref
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. Triton is optional (CPU installs may lack it); without it the public names
+# are the references.
+# ---------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only on installs without triton
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, num_rows, n, eps,
+                        stride_x, stride_r, stride_out, stride_r_out,
+                        HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows[:, None] < num_rows) & (cols[None, :] < n)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+            # Round the sum to the residual stream's dtype first: the norm reads what is stored.
+            x = (x + r.to(tl.float32)).to(r_out_ptr.dtype.element_ty)
+            tl.store(r_out_ptr + rows[:, None] * stride_r_out + cols[None, :], x, mask=mask)
+            x = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, axis=1) / n + eps)
+        # As the reference: cast the normalised row to the input's dtype, then scale in fp32
+        # (torch's opmath for bf16/fp16 products) and round once to the output dtype.
+        if HAS_RESIDUAL:
+            y = (x * inv[:, None]).to(r_out_ptr.dtype.element_ty)
+        else:
+            y = (x * inv[:, None]).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
+        out = w[None, :] * y.to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] -> [rows, n] with unit column stride; a view when the layout allows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    n = x.shape[-1]
+    res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
+    r_out = None if residual is None else torch.empty(x.shape, dtype=res_dtype, device=x.device)
+    x2 = _as_rows(x)
+    num_rows = x2.shape[0]
+    if num_rows == 0:
+        return out, r_out
+    r2 = x2 if residual is None else _as_rows(residual)
+    out2 = out.view(-1, n)
+    r_out2 = out2 if r_out is None else r_out.view(-1, n)
+    block = triton.next_power_of_2(n)
+    rows = max(1, min(16, 2048 // block))  # short rows (per-head q/k norms): several per program
+    _rmsnorm_kernel[(triton.cdiv(num_rows, rows),)](
+        x2, r2, weight, out2, r_out2, num_rows, n, eps,
+        x2.stride(0), r2.stride(0), out2.stride(0), r_out2.stride(0),
+        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
+        num_warps=min(16, max(1, rows * block // 256)))
+    return out, r_out
+
+
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm_ref over the last dim of x [..., n] in one launch; returns a new contiguous tensor."""
+    assert weight.is_contiguous() and weight.shape == (x.shape[-1],)
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_add_rmsnorm_ref in one launch; both outputs are new contiguous tensors."""
+    assert weight.is_contiguous() and weight.shape == (x.shape[-1],) and residual.shape == x.shape
+    return _launch(x, residual, weight, eps)
+
+
+def _use_triton(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """CUDA, or CPU under the interpreter in fp32/fp16 (bf16 is wrong there)."""
+    from moeserve.kernels.fp8 import triton_runs_on
+
+    if triton is None or not triton_runs_on(x, *others):
+        return False
+    return x.is_cuda or all(t.dtype in (torch.float32, torch.float16) for t in (x, *others) if t.is_floating_point())
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _use_triton(x, weight):
+        return rmsnorm_triton(x, weight, eps)
+    return rmsnorm_ref(x, weight, eps)
+
+
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(x, residual, weight):
+        return fused_add_rmsnorm_triton(x, residual, weight, eps)
+    return fused_add_rmsnorm_ref(x, residual, weight, eps)

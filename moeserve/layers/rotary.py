@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moeserve.config import RopeConfig
-from moeserve.kernels.rotary import apply_rotary
+from moeserve.kernels.rotary import apply_rotary, apply_rotary_qk
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -63,5 +63,7 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = interleaved
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotate each x [T, heads, rot_dim] by its token's position."""
+        """Rotate each x [T, heads, rot_dim] by its token's position (q and k: one kernel launch)."""
+        if len(xs) == 2:
+            return apply_rotary_qk(xs[0], xs[1], positions, self.cos_sin_cache, self.interleaved)
         return tuple(apply_rotary(x, positions, self.cos_sin_cache, self.interleaved) for x in xs)

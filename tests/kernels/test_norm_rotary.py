@@ -1,0 +1,171 @@
+"""RMSNorm (plain and fused with the residual add) and rotary: the Triton kernels against the torch
+references, on CPU.
+
+The Triton cases run under the interpreter (TRITON_INTERPRET=1) in a child process, as in
+test_attention.py: the variable must be set before triton is imported. fp32 (and one fp16 case
+each); bf16 is wrong under the interpreter. Inputs are fresh random tensors every run (the seed
+is reported on failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return float("inf")
+    if ref.numel() == 0:
+        return 0.0
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
+
+
+def strided(shape: tuple[int, ...], dtype: torch.dtype, pad: int) -> torch.Tensor:
+    """A random tensor of `shape` that is a slice of a wider one (row stride > last dim)."""
+    wide = torch.randn(*shape[:-1], shape[-1] + pad).to(dtype)
+    return wide[..., pad:]
+
+
+NORM_CASES = {  # name: (shape, dtype, fused, pad: > 0 makes x (and residual) a strided slice)
+    "t0": ((0, 256), "fp32", False, 0),
+    "t1_hidden2048": ((1, 2048), "fp32", False, 0),
+    "t5_hidden96": ((5, 96), "fp32", False, 0),  # not a power of two
+    "strided_rows": ((9, 160), "fp32", False, 64),  # e.g. the latent part of kv_a_proj's output
+    "heads_3d_qwen3": ((3, 8, 128), "fp32", False, 0),  # per-head q/k norm: several rows per program
+    "heads_3d_strided": ((5, 3, 64), "fp32", False, 32),
+    "fp16": ((6, 512), "fp16", False, 0),
+    "fused_t0": ((0, 256), "fp32", True, 0),
+    "fused_t1": ((1, 2048), "fp32", True, 0),
+    "fused_t7_hidden200": ((7, 200), "fp32", True, 0),
+    "fused_strided": ((4, 128), "fp32", True, 16),
+    "fused_fp16": ((6, 512), "fp16", True, 0),
+}
+
+ROTARY_CASES = {  # name: (T, q heads, k heads (0: q alone), rot_dim, nope dim (q is q[..., nope:]), dtype)
+    # every case runs both styles, neox and interleaved
+    "qwen3_heads": (5, 8, 2, 32, 0, "fp32"),
+    "t1_head_dim128": (1, 4, 1, 128, 0, "fp32"),
+    "t0": (0, 4, 1, 32, 0, "fp32"),
+    "q_alone_strided": (3, 6, 0, 16, 8, "fp32"),
+    "mla_rope_view_40_heads": (4, 40, 1, 64, 32, "fp32"),  # q[..., nope:]; two head blocks of q
+    "mla_t1": (1, 16, 1, 64, 128, "fp32"),
+    "q_alone_half12": (3, 5, 0, 24, 0, "fp32"),  # half = 12: masked lanes
+    "fp16": (6, 8, 2, 64, 16, "fp16"),
+}
+
+
+def _norm_case(shape, dtype_name, fused, pad) -> float:
+    from moeserve.kernels.rmsnorm import (_use_triton, fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm,
+                                          rmsnorm_ref)
+
+    dtype = DTYPES[dtype_name]
+    x = strided(shape, dtype, pad)
+    weight = (1 + 0.5 * torch.randn(shape[-1])).to(dtype)
+    assert _use_triton(x, weight)  # the public names below run the kernels
+    if not fused:
+        return rel_err(rmsnorm(x, weight, 1e-6), rmsnorm_ref(x, weight, 1e-6))
+    residual = strided(shape, dtype, pad)
+    out, res = fused_add_rmsnorm(x, residual, weight, 1e-6)
+    ref_out, ref_res = fused_add_rmsnorm_ref(x, residual, weight, 1e-6)
+    return max(rel_err(out, ref_out), rel_err(res, ref_res))
+
+
+def _rotary_case(t, q_heads, k_heads, rot_dim, nope, dtype_name) -> float:
+    from moeserve.kernels.rotary import _use_triton, apply_rotary, apply_rotary_qk, apply_rotary_ref
+
+    dtype = DTYPES[dtype_name]
+    cache = torch.randn(300, rot_dim)  # fp32, as RotaryEmbedding keeps it
+    positions = torch.randint(0, 300, (t,), dtype=torch.int32 if t % 2 else torch.int64)
+    q = torch.randn(t, q_heads, nope + rot_dim).to(dtype)[..., nope:]
+    errs = []
+    for interleaved in (False, True):
+        assert _use_triton(q, positions, cache)  # the public names below run the kernel
+        if k_heads:
+            k = torch.randn(t, k_heads, rot_dim).to(dtype)
+            q_out, k_out = apply_rotary_qk(q, k, positions, cache, interleaved)
+            errs.append(rel_err(k_out, apply_rotary_ref(k, positions, cache, interleaved)))
+        else:
+            q_out = apply_rotary(q, positions, cache, interleaved)
+        errs.append(rel_err(q_out, apply_rotary_ref(q, positions, cache, interleaved)))
+    return max(errs)
+
+
+def _interpreter_cases() -> dict[str, tuple[float, float]]:
+    """name -> (relative error vs the reference, tolerance)."""
+    results = {}
+    for name, args in NORM_CASES.items():
+        results["norm_" + name] = (_norm_case(*args), TOL[DTYPES[args[1]]])
+    for name, args in ROTARY_CASES.items():
+        results["rotary_" + name] = (_rotary_case(*args), TOL[DTYPES[args[5]]])
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", ["norm_" + n for n in NORM_CASES] + ["rotary_" + n for n in ROTARY_CASES])
+def test_triton_matches_reference(interpreter_results, case):
+    err, tol = interpreter_results[case]
+    assert err <= tol, f"{case}: rel error {err} > {tol} (seed {interpreter_results['seed']})"
+
+
+# ---- plain CPU ------------------------------------------------------------------------------------
+
+def test_cpu_without_interpreter_uses_the_references():
+    from moeserve.kernels.rmsnorm import _use_triton
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter set for the whole run")
+    assert not _use_triton(torch.randn(2, 8), torch.ones(8))
+
+
+def test_rotary_embedding_rotates_q_and_k_like_the_reference():
+    """RotaryEmbedding's q+k path (one launch on GPU) returns what rotating each alone returns."""
+    from moeserve.config import RopeConfig
+    from moeserve.kernels.rotary import apply_rotary_ref
+    from moeserve.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(RopeConfig(), 16, 64, interleaved=True)
+    positions = torch.tensor([3, 0, 63])
+    q, k = torch.randn(3, 4, 24)[..., 8:], torch.randn(3, 1, 16)
+    q_out, k_out = rope(positions, q, k)
+    assert torch.equal(q_out, apply_rotary_ref(q, positions, rope.cos_sin_cache, True))
+    assert torch.equal(k_out, apply_rotary_ref(k, positions, rope.cos_sin_cache, True))
+    (k_only,) = rope(positions, k)
+    assert torch.equal(k_only, k_out)
+
+
+def test_norm_bench_smoke(tmp_path):
+    """benchmarks/kernel_bench_norm.py --smoke: tiny shapes on CPU under the interpreter, end to end."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_bench_norm.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "kernels_norm.json").read_text())
+    assert report["cases"] and all(r["ok"] for r in report["cases"])
+    assert {r["kernel"] for r in report["cases"]} == {"rmsnorm", "fused_add_rmsnorm", "rotary_qk"}
+    assert proc.stdout.strip().splitlines()[-1].startswith("|")  # the table comes last
+
+
+if __name__ == "__main__":
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    out = _interpreter_cases()
+    out["seed"] = seed
+    print(json.dumps(out))
