@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
+from moeserve.distributed.dispatch import resolve_mode
 from moeserve.distributed.ep_moe import EPRuntime
 from moeserve.distributed.groups import (ParallelState, build_parallel_state, default_backend, init_distributed,
                                          set_parallel_state)
@@ -86,10 +87,12 @@ def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> DP
     # Control messages go over gloo even when the data goes over NCCL: they are host values.
     ctrl = dist.new_group(backend="gloo", timeout=timedelta(seconds=p.dist_timeout_s)) if backend == "nccl" else None
     dispatch, combine = wire_codecs(config, model_config)
+    mode = None if p.dispatch_backend == "auto" else p.dispatch_backend
+    # Forced low-latency: its fixed buffers must hold the largest step (prefill chunks included).
+    capacity = p.ll_capacity or (config.scheduler.max_num_batched_tokens if resolve_mode(mode) == "ll" else None)
     state.ep_runtime = EPRuntime(
         state.ep_group, p.ep, model_config.n_routed_experts, model_config.hidden_size,
-        resolve_dtype(config.dtype, model_config), dev, dispatch, combine,
-        None if p.dispatch_backend == "auto" else p.dispatch_backend, p.ll_threshold, p.ll_capacity,
+        resolve_dtype(config.dtype, model_config), dev, dispatch, combine, mode, p.ll_threshold, capacity,
         p.num_redundant_experts, p.eplb_interval, p.eplb_window)
     set_parallel_state(state)
     log.info("rank %d/%d on %s: ep %d, dispatch %s, combine %s, %d expert slots here", rank, p.world_size, dev,

@@ -66,7 +66,11 @@ def moe_config(tokens: int, num_experts: int, hidden: int, intermediate: int, to
         moe_shape_key(num_experts, hidden, intermediate, top_k, wdtype))
     if table:
         return _nearest(table, tokens)
-    return default_moe_config(tokens, num_experts, top_k, device.type == "cpu")
+    cfg = default_moe_config(tokens, num_experts, top_k, device.type == "cpu")
+    if wdtype in ("float32", "fp32") and device.type != "cpu":
+        # fp32 tiles take twice the shared memory of bf16 ones: halve K and the pipeline depth.
+        cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 64), num_stages=min(cfg["num_stages"], 2))
+    return cfg
 
 
 def default_dense_fp8_config(m: int, on_cpu: bool) -> dict:

@@ -1,0 +1,146 @@
+"""Expert parallelism through the whole engine on N GPUs of one host (NCCL).
+
+1. Correctness: greedy tokens of LLM(dp=N, ep=N) against one GPU, on a tiny random DeepSeek-V3
+   checkpoint in fp32 (both dispatch kernels).
+2. Throughput: a layer-reduced DeepSeek-V3-shaped dummy model (hidden 7168, MLA, 256 experts
+   top-8, 1 dense + --moe-layers MoE layers) decoding B requests per GPU: one GPU holding every
+   expert against dp=N/ep=N with each rank holding 256/N, per wire format. Both run eager (EP has
+   no CUDA graphs yet), so the ratio isolates what expert parallelism costs and saves.
+
+    python benchmarks/ep_engine_bench.py --nproc 2 --out $OUT/ep_engine
+
+Prints a Markdown table last and writes PREFIX.json / PREFIX.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moeserve import LLM, SamplingParams  # noqa: E402
+from moeserve.models.tiny import make_tiny  # noqa: E402
+
+V3_LAYER_REDUCED = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 3,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256,
+    "num_experts_per_tok": 8, "n_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+    "routed_scaling_factor": 2.5, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+    "scoring_func": "sigmoid", "norm_topk_prob": True, "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "hidden_act": "silu", "attention_bias": False,
+}
+
+
+def greedy_tokens(llm, prompts, n=16):
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def check_correctness(nproc: int, path: str) -> list[dict]:
+    prompts = [[5 + i, 7, 9, 11 + i, 3] * (1 + i % 4) for i in range(12)]
+    kw = dict(dtype="float32", device="cuda", enforce_eager=True, gpu_memory_utilization=0.3)
+    single = LLM(path, **kw)
+    ref = greedy_tokens(single, prompts)
+    del single
+    gc.collect()
+    torch.cuda.empty_cache()
+    rows = []
+    for backend in ("ht", "ll"):
+        llm = LLM(path, dp=nproc, ep=nproc, dispatch_backend=backend, **kw)
+        got = greedy_tokens(llm, prompts)
+        llm.shutdown()
+        same = sum(a == b for a, b in zip(got, ref))
+        rows.append({"backend": backend, "sequences_equal": same, "sequences": len(ref)})
+        print(f"correctness dp{nproc}/ep{nproc} {backend}: {same}/{len(ref)} greedy sequences equal", flush=True)
+    return rows
+
+
+def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int, gpus: int) -> dict:
+    llm = LLM(path, dtype="bfloat16", device="cuda", load_format="dummy", enforce_eager=True,
+              enable_prefix_caching=False, max_num_seqs=batch_per_gpu, max_model_len=isl + osl + 16,
+              gpu_memory_utilization=0.85, **parallel)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 120000, (isl,), generator=g).tolist() for _ in range(batch_per_gpu * gpus)]
+    greedy_tokens(llm, prompts[:gpus * 2], n=4)  # warm-up: Triton compiles, NCCL connects
+    start = time.perf_counter()
+    outs = greedy_tokens(llm, prompts, n=osl)
+    seconds = time.perf_counter() - start
+    if hasattr(llm.engine, "procs"):
+        llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    tokens = sum(map(len, outs))
+    return {"gpus": gpus, "batch_per_gpu": batch_per_gpu, "output_tokens": tokens, "seconds": seconds,
+            "output_tok_s_per_gpu": tokens / seconds / gpus, **parallel}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--nproc", type=int, default=torch.cuda.device_count())
+    p.add_argument("--moe-layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64, help="requests per GPU")
+    p.add_argument("--isl", type=int, default=512)
+    p.add_argument("--osl", type=int, default=64)
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    report = {"device": f"{args.nproc}x {torch.cuda.get_device_name()}", "date": datetime.date.today().isoformat(),
+              "commit": args.commit, "command": " ".join(sys.argv)}
+    tiny = make_tiny("deepseek_v3", tempfile.mkdtemp(prefix="tiny-v3-"))
+    report["correctness"] = check_correctness(args.nproc, tiny)
+
+    cfg = dict(V3_LAYER_REDUCED, num_hidden_layers=1 + args.moe_layers)
+    path = tempfile.mkdtemp(prefix="v3-reduced-")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # prompts are token ids; LLM wants a tokenizer
+        shutil.copy(os.path.join(tiny, name), path)
+    runs = [throughput(path, {}, args.batch, args.isl, args.osl, 1)]
+    print("single GPU:", runs[-1], flush=True)
+    for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
+        par = dict(dp=args.nproc, ep=args.nproc, dispatch_dtype=dispatch, combine_dtype=combine)
+        runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc))
+        print(f"dp{args.nproc}/ep{args.nproc} {dispatch}+{combine}:", runs[-1], flush=True)
+    report["throughput"] = runs
+    base = runs[0]["output_tok_s_per_gpu"]
+    lines = [f"# Expert parallelism in the engine: {report['device']}", "",
+             f"date {report['date']}, commit {args.commit}, command `{report['command']}`", "",
+             "| correctness (tiny V3, fp32) | greedy sequences equal to one GPU |", "|---|---|"]
+    lines += [f"| dp{args.nproc}/ep{args.nproc}, {r['backend']} | {r['sequences_equal']}/{r['sequences']} |"
+              for r in report["correctness"]]
+    lines += ["", f"Layer-reduced V3 shape (1 dense + {args.moe_layers} MoE layers, bf16, dummy weights, eager), "
+              f"ISL {args.isl} / OSL {args.osl}, {args.batch} requests per GPU:", "",
+              "| run | GPUs | output tok/s per GPU | vs one GPU |", "|---|---|---|---|"]
+    for r in runs:
+        name = "one GPU, all experts" if r["gpus"] == 1 else f"dp{r['dp']}/ep{r['ep']} {r['dispatch_dtype']}+{r['combine_dtype']}"
+        lines.append(f"| {name} | {r['gpus']} | {r['output_tok_s_per_gpu']:.0f} | {r['output_tok_s_per_gpu'] / base:.2f} |")
+    md = "\n".join(lines) + "\n"
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
