@@ -175,6 +175,34 @@ def hf_generate(path: str, batches: list[int], in_len: int, out_len: int) -> lis
     return res
 
 
+def profile_prefill(engine: EngineCore, batch: int, isl: int) -> dict:
+    """Time the one step that prefills `batch` prompts of `isl` tokens, and list its top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(6)
+    times = []
+    for rep in range(3):
+        for i in range(batch):
+            ids = torch.randint(10, engine.model_config.vocab_size - 10, (isl,), generator=g).tolist()
+            engine.add_request(f"pf-{rep}-{i}", ids, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        torch.cuda.synchronize()
+        if rep == 2:
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                engine.step()
+                torch.cuda.synchronize()
+        else:
+            t0 = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+        while engine.has_unfinished():
+            engine.step()
+    print(f"prefill step, {batch} x {isl} tokens: {times} ms", flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    return {"batch": batch, "isl": isl, "step_ms": times}
+
+
 def profile_decode(engine: EngineCore, batch: int, isl: int) -> dict:
     """Split a decode step's wall time into schedule / execute / update, and list the top GPU
     kernels of eager decode steps."""
@@ -231,6 +259,7 @@ def main() -> int:
     p.add_argument("--fp8-batches", default="1,64")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--profile-batch", type=int, default=0, help="print where a decode step's time goes")
+    p.add_argument("--profile-prefill", type=int, default=0, help="profile one prefill step of N x 128 tokens")
     p.add_argument("--out", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = p.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
@@ -272,6 +301,8 @@ def main() -> int:
     report["bf16"] = cases
     if args.profile_batch:
         report["profile"] = profile_decode(engine, args.profile_batch, args.isl)
+    if args.profile_prefill:
+        report["profile_prefill"] = profile_prefill(engine, args.profile_prefill, 128)
     free(engine)
     engine = None
 
