@@ -4,8 +4,8 @@
    checkpoint in fp32 (both dispatch kernels).
 2. Throughput: a layer-reduced DeepSeek-V3-shaped dummy model (hidden 7168, MLA, 256 experts
    top-8, 1 dense + --moe-layers MoE layers) decoding B requests per GPU: one GPU holding every
-   expert against dp=N/ep=N with each rank holding 256/N, per wire format. Both run eager (EP has
-   no CUDA graphs yet), so the ratio isolates what expert parallelism costs and saves.
+   expert against dp=N/ep=N with each rank holding 256/N, per wire format, eager and with CUDA
+   graphs (under EP the decode graphs run the low-latency dispatch).
 
     python benchmarks/ep_engine_bench.py --nproc 2 --out $OUT/ep_engine
 
@@ -56,25 +56,26 @@ def greedy_tokens(llm, prompts, n=16):
 
 def check_correctness(nproc: int, path: str) -> list[dict]:
     prompts = [[5 + i, 7, 9, 11 + i, 3] * (1 + i % 4) for i in range(12)]
-    kw = dict(dtype="float32", device="cuda", enforce_eager=True, gpu_memory_utilization=0.3)
-    single = LLM(path, **kw)
+    kw = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.3)
+    single = LLM(path, enforce_eager=True, **kw)
     ref = greedy_tokens(single, prompts)
     del single
     gc.collect()
     torch.cuda.empty_cache()
     rows = []
-    for backend in ("ht", "ll"):
-        llm = LLM(path, dp=nproc, ep=nproc, dispatch_backend=backend, **kw)
+    for backend, eager in (("ht", True), ("ll", True), ("auto", False)):
+        llm = LLM(path, dp=nproc, ep=nproc, dispatch_backend=backend, enforce_eager=eager, **kw)
         got = greedy_tokens(llm, prompts)
         llm.shutdown()
         same = sum(a == b for a, b in zip(got, ref))
-        rows.append({"backend": backend, "sequences_equal": same, "sequences": len(ref)})
-        print(f"correctness dp{nproc}/ep{nproc} {backend}: {same}/{len(ref)} greedy sequences equal", flush=True)
+        name = backend + (", eager" if eager else ", CUDA graphs")
+        rows.append({"backend": name, "sequences_equal": same, "sequences": len(ref)})
+        print(f"correctness dp{nproc}/ep{nproc} {name}: {same}/{len(ref)} greedy sequences equal", flush=True)
     return rows
 
 
-def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int, gpus: int) -> dict:
-    llm = LLM(path, dtype="bfloat16", device="cuda", load_format="dummy", enforce_eager=True,
+def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int, gpus: int, eager: bool) -> dict:
+    llm = LLM(path, dtype="bfloat16", device="cuda", load_format="dummy", enforce_eager=eager,
               enable_prefix_caching=False, max_num_seqs=batch_per_gpu, max_model_len=isl + osl + 16,
               gpu_memory_utilization=0.85, **parallel)
     g = torch.Generator().manual_seed(0)
@@ -89,7 +90,7 @@ def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int
     gc.collect()
     torch.cuda.empty_cache()
     tokens = sum(map(len, outs))
-    return {"gpus": gpus, "batch_per_gpu": batch_per_gpu, "output_tokens": tokens, "seconds": seconds,
+    return {"gpus": gpus, "eager": eager, "batch_per_gpu": batch_per_gpu, "output_tokens": tokens, "seconds": seconds,
             "output_tok_s_per_gpu": tokens / seconds / gpus, **parallel}
 
 
@@ -114,25 +115,29 @@ def main() -> int:
         json.dump(cfg, f)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # prompts are token ids; LLM wants a tokenizer
         shutil.copy(os.path.join(tiny, name), path)
-    runs = [throughput(path, {}, args.batch, args.isl, args.osl, 1)]
-    print("single GPU:", runs[-1], flush=True)
-    for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
-        par = dict(dp=args.nproc, ep=args.nproc, dispatch_dtype=dispatch, combine_dtype=combine)
-        runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc))
-        print(f"dp{args.nproc}/ep{args.nproc} {dispatch}+{combine}:", runs[-1], flush=True)
+    runs = []
+    for eager in (True, False):
+        runs.append(throughput(path, {}, args.batch, args.isl, args.osl, 1, eager))
+        print("single GPU:", runs[-1], flush=True)
+        for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
+            par = dict(dp=args.nproc, ep=args.nproc, dispatch_dtype=dispatch, combine_dtype=combine)
+            runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager))
+            print(f"dp{args.nproc}/ep{args.nproc} {dispatch}+{combine}:", runs[-1], flush=True)
     report["throughput"] = runs
-    base = runs[0]["output_tok_s_per_gpu"]
+    base = {r["eager"]: r["output_tok_s_per_gpu"] for r in runs if r["gpus"] == 1}
     lines = [f"# Expert parallelism in the engine: {report['device']}", "",
              f"date {report['date']}, commit {args.commit}, command `{report['command']}`", "",
              "| correctness (tiny V3, fp32) | greedy sequences equal to one GPU |", "|---|---|"]
     lines += [f"| dp{args.nproc}/ep{args.nproc}, {r['backend']} | {r['sequences_equal']}/{r['sequences']} |"
               for r in report["correctness"]]
-    lines += ["", f"Layer-reduced V3 shape (1 dense + {args.moe_layers} MoE layers, bf16, dummy weights, eager), "
+    lines += ["", f"Layer-reduced V3 shape (1 dense + {args.moe_layers} MoE layers, bf16, dummy weights), "
               f"ISL {args.isl} / OSL {args.osl}, {args.batch} requests per GPU:", "",
-              "| run | GPUs | output tok/s per GPU | vs one GPU |", "|---|---|---|---|"]
+              "| run | mode | GPUs | output tok/s per GPU | vs one GPU, same mode |", "|---|---|---|---|---|"]
     for r in runs:
         name = "one GPU, all experts" if r["gpus"] == 1 else f"dp{r['dp']}/ep{r['ep']} {r['dispatch_dtype']}+{r['combine_dtype']}"
-        lines.append(f"| {name} | {r['gpus']} | {r['output_tok_s_per_gpu']:.0f} | {r['output_tok_s_per_gpu'] / base:.2f} |")
+        mode = "eager" if r["eager"] else "CUDA graphs"
+        lines.append(f"| {name} | {mode} | {r['gpus']} | {r['output_tok_s_per_gpu']:.0f} | "
+                     f"{r['output_tok_s_per_gpu'] / base[r['eager']]:.2f} |")
     md = "\n".join(lines) + "\n"
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)

@@ -109,12 +109,22 @@ class EPRuntime:
         self.layers.append(layer)
         return layer
 
-    def begin_step(self, num_tokens: int, global_max: int) -> str:
+    def start(self) -> None:
+        """After the model is built, before any CUDA graph is captured (the graphs must capture
+        the balancer's counting, whose buffers stay put from here on)."""
         if self.balancer is None and self.eplb_interval and self.layers:
             self.balancer = Balancer([layer.placement for layer in self.layers], self.group, self.eplb_window,
                                      self.eplb_interval, device=self.device)
             for layer in self.layers:
                 layer.balancer = self.balancer
+
+    def graph_capacity(self) -> int:
+        """Largest decode batch a CUDA graph may hold: graphs run the low-latency kernel, whose
+        fixed buffers hold ll_capacity tokens per rank. 0: graphs impossible (forced ht)."""
+        return 0 if self.dispatcher.mode == "ht" else self.dispatcher.ll_capacity
+
+    def begin_step(self, num_tokens: int, global_max: int) -> str:
+        self.start()
         return self.dispatcher.begin_step(num_tokens, global_max)
 
     @torch.no_grad()

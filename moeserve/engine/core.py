@@ -105,7 +105,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if self.dp is not None:
             # Every rank forwards together (the MoE layers exchange tokens): agree first.
-            global_tokens, stop = self.dp.sync(sched.num_tokens, self.stop_requested)
+            global_tokens, stop, graphable = self.dp.sync(sched.num_tokens, self.stop_requested,
+                                                          self.runner.can_graph(sched))
             self.global_tokens = global_tokens
             if stop:
                 self.stopped = True
@@ -114,15 +115,19 @@ class EngineCore:
                 self._update_stats(0)
                 return []
             self.ep_runtime.begin_step(sched.num_tokens, global_tokens)
+            # Decode-only on every rank: all replay the graph sized for the largest batch.
+            graph_size = self.runner.graphs.size_for(global_tokens) if graphable else None
             if sched.is_empty:
-                self.runner.execute_dummy()
+                self.runner.execute_dummy(graph_size)
                 self.ep_runtime.after_step()
                 self._update_stats(0)
                 return []
+            sampled = self.runner.execute(sched, graph_size, local_graph_choice=False)
         elif sched.is_empty:
             self._update_stats(0)
             return []
-        sampled = self.runner.execute(sched)
+        else:
+            sampled = self.runner.execute(sched)
         if self.ep_runtime is not None:
             self.ep_runtime.after_step()
         touched = self.scheduler.update(sched, sampled)

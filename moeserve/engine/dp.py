@@ -61,11 +61,12 @@ class DPCoordinator:
     rank: int
     world_size: int
 
-    def sync(self, num_tokens: int, stop: bool) -> tuple[int, bool]:
-        """-> (max tokens scheduled on any rank, whether any rank asked to stop)."""
-        t = torch.tensor([num_tokens, int(stop)], dtype=torch.int64)
+    def sync(self, num_tokens: int, stop: bool, graphable: bool = False) -> tuple[int, bool, bool]:
+        """-> (max tokens scheduled on any rank, whether any rank asked to stop, whether every rank
+        can run this step from a CUDA graph)."""
+        t = torch.tensor([num_tokens, int(stop), int(not graphable)], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t[0]), bool(t[1])
+        return int(t[0]), bool(t[1]), not bool(t[2])
 
 
 def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> DPCoordinator | None:

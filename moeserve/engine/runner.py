@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
+from moeserve.distributed.groups import get_parallel_state
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.layers.attention import AttentionMetadata
@@ -30,9 +31,13 @@ class CudaGraphs:
     dropped. Every graph reads its inputs from the same static buffers.
     """
 
-    def __init__(self, model, device: torch.device, max_num_seqs: int, max_blocks_per_seq: int, block_size: int):
+    def __init__(self, model, device: torch.device, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
+                 ep_runtime=None):
         self.model, self.device, self.block_size = model, device, block_size
+        self.ep_runtime = ep_runtime
         top = min(max_num_seqs, 512)
+        if ep_runtime is not None:
+            top = min(top, ep_runtime.graph_capacity())
         self.sizes = sorted({s for s in [1, 2, 4] + list(range(8, top + 1, 8)) if s <= top} | {top})
         n = self.sizes[-1]
         i32 = dict(dtype=torch.int32, device=device)
@@ -56,6 +61,8 @@ class CudaGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+                if self.ep_runtime is not None:  # every rank captures the same sizes in the same order
+                    self.ep_runtime.dispatcher.step_backend = "ll"
                 for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
                     self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs))
                 graph = torch.cuda.CUDAGraph()
@@ -69,9 +76,15 @@ class CudaGraphs:
     def can_run(self, query_lens: list[int]) -> bool:
         return len(query_lens) <= self.sizes[-1] and all(q == 1 for q in query_lens)
 
-    def run(self, ids: list[int], positions: list[int], seq_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def size_for(self, num_seqs: int) -> int:
+        return next(s for s in self.sizes if s >= max(num_seqs, 1))
+
+    def run(self, ids: list[int], positions: list[int], seq_lens: list[int], tables: list[list[int]],
+            bs: int | None = None) -> torch.Tensor:
+        """Replay the graph of size bs (default: the smallest that fits); rows past len(ids) are padding
+        (under expert parallelism every rank replays the size the ranks agreed on, possibly all padding)."""
         b = len(ids)
-        bs = next(s for s in self.sizes if s >= b)
+        bs = bs or self.size_for(b)
         width = self.block_tables.shape[1]
         bt = np.zeros((bs, width), dtype=np.int32)
         slots = np.zeros(bs, dtype=np.int64)
@@ -122,11 +135,14 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: CudaGraphs | None = None
-        # Under expert parallelism every rank would have to replay the same graph size at once;
-        # until the ranks agree on that per step, EP runs eager.
-        if self.device.type == "cuda" and not config.enforce_eager and config.parallel.ep == 1:
+        state = get_parallel_state()
+        ep_runtime = state.ep_runtime if state is not None else None
+        if ep_runtime is not None:
+            ep_runtime.start()
+        if self.device.type == "cuda" and not config.enforce_eager and (ep_runtime is None or
+                                                                       ep_runtime.graph_capacity() > 0):
             self.graphs = CudaGraphs(self.model, self.device, config.scheduler.max_num_seqs,
-                                     -(-self.max_model_len_hint() // self.block_size), self.block_size)
+                                     -(-self.max_model_len_hint() // self.block_size), self.block_size, ep_runtime)
 
     # ---- KV cache ---------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -209,18 +225,29 @@ class ModelRunner:
             num_logprobs=[r.params.logprobs for r in requests],
         )
 
+    def can_graph(self, sched: SchedulerOutput) -> bool:
+        """Could this rank run the step from a CUDA graph (decodes only, few enough)?"""
+        return self.graphs is not None and self.graphs.can_run([s.num_new_tokens for s in sched.scheduled])
+
     @torch.inference_mode()
-    def execute_dummy(self) -> None:
-        """One padding token (KV written to scratch block 0, nothing sampled): the forward a
+    def execute_dummy(self, graph_size: int | None = None) -> None:
+        """Padding only (KV written to scratch block 0, nothing sampled): the forward a
         data-parallel rank with no requests runs so that its MoE layers join the others'."""
+        if graph_size:
+            self.graphs.run([], [], [], [], bs=graph_size)
+            return
         meta = AttentionMetadata.build([1], [1], [[0]], self.block_size, self.device)
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
         self.model(zero, zero, meta)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[str, tuple[int, object]]:
+    def execute(self, sched: SchedulerOutput, graph_size: int | None = None,
+                local_graph_choice: bool = True) -> dict[str, tuple[int, object]]:
         """Forward the scheduled tokens; returns request id -> (sampled token, logprobs) for the
-        requests whose sequence this step completes (mid-prompt chunks sample nothing)."""
+        requests whose sequence this step completes (mid-prompt chunks sample nothing).
+
+        Under expert parallelism the ranks decide together: graph_size (or eager when None),
+        with local_graph_choice=False."""
         ids: list[int] = []
         positions: list[int] = []
         query_lens, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
@@ -234,8 +261,8 @@ class ModelRunner:
             if s.completes_sequence:
                 sample_rows.append(len(ids) - 1)
                 sample_reqs.append(r)
-        if self.graphs is not None and self.graphs.can_run(query_lens):
-            hidden = self.graphs.run(ids, positions, seq_lens, tables)
+        if graph_size or (local_graph_choice and self.graphs is not None and self.graphs.can_run(query_lens)):
+            hidden = self.graphs.run(ids, positions, seq_lens, tables, bs=graph_size)
         else:
             meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
             hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
