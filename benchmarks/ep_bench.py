@@ -16,6 +16,13 @@ Writes ep_bench.json and ep_bench.md under $OUT (or --out) and prints the table 
 Bandwidth counts the bytes a rank sends to OTHER ranks in dispatch and combine (what crosses
 NVLink), divided by the round-trip time; the round trip is the slowest rank's time, median
 over iterations. For ll the wire bytes include padding rows; 'useful' is the share that is real.
+Experts are free: combine sends a ready buffer of the expert output's shape, contiguous, as
+fused_moe would hand it over.
+
+The row work (gather + encode + pack, decode, decode + sum) runs in wire_codecs' Triton kernels
+on CUDA (--kernels torch: the plain-torch references). Before timing, rank 0 checks the Triton
+kernels on bf16 rows at the benchmark's hidden size against the torch references run on the CPU
+(the CPU interpreter cannot do bf16): same bytes, same values; the result is in the header.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moeserve.distributed.dispatch import Dispatcher, Placement  # noqa: E402
 from moeserve.distributed.groups import free_port, init_distributed, init_from_env  # noqa: E402
+from moeserve.kernels import wire_codecs  # noqa: E402
 
 FORMATS = {"bf16": ("none", "none"), "fp8": ("fp8", "fp8"), "mxfp4+fp8": ("mxfp4", "fp8")}
 
@@ -57,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="also time the ll round trip captured in a CUDA graph")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="row kernels: Triton where it runs (auto) or the plain-torch references")
     p.add_argument("--out", default=os.environ.get("OUT", "ep_bench_out"))
     p.add_argument("--timeout", type=float, default=300.0, help="deadline (s) for every collective")
     return p.parse_args(argv)
@@ -148,17 +158,19 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
     dcodec, ccodec = FORMATS[fmt]
     placement = Placement.contiguous(args.experts, world)
     d = Dispatcher(dist.group.WORLD, placement, args.hidden, torch.bfloat16, dcodec, ccodec, mode=backend,
-                   ll_capacity=tokens, device=device)
+                   ll_capacity=tokens, device=device, kernels=args.kernels)
     x, ids, w = routing(tokens, args, rank, device)
+    recv_x, _, _, handle = d.dispatch(x, ids, w)
+    # Free experts: the output buffer is ready (the routing, hence its shape, is the same every time).
+    expert_out = recv_x.contiguous()
 
     def round_trip():
-        recv_x, _, _, handle = d.dispatch(x, ids, w)
-        return d.combine(recv_x, handle)  # identity experts: the bytes are what is measured
+        _, _, _, h = d.dispatch(x, ids, w)
+        return d.combine(expert_out, h)
 
     t_rt = timed(round_trip, args, device)
     t_dispatch = timed(lambda: d.dispatch(x, ids, w), args, device)
-    recv_x, _, _, handle = d.dispatch(x, ids, w)
-    t_combine = timed(lambda: d.combine(recv_x, handle), args, device)  # a handle can be combined again
+    t_combine = timed(lambda: d.combine(expert_out, handle), args, device)  # a handle can be combined again
     drow, crow = d.bytes_per_row(args.topk)
     rows, _ = remote_rows(d, ids)
     if backend == "ht":
@@ -194,6 +206,46 @@ def graph_round_trip(fn, args, device) -> float | str:
         return f"capture failed: {type(e).__name__}: {e}"[:200]
 
 
+def check_kernels(hidden: int, topk: int, device, dtype=torch.bfloat16) -> str:
+    """The Triton row kernels against the torch references run on the CPU, on rows over forty
+    decades with zeros and subnormals: 'equal' or what differs."""
+    if not wire_codecs.use_triton(torch.empty(0, device=device), dtype):
+        return "torch references"
+    g = torch.Generator().manual_seed(7)
+    t, r = 64, 4
+    x = torch.randn(t, hidden, generator=g) * torch.logspace(-20, 20, t)[:, None]
+    x[0, :256] = 0.0
+    x[1, :64] = torch.linspace(-1.1e-38, 1.1e-38, 64)  # subnormal blocks with nonzero e2m1 codes
+    x = x.to(dtype)
+    dest = torch.randint(0, r + 1, (t, topk), generator=g)
+    meta = dict(dest=dest, local=torch.where(dest < r, torch.randint(0, 8, (t, topk), generator=g), -1),
+                weights=torch.rand(t, topk, generator=g))
+    hit = (dest[None] == torch.arange(r)[:, None, None]).any(-1)
+    slots = torch.where(hit, hit.view(-1).cumsum(0).view(r, t).to(torch.int32) - 1, -1)
+    maps = {"slots": (int(hit.sum()), dict(slots=slots)), "fixed": (r * (t + 3), dict(cap=t + 3))}
+
+    def dev(kw):
+        return {key: v.to(device) if torch.is_tensor(v) else v for key, v in kw.items()}
+
+    bad = []
+    for kind in wire_codecs.KINDS:
+        for name, (n, row_map) in maps.items():
+            ref = wire_codecs.encode_rows_ref(x, kind, dtype, n, **row_map, **meta)
+            got = wire_codecs.encode_rows(x.to(device), kind, dtype, n, **dev(row_map), **dev(meta), triton_ok=True)
+            if not torch.equal(got.cpu(), ref):
+                bad.append(f"encode {kind} {name}: {int((got.cpu() != ref).sum())} bytes")
+            got = wire_codecs.decode_rows(ref.to(device), kind, hidden, dtype, topk, triton_ok=True)
+            if not all(torch.equal(a.cpu(), b) for a, b in zip(got, wire_codecs.decode_rows_ref(ref, kind, hidden,
+                                                                                               dtype, topk))):
+                bad.append(f"decode {kind} {name}")
+            back = wire_codecs.encode_ref(kind, torch.randn(n, hidden, generator=g), dtype)
+            row_map = dict(row_map, dest=dest) if name == "fixed" else row_map
+            y = wire_codecs.combine_rows(back.to(device), kind, hidden, dtype, dtype, t, **dev(row_map), triton_ok=True)
+            if not torch.equal(y.cpu(), wire_codecs.combine_rows_ref(back, kind, hidden, dtype, dtype, t, **row_map)):
+                bad.append(f"combine {kind} {name}")
+    return f"triton, {dtype} equal to the torch references" if not bad else "triton, DIFFERS: " + "; ".join(bad)
+
+
 def bench_plain_all_to_all(tokens: int, args, device) -> dict:
     """all_to_all_single with equal splits moving the bf16 ht dispatch's bytes (one direction)."""
     world = dist.get_world_size()
@@ -220,7 +272,8 @@ def _fmt(value, spec: str) -> str:
 def table(report: dict) -> str:
     peer = report["peer_copy_gbs"]
     lines = [f"EP dispatch+combine, {report['world']} x {report['device_name']}, hidden {report['hidden']}, "
-             f"{report['experts']} experts, top-{report['topk']}; GPU0->GPU1 peer copy {_fmt(peer, '.0f')} GB/s", "",
+             f"{report['experts']} experts, top-{report['topk']}; GPU0->GPU1 peer copy {_fmt(peer, '.0f')} GB/s",
+             f"row kernels: {report.get('kernels', 'n/a')}", "",
              "| tokens/rank | format | backend | B/token rt | round trip us | dispatch us | combine us | GB/s "
              "| x peer copy | vs bf16 | useful | graph us |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -254,6 +307,9 @@ def table(report: dict) -> str:
 def run(args, device: torch.device, peer: float | None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     token_counts = [int(t) for t in args.tokens.split(",")]
+    kernels = None
+    if rank == 0:  # bf16 on the GPU is what the CPU tests cannot check
+        kernels = "torch references" if args.kernels == "torch" else check_kernels(args.hidden, args.topk, device)
     rows, a2a = [], []
     for tokens in token_counts:
         a2a.append(bench_plain_all_to_all(tokens, args, device))
@@ -267,7 +323,7 @@ def run(args, device: torch.device, peer: float | None) -> None:
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "world": world, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "hidden": args.hidden, "experts": args.experts, "topk": args.topk,
-              "peer_copy_gbs": peer, "rows": rows, "all_to_all": a2a}
+              "peer_copy_gbs": peer, "kernels": kernels, "rows": rows, "all_to_all": a2a}
     os.makedirs(args.out, exist_ok=True)
     text = table(report)
     with open(os.path.join(args.out, "ep_bench.json"), "w") as f:

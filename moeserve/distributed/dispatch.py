@@ -18,8 +18,13 @@ Backends, behind Dispatcher:
   then variable-split all_to_all of just the rows that exist, and back.
 - "ll" (low-latency): a fixed buffer of `capacity` rows per destination rank, row t holding
   token t; one equal-split all_to_all, no host sync, static shapes -> CUDA-graph capturable.
-  Padding rows carry ids -1 and come back as zeros. It cannot overflow: a rank sends a token at
-  most once per rank, so capacity = max tokens per rank suffices (tokens beyond it raise).
+  Padding rows, and rows of tokens with no expert on that rank, carry a zero payload and ids -1,
+  and are left out of the sum. It cannot overflow: a rank sends a token at most once per rank,
+  so capacity = max tokens per rank suffices (tokens beyond it raise).
+
+Both backends make one pass over the activations per step of the way (wire_codecs' row kernels:
+gather + encode + pack into the send buffer, decode from the receive buffer, decode + sum per
+token), in Triton on CUDA and with the plain-torch references elsewhere (`kernels` forces either).
 
 All ranks of the group must use the same backend in a step: `begin_step` decides from the
 max tokens per rank over the group (one all_reduce), or from a max the caller already shares.
@@ -34,9 +39,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moeserve.distributed.wire import Codec, bytes_as, make_codec
+from moeserve.distributed.wire import Codec, make_codec
+from moeserve.kernels import wire_codecs
 
 BACKENDS = ("ht", "ll")
+KERNELS = ("auto", "triton", "torch")
 ENV_BACKEND = "MOESERVE_DISPATCH"
 
 
@@ -113,56 +120,25 @@ class RoutingTable:
 
     def physical_slots(self, topk_ids: torch.Tensor, rank: int) -> torch.Tensor:
         """topk_ids [T, k] logical (< 0: none) -> physical slots [T, k] (-1 where none)."""
-        valid = topk_ids >= 0
-        ids = topk_ids.clamp(min=0)
-        token = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
-        replica = (token + rank) % self.replica_count[ids]
-        slots = self.replica_slots[ids, replica]
-        return torch.where(valid, slots, -1)
+        return wire_codecs.physical_slots_ref(topk_ids, self.replica_slots, self.replica_count, rank)
 
-
-# ----------------------------------------------------------------------------- rows
-
-
-def _route(table: RoutingTable, topk_ids: torch.Tensor, rank: int, num_ranks: int):
-    """-> dest rank [T, k] (num_ranks where none), local slot [T, k], hit [num_ranks, T] bool."""
-    slots = table.physical_slots(topk_ids, rank)
-    spr = table.placement.slots_per_rank
-    dest = torch.where(slots >= 0, slots // spr, num_ranks)
-    local = torch.where(slots >= 0, slots % spr, -1)
-    hit = torch.zeros(topk_ids.shape[0], num_ranks + 1, dtype=torch.bool, device=topk_ids.device)
-    hit.scatter_(1, dest, True)
-    return dest, local, hit[:, :num_ranks].t()
-
-
-def _per_rank_meta(dest, local, weights, num_ranks):
-    """[R, T, k] local slot ids (-1 where the expert is on another rank) and weights (0 there)."""
-    ranks = torch.arange(num_ranks, device=dest.device)[:, None, None]
-    mine = dest[None] == ranks
-    ids = torch.where(mine, local[None], -1).to(torch.int32)
-    w = torch.where(mine, weights[None].to(torch.float32), 0.0)
-    return ids, w
-
-
-def _pack(payload: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Rows [..., bpt] + [..., k] int32 + [..., k] fp32 -> uint8 [..., bpt + 8k]."""
-    lead, k = payload.shape[:-1], ids.shape[-1]
-    return torch.cat([payload, ids.contiguous().view(torch.uint8).reshape(*lead, 4 * k),
-                      weights.contiguous().view(torch.uint8).reshape(*lead, 4 * k)], dim=-1)
-
-
-def _unpack(rows: torch.Tensor, bpt: int, k: int):
-    ids = bytes_as(rows[:, bpt:bpt + 4 * k], torch.int32).to(torch.int64)
-    w = bytes_as(rows[:, bpt + 4 * k:bpt + 8 * k], torch.float32)
-    return rows[:, :bpt], ids, w
+    def route(self, topk_ids: torch.Tensor, rank: int, num_ranks: int, with_hit: bool = False,
+              triton_ok: bool | None = None):
+        """-> dest rank [T, k] (num_ranks where none), local slot [T, k] (-1 where none), and with_hit
+        [R, T] bool: token t has an expert on rank r."""
+        return wire_codecs.route(topk_ids, self.replica_slots, self.replica_count, rank,
+                                 self.placement.slots_per_rank, num_ranks, with_hit, triton_ok)
 
 
 # ----------------------------------------------------------------------------- backends
+# Rows are written by the wire_codecs row kernels: encode_rows gathers, encodes and packs each
+# (token, rank) row straight into the send buffer, decode_rows reads the receive buffer in place,
+# combine_rows decodes the returned partial sums and adds them per token, in one pass each.
 
 
 @dataclass
 class HTHandle:
-    send_token: torch.Tensor  # [N_send] source token of each row sent
+    slots: torch.Tensor  # [R, T] int32: row of the send buffer that carried token t to rank r, -1 if none
     send_counts: list[int]  # rows sent to each rank
     recv_counts: list[int]  # rows received from each rank
     num_tokens: int
@@ -171,7 +147,7 @@ class HTHandle:
 
 @dataclass
 class LLHandle:
-    hit: torch.Tensor  # [R, T] token t was sent to rank r
+    dest: torch.Tensor  # [T, k] rank of each of token t's experts (R where none): row r * cap + t went to r
     num_tokens: int
     dtype: torch.dtype
 
@@ -186,28 +162,24 @@ class HighThroughputBackend:
 
     def dispatch(self, x, topk_ids, topk_weights, table):
         d = self.d
-        dest, local, hit = _route(table, topk_ids, d.rank, d.num_ranks)
-        ids, w = _per_rank_meta(dest, local, topk_weights, d.num_ranks)
-        send_rank, send_token = hit.nonzero(as_tuple=True)  # grouped by destination rank, then token
-        send_counts = torch.bincount(send_rank, minlength=d.num_ranks)
-        rows = _pack(d.dispatch_codec.encode(x)[send_token], ids[send_rank, send_token], w[send_rank, send_token])
-        recv_counts = d.exchange_counts(send_counts)
-        send_list = send_counts.tolist()
+        dest, local, hit = table.route(topk_ids, d.rank, d.num_ranks, with_hit=True, triton_ok=d.triton_ok)
+        # Send rows grouped by destination rank, then token: row of (r, t) = hits before it.
+        order = torch.cumsum(hit.view(-1), 0, dtype=torch.int32).view_as(hit) - 1
+        slots = torch.where(hit, order, -1)
+        send_counts, recv_counts = d.exchange_counts(hit.sum(dim=1))
+        rows = d.encode_rows(x, d.dispatch_codec, sum(send_counts), slots=slots, dest=dest, local=local,
+                             weights=topk_weights)
         recv = rows.new_empty(sum(recv_counts), rows.shape[1])
-        d.all_to_all(recv, rows, recv_counts, send_list)
-        payload, recv_ids, recv_w = _unpack(recv, d.dispatch_codec.bytes_per_token(d.hidden), topk_ids.shape[1])
-        recv_x = d.dispatch_codec.decode(payload, d.hidden).to(x.dtype)
-        return recv_x, recv_ids, recv_w, HTHandle(send_token, send_list, recv_counts, x.shape[0], x.dtype)
+        d.all_to_all(recv, rows, recv_counts, send_counts)
+        recv_x, recv_ids, recv_w = d.decode_rows(recv, d.dispatch_codec, topk_ids.shape[1])
+        return recv_x.to(x.dtype), recv_ids, recv_w, HTHandle(slots, send_counts, recv_counts, x.shape[0], x.dtype)
 
     def combine(self, expert_out, h: HTHandle):
         d = self.d
-        enc = d.combine_codec.encode(expert_out)
+        enc = d.encode_rows(expert_out, d.combine_codec)
         back = enc.new_empty(sum(h.send_counts), enc.shape[1])
         d.all_to_all(back, enc, h.send_counts, h.recv_counts)
-        partial = d.combine_codec.decode(back, d.hidden).to(torch.float32)
-        y = torch.zeros(h.num_tokens, d.hidden, dtype=torch.float32, device=expert_out.device)
-        y.index_add_(0, h.send_token, partial)
-        return y.to(h.dtype)
+        return d.combine_rows(back, h.num_tokens, h.dtype, slots=h.slots)
 
 
 class LowLatencyBackend:
@@ -224,31 +196,20 @@ class LowLatencyBackend:
         if t > cap:
             raise ValueError(f"low-latency dispatch got {t} tokens on rank {d.rank}, capacity {cap}: "
                              f"raise ll_capacity or use the high-throughput backend")
-        dest, local, hit = _route(table, topk_ids, d.rank, r)
-        ids, w = _per_rank_meta(dest, local, topk_weights, r)
-        k = topk_ids.shape[1]
-        bpt = d.dispatch_codec.bytes_per_token(d.hidden)
-        payload = torch.zeros(r, cap, bpt, dtype=torch.uint8, device=x.device)
-        payload[:, :t] = d.dispatch_codec.encode(x)[None]  # rows not hit carry ids -1: ignored there
-        all_ids = torch.full((r, cap, k), -1, dtype=torch.int32, device=x.device)
-        all_ids[:, :t] = ids
-        all_w = torch.zeros(r, cap, k, dtype=torch.float32, device=x.device)
-        all_w[:, :t] = w
-        rows = _pack(payload, all_ids, all_w).view(r * cap, -1)
+        dest, local, _ = table.route(topk_ids, d.rank, r, triton_ok=d.triton_ok)
+        # Rows of tokens that have no expert on a rank, and padding rows, carry zeros and ids -1.
+        rows = d.encode_rows(x, d.dispatch_codec, r * cap, cap=cap, dest=dest, local=local, weights=topk_weights)
         recv = torch.empty_like(rows)
         d.all_to_all(recv, rows)
-        payload, recv_ids, recv_w = _unpack(recv, bpt, k)
-        recv_x = d.dispatch_codec.decode(payload, d.hidden).to(x.dtype)
-        return recv_x, recv_ids, recv_w, LLHandle(hit, t, x.dtype)
+        recv_x, recv_ids, recv_w = d.decode_rows(recv, d.dispatch_codec, topk_ids.shape[1])
+        return recv_x.to(x.dtype), recv_ids, recv_w, LLHandle(dest, t, x.dtype)
 
     def combine(self, expert_out, h: LLHandle):
         d = self.d
-        enc = d.combine_codec.encode(expert_out)
+        enc = d.encode_rows(expert_out, d.combine_codec)
         back = torch.empty_like(enc)
         d.all_to_all(back, enc)
-        partial = d.combine_codec.decode(back, d.hidden).to(torch.float32).view(d.num_ranks, d.ll_capacity, -1)
-        partial = torch.where(h.hit[..., None], partial[:, :h.num_tokens], 0.0)
-        return partial.sum(dim=0).to(h.dtype)
+        return d.combine_rows(back, h.num_tokens, h.dtype, cap=d.ll_capacity, dest=h.dest)
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -277,13 +238,14 @@ class Dispatcher:
     weights already applied by the expert compute); combine(expert_out, handle) -> y [T, H].
 
     group: the EP process group; None means a single rank (no communication).
+    kernels: "auto" (Triton where it runs), "triton" or "torch" (the references) for the row work.
     One Dispatcher serves every MoE layer of a rank; each layer passes its own RoutingTable.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: Placement, hidden: int,
                  dtype: torch.dtype = torch.bfloat16, dispatch_codec: str | Codec = "none",
                  combine_codec: str | Codec = "none", mode: str | None = None, threshold: int = 128,
-                 ll_capacity: int | None = None, device: torch.device | str = "cpu"):
+                 ll_capacity: int | None = None, device: torch.device | str = "cpu", kernels: str = "auto"):
         self.group = group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.num_ranks = dist.get_world_size(group) if group is not None else 1
@@ -292,6 +254,13 @@ class Dispatcher:
         self.hidden, self.dtype, self.device = hidden, dtype, torch.device(device)
         self.dispatch_codec = dispatch_codec if isinstance(dispatch_codec, Codec) else make_codec(dispatch_codec, dtype)
         self.combine_codec = combine_codec if isinstance(combine_codec, Codec) else make_codec(combine_codec, dtype)
+        for codec in (self.dispatch_codec, self.combine_codec):
+            if codec.name not in wire_codecs.KINDS:
+                raise ValueError(f"codec {codec!r}: the row kernels know {wire_codecs.KINDS}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels {kernels!r}: use one of {KERNELS}")
+        # auto: Triton on CUDA (and under the interpreter in fp32/fp16), the torch references elsewhere
+        self.triton_ok = {"auto": None, "triton": True, "torch": False}[kernels]
         self.mode = resolve_mode(mode)
         self.threshold = threshold
         # In auto mode 'll' runs only when max tokens per rank <= threshold, so that is enough room.
@@ -346,12 +315,15 @@ class Dispatcher:
 
     # -- collectives (skipped for a single rank) -------------------------------------------
 
-    def exchange_counts(self, send_counts: torch.Tensor) -> list[int]:
+    def exchange_counts(self, send_counts: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Rows this rank sends to each rank -> (that, rows it receives from each rank); one host sync."""
         if self.group is None:
-            return send_counts.tolist()
+            counts = send_counts.tolist()
+            return counts, counts
         recv = torch.empty_like(send_counts)
         dist.all_to_all_single(recv, send_counts, group=self.group)
-        return recv.tolist()
+        send, recv = torch.stack([send_counts, recv]).tolist()
+        return send, recv
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
                    in_splits: list[int] | None = None) -> None:
@@ -359,6 +331,19 @@ class Dispatcher:
             out.copy_(inp)
             return
         dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+
+    # -- the row kernels, with this dispatcher's hidden size and kernel choice ----------------
+
+    def encode_rows(self, x, codec: Codec, num_rows=None, **row_map) -> torch.Tensor:
+        return wire_codecs.encode_rows(x, codec.name, codec.dtype, num_rows, triton_ok=self.triton_ok, **row_map)
+
+    def decode_rows(self, rows, codec: Codec, k: int):
+        return wire_codecs.decode_rows(rows, codec.name, self.hidden, codec.dtype, k, triton_ok=self.triton_ok)
+
+    def combine_rows(self, rows, num_tokens: int, out_dtype: torch.dtype, **row_map) -> torch.Tensor:
+        c = self.combine_codec
+        return wire_codecs.combine_rows(rows, c.name, self.hidden, c.dtype, out_dtype, num_tokens,
+                                        triton_ok=self.triton_ok, **row_map)
 
     def bytes_per_row(self, k: int) -> tuple[int, int]:
         """(dispatch row bytes, combine row bytes) on the wire, metadata included."""

@@ -1,0 +1,610 @@
+"""Wire codecs of expert-parallel payloads, fused with the row copies of dispatch and combine.
+
+Three row operations, each a plain-torch reference (`*_ref`, the specification) and a Triton
+kernel that does it in one pass over the activations:
+
+  encode_rows   x [T, H] -> send rows: gather (token t goes to every rank that holds one of its
+                experts), encode, and write the routing metadata, straight into the send buffer
+  decode_rows   receive rows -> activations [N, H] and the metadata, straight from the buffer
+  combine_rows  returned rows -> y [T, H]: decode each token's partial sums and add them up
+
+Codec kinds, the payload at the start of a row (wire.py explains the formats):
+  "none"   [H * itemsize]  the wire dtype's raw bytes
+  "fp8"    [H] e4m3, then [4 * ceil(H / 128)] fp32 scales (amax / 448 per 128 values)
+  "mxfp4"  [H / 2] e2m1 pairs (element 2i in the low nibble), then [H / 32] e8m0 scales
+Dispatch rows carry, after the payload, k int32 local expert slots (-1: not on this rank) and k
+fp32 router weights for the receiving rank, stored byte by byte (the payload length need not be
+a multiple of 4).
+
+The references are the specification as torch computes it on the CPU; the kernels give the same
+bytes and values (tests/distributed/test_wire_kernels.py under the interpreter, ep_bench.py's check
+in bf16 on the GPU). The torch ops are not the specification on CUDA: there `amax / 448` is a
+multiply by the reciprocal, which moves some fp8 scales by an ulp. Inputs are finite (inf and NaN
+give unspecified bytes).
+
+Which row holds token t for rank r (encode_rows and combine_rows):
+  slots [R, T]  row slots[r, t] where >= 0; nothing else is written (high-throughput: only the
+                rows that exist, grouped by rank)
+  cap           row r * cap + t for every r and t < cap (low-latency: fixed shapes); a row whose
+                token is padding (t >= T), or has no expert on rank r, carries zeros and ids -1
+  neither       row t (one rank): plain encode
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moeserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, per_token_group_quant_fp8_ref, triton, triton_runs_on
+
+if triton is not None:
+    import triton.language as tl
+
+    from moeserve.kernels.fp8 import _round_to_e4m3
+
+RAW, FP8, MXFP4 = "none", "fp8", "mxfp4"
+KINDS = (RAW, FP8, MXFP4)
+FP8_GROUP = 128
+MX_BLOCK = 32
+E2M1_EMAX = 2  # exponent of the largest e2m1 normal (6 = 1.5 * 2^2)
+E2M1_MAX = 6.0
+E8M0_BIAS = 127
+# Magnitudes of the 8 e2m1 codes, and the midpoints between neighbours (rounding boundaries).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+ENV_KERNELS = "MOESERVE_WIRE_KERNELS"  # "torch" forces the references
+
+
+def payload_bytes(kind: str, hidden: int, dtype: torch.dtype) -> int:
+    if kind == RAW:
+        return hidden * dtype.itemsize
+    if kind == FP8:
+        return hidden + 4 * -(-hidden // FP8_GROUP)
+    if kind == MXFP4:
+        if hidden % MX_BLOCK:
+            raise ValueError(f"mxfp4 needs hidden % {MX_BLOCK} == 0, got {hidden}")
+        return hidden // 2 + hidden // MX_BLOCK
+    raise ValueError(f"unknown wire codec {kind!r}; choose from {list(KINDS)}")
+
+
+def bytes_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """View uint8 columns [N, n * itemsize] as dtype [N, n], copying when the slice is misaligned."""
+    if not t.is_contiguous() or t.storage_offset() % dtype.itemsize:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.view(dtype)
+
+
+def raw_view(rows: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """The raw payload of rows [N, row_bytes] as dtype [N, hidden]: a strided view into the
+    buffer when the rows are aligned (no copy), else a copy."""
+    n = dtype.itemsize
+    if rows.is_contiguous() and rows.shape[1] % n == 0 and rows.storage_offset() % n == 0 and rows.shape[0]:
+        return rows.view(dtype)[:, :hidden]
+    return bytes_as(rows[:, :hidden * n], dtype).reshape(rows.shape[0], hidden)
+
+
+# ----------------------------------------------------------------------------- torch: codecs
+
+
+def e2m1_round(v: torch.Tensor) -> torch.Tensor:
+    """Magnitudes v >= 0 (already scaled) -> e2m1 codes 0..7: round to nearest, ties to the even
+    code, values above 6 saturate to code 7 (6.0), as the OCP MX spec allows for FP4.
+
+    The grid step is 0.5 below 2, 1 in [2, 4), 2 from 4 on; torch.round (half to even) on v / step
+    gives an integer whose parity is the code's, and the code is that integer + 0, 2 or 4.
+    """
+    v = v.to(torch.float32)
+    step = torch.where(v < 2, 0.5, torch.where(v < 4, 1.0, 2.0))
+    offset = torch.where(v < 2, 0.0, torch.where(v < 4, 2.0, 4.0))
+    return (torch.round(v / step) + offset).clamp(max=7).to(torch.uint8)
+
+
+def e2m1_value(code: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 (bit 3 = sign) -> fp32 values: 0.5*m when the exponent field is 0, else 2^(e-1) * (1 + m/2)."""
+    c = code.to(torch.int32)
+    e, m = ((c >> 1) & 3).to(torch.float32), (c & 1).to(torch.float32)
+    mag = torch.where(e == 0, 0.5 * m, torch.exp2(e - 1) * (1 + 0.5 * m))
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def mxfp4_encode(x: torch.Tensor) -> torch.Tensor:
+    t, h = x.shape
+    blocks = x.to(torch.float32).view(t, h // MX_BLOCK, MX_BLOCK)
+    amax = blocks.abs().amax(dim=-1)
+    # frexp: amax = m * 2^e with m in [0.5, 1), so floor(log2(amax)) = e - 1, exactly.
+    _, e = torch.frexp(amax)
+    shared = torch.where(amax > 0, e - 1 - E2M1_EMAX, -E8M0_BIAS).clamp(-E8M0_BIAS, E8M0_BIAS)
+    scaled = blocks * torch.exp2(-shared.to(torch.float32))[..., None]
+    codes = e2m1_round(scaled.abs()) | ((scaled < 0).to(torch.uint8) << 3)
+    codes = codes.view(t, h // 2, 2)
+    packed = codes[..., 0] | (codes[..., 1] << 4)
+    return torch.cat([packed, (shared + E8M0_BIAS).to(torch.uint8)], dim=1)
+
+
+def mxfp4_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    t = payload.shape[0]
+    packed = payload[:, :hidden // 2]
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(t, hidden // MX_BLOCK, MX_BLOCK)
+    shared = payload[:, hidden // 2:hidden // 2 + hidden // MX_BLOCK].to(torch.float32) - E8M0_BIAS
+    return (e2m1_value(codes) * torch.exp2(shared)[..., None]).view(t, hidden).to(dtype)
+
+
+def fp8_encode(x: torch.Tensor) -> torch.Tensor:
+    # DeepSeek's per-1x128 activation quantization, the one its FP8 GEMMs use.
+    q, scale = per_token_group_quant_fp8_ref(x, FP8_GROUP)
+    return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1)
+
+
+def fp8_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    t = payload.shape[0]
+    groups = -(-hidden // FP8_GROUP)
+    q = bytes_as(payload[:, :hidden], FP8_DTYPE).to(torch.float32)
+    scale = bytes_as(payload[:, hidden:hidden + 4 * groups], torch.float32)
+    q = torch.nn.functional.pad(q, (0, groups * FP8_GROUP - hidden)).view(t, groups, FP8_GROUP)
+    return (q * scale[..., None]).view(t, groups * FP8_GROUP)[:, :hidden].to(dtype)
+
+
+def encode_ref(kind: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [T, H] -> payload uint8 [T, payload_bytes]."""
+    t, h = x.shape
+    if kind == RAW:
+        return x.to(dtype).contiguous().view(torch.uint8).reshape(t, h * dtype.itemsize)
+    if t == 0:  # torch cannot reinterpret the bytes of an empty scale tensor
+        return torch.empty(0, payload_bytes(kind, h, dtype), dtype=torch.uint8, device=x.device)
+    return fp8_encode(x) if kind == FP8 else mxfp4_encode(x)
+
+
+def decode_ref(kind: str, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """payload uint8 [N, >= payload_bytes] -> [N, hidden] in dtype."""
+    if kind == RAW:
+        return raw_view(payload, hidden, dtype)
+    if payload.shape[0] == 0:
+        return torch.empty(0, hidden, dtype=dtype, device=payload.device)
+    return fp8_decode(payload, hidden, dtype) if kind == FP8 else mxfp4_decode(payload, hidden, dtype)
+
+
+# ----------------------------------------------------------------------------- torch: routing
+
+
+def physical_slots_ref(topk_ids, replica_slots, replica_count, rank: int) -> torch.Tensor:
+    """topk_ids [T, k] logical experts (< 0: none) -> physical slots [T, k] (-1 where none); token t
+    takes replica (t + rank) % replicas of its expert, so replicas share the load."""
+    valid = topk_ids >= 0
+    ids = topk_ids.clamp(min=0)
+    token = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
+    replica = (token + rank) % replica_count[ids]
+    return torch.where(valid, replica_slots[ids, replica], -1)
+
+
+def route_ref(topk_ids, replica_slots, replica_count, rank: int, slots_per_rank: int, num_ranks: int,
+              with_hit: bool = False):
+    """-> dest rank [T, k] (num_ranks where none), local slot [T, k] (-1 where none), int64; and with_hit:
+    hit [R, T] bool, token t has an expert on rank r."""
+    slots = physical_slots_ref(topk_ids, replica_slots, replica_count, rank)
+    dest = torch.where(slots >= 0, slots // slots_per_rank, num_ranks)
+    local = torch.where(slots >= 0, slots % slots_per_rank, -1)
+    hit = (dest[None] == torch.arange(num_ranks, device=dest.device)[:, None, None]).any(-1) if with_hit else None
+    return dest, local, hit
+
+
+# ----------------------------------------------------------------------------- torch: rows
+
+
+def _row_map(num_ranks: int, num_tokens: int, slots, cap: int, dest):
+    """-> rows [R, T] int64 (the row of token t for rank r), live [R, T] bool (that row carries it)."""
+    if slots is not None:
+        return slots.to(torch.int64), slots >= 0
+    device = dest.device if dest is not None else None
+    rank = torch.arange(num_ranks, device=device)[:, None]
+    rows = rank * cap + torch.arange(num_tokens, device=device)[None, :]
+    live = (dest[None] == rank[..., None]).any(-1) if dest is not None else torch.ones_like(rows, dtype=torch.bool)
+    return rows, live
+
+
+def encode_rows_ref(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, local=None, weights=None):
+    t, h = x.shape
+    bpt = payload_bytes(kind, h, dtype)
+    k = dest.shape[1] if dest is not None else 0
+    out = torch.zeros(num_rows, bpt + 8 * k, dtype=torch.uint8, device=x.device)
+    out[:, bpt:bpt + 4 * k] = 0xFF  # ids -1 in rows no token fills
+    num_ranks = slots.shape[0] if slots is not None else (num_rows // cap if cap else 0)
+    if num_ranks == 0 or t == 0:
+        return out
+    rows, live = _row_map(num_ranks, t, slots, cap, dest)
+    fill = [encode_ref(kind, x, dtype)]
+    if k:
+        mine = dest[None] == torch.arange(num_ranks, device=x.device)[:, None, None]  # [R, T, k]
+        ids = torch.where(mine, local[None], -1).to(torch.int32)
+        w = torch.where(mine, weights[None].to(torch.float32), 0.0)
+        fill += [ids.view(torch.uint8).reshape(num_ranks, t, 4 * k), w.view(torch.uint8).reshape(num_ranks, t, 4 * k)]
+    payload = fill[0].expand(num_ranks, t, bpt)
+    if slots is None:  # every row of the fixed layout is written: no host sync, graph-capturable
+        payload = torch.where(live[..., None], payload, 0)
+        out.view(num_ranks, cap, -1)[:, :t] = torch.cat([payload] + fill[1:], dim=-1)
+    else:
+        r, i = live.nonzero(as_tuple=True)
+        out[rows[r, i]] = torch.cat([payload[r, i]] + [f[r, i] for f in fill[1:]], dim=-1)
+    return out
+
+
+def decode_rows_ref(rows, kind, hidden, dtype, k=0):
+    bpt = payload_bytes(kind, hidden, dtype)
+    x = decode_ref(kind, rows, hidden, dtype)
+    if not (k and rows.shape[0]):  # torch cannot reinterpret empty byte columns
+        return (x, torch.empty(rows.shape[0], k, dtype=torch.int64, device=rows.device),
+                torch.empty(rows.shape[0], k, dtype=torch.float32, device=rows.device))
+    ids = bytes_as(rows[:, bpt:bpt + 4 * k], torch.int32).to(torch.int64)
+    w = bytes_as(rows[:, bpt + 4 * k:bpt + 8 * k], torch.float32)
+    return x, ids, w
+
+
+def combine_rows_ref(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=None, cap=0, dest=None):
+    num_ranks = slots.shape[0] if slots is not None else (rows.shape[0] // cap if cap else 0)
+    y = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=rows.device)
+    if num_ranks == 0 or num_tokens == 0 or rows.shape[0] == 0:
+        return y.to(out_dtype)
+    index, live = _row_map(num_ranks, num_tokens, slots, cap, dest)
+    for r in range(num_ranks):  # ranks in order, as the kernel adds them
+        part = decode_ref(kind, rows[index[r].clamp(min=0)], hidden, dtype).to(torch.float32)
+        y += torch.where(live[r, :, None], part, 0.0)
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _e2m1_code(v):
+        # v = |x| / 2^X -> code 0..7: nearest e2m1 value, ties to the even code, above 6 -> 6.
+        # Comparing with the midpoints is exact: '>' sends a tie down, '>=' up, whichever is even.
+        c = (v > 0.25).to(tl.int32) + (v >= 0.75).to(tl.int32) + (v > 1.25).to(tl.int32)
+        c += (v >= 1.75).to(tl.int32) + (v > 2.5).to(tl.int32) + (v >= 3.5).to(tl.int32)
+        return c + (v > 5.0).to(tl.int32)
+
+    @triton.jit
+    def _mxfp4_encode(x, NB: tl.constexpr):
+        # x [NB * 32] fp32 -> (e2m1 pairs [NB * 16] uint8, e8m0 scales [NB] uint8)
+        blocks = tl.reshape(x, [NB, 32])
+        amax = tl.max(tl.abs(blocks), axis=1)
+        # floor(log2(amax)) is amax's exponent field; zero and subnormal amax clamp to 2^-127.
+        shared = tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 2, -127)
+        inv = ((127 - shared) << 23).to(tl.float32, bitcast=True)  # 2^-shared, exact and normal
+        s = blocks * inv[:, None]
+        code = _e2m1_code(tl.abs(s)) | tl.where(s < 0, 8, 0)
+        lo, hi = tl.split(tl.reshape(code, [NB, 16, 2]))
+        return tl.reshape((lo | (hi << 4)).to(tl.uint8), [NB * 16]), (shared + 127).to(tl.uint8)
+
+    @triton.jit
+    def _fp8_encode(x, G: tl.constexpr):
+        # x [G * 128] fp32 -> (e4m3 bytes [G * 128], fp32 scales [G]); div_rn: IEEE division, as
+        # torch does it on CPU (the GPU's '/' is approximate).
+        groups = tl.reshape(x, [G, 128])
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(groups), axis=1), 1e-10), 448.0)
+        q = _round_to_e4m3(tl.clamp(tl.math.div_rn(groups, scale[:, None]), -448.0, 448.0))
+        return tl.reshape(q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), [G * 128]), scale
+
+    @triton.jit
+    def _store_u32(ptr, v, mask):
+        # 32-bit values [n] -> 4 little-endian bytes each at ptr + 4 i (any alignment).
+        b = tl.arange(0, 4)
+        u = v.to(tl.uint32, bitcast=True)
+        byte = ((u[:, None] >> (8 * b[None, :]).to(tl.uint32)) & 0xFF).to(tl.uint8)
+        tl.store(ptr + 4 * tl.arange(0, v.shape[0])[:, None] + b[None, :], byte, mask=mask[:, None])
+
+    @triton.jit
+    def _load_u32(ptr, n: tl.constexpr, mask):
+        b = tl.arange(0, 4)
+        byte = tl.load(ptr + 4 * tl.arange(0, n)[:, None] + b[None, :], mask=mask[:, None], other=0)
+        return tl.sum(byte.to(tl.uint32) << (8 * b[None, :]).to(tl.uint32), axis=1)  # disjoint bits: sum == or
+
+    @triton.jit
+    def _e4m3_value(byte):
+        b = byte.to(tl.int32)
+        e, m = (b >> 3) & 15, b & 7
+        normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        sub = m.to(tl.float32) * 0.001953125 * tl.where(b >= 0x80, -1.0, 1.0)  # m * 2^-9
+        return tl.where(e == 0, sub, normal)
+
+    @triton.jit
+    def _e2m1_value(code):
+        e, m = (code >> 1) & 3, code & 1
+        mag = tl.where(e == 0, 0.5 * m.to(tl.float32), ((2 + m) << e).to(tl.float32) * 0.25)
+        return tl.where((code & 8) != 0, -mag, mag)
+
+    @triton.jit
+    def _store_payload(row, body, scale, live, chunk, hidden, KIND: tl.constexpr, WIRE: tl.constexpr,
+                       CHUNK: tl.constexpr):
+        # One chunk of a row's payload; zeros where the row is not live.
+        if KIND == 0:
+            offs = chunk * CHUNK + tl.arange(0, CHUNK)
+            tl.store(row.to(tl.pointer_type(WIRE)) + offs, tl.where(live, body, 0.0), mask=offs < hidden)
+        elif KIND == 1:
+            offs = chunk * CHUNK + tl.arange(0, CHUNK)
+            tl.store(row + offs, tl.where(live, body, 0), mask=offs < hidden)
+            g = chunk * (CHUNK // 128) + tl.arange(0, CHUNK // 128)
+            _store_u32(row + hidden + 4 * chunk * (CHUNK // 128), tl.where(live, scale, 0.0), g * 128 < hidden)
+        else:
+            offs = chunk * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
+            tl.store(row + offs, tl.where(live, body, 0), mask=offs < hidden // 2)
+            b = chunk * (CHUNK // 32) + tl.arange(0, CHUNK // 32)
+            tl.store(row + hidden // 2 + b, tl.where(live, scale, 0), mask=b < hidden // 32)
+
+    @triton.jit
+    def _load_payload(row, chunk, hidden, KIND: tl.constexpr, WIRE: tl.constexpr, CHUNK: tl.constexpr):
+        # One chunk of a row's payload -> fp32 [CHUNK], exactly as the references compute it
+        # before their final cast.
+        if KIND == 0:
+            offs = chunk * CHUNK + tl.arange(0, CHUNK)
+            v = tl.load(row.to(tl.pointer_type(WIRE)) + offs, mask=offs < hidden, other=0.0).to(tl.float32)
+        elif KIND == 1:
+            G: tl.constexpr = CHUNK // 128
+            offs = chunk * CHUNK + tl.arange(0, CHUNK)
+            q = _e4m3_value(tl.load(row + offs, mask=offs < hidden, other=0))
+            g = chunk * G + tl.arange(0, G)
+            scale = _load_u32(row + hidden + 4 * chunk * G, G, g * 128 < hidden).to(tl.float32, bitcast=True)
+            v = tl.reshape(tl.reshape(q, [G, 128]) * scale[:, None], [CHUNK])
+        else:
+            NB: tl.constexpr = CHUNK // 32
+            offs = chunk * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
+            packed = tl.load(row + offs, mask=offs < hidden // 2, other=0).to(tl.int32)
+            codes = tl.reshape(tl.join(packed & 15, packed >> 4), [NB, 32])
+            b = chunk * NB + tl.arange(0, NB)
+            e8m0 = tl.load(row + hidden // 2 + b, mask=b < hidden // 32, other=0).to(tl.int32)
+            # 2^(e8m0 - 127) is the fp32 whose exponent field is e8m0; e8m0 0 is the subnormal 2^-127.
+            scale = tl.where(e8m0 == 0, 0x400000, e8m0 << 23).to(tl.float32, bitcast=True)
+            v = tl.reshape(_e2m1_value(codes) * scale[:, None], [CHUNK])
+        return v
+
+    @triton.jit
+    def _encode_rows_kernel(x_ptr, out_ptr, slots_ptr, dest_ptr, local_ptr, weight_ptr,
+                            num_tokens, hidden, payload_bytes, cap, num_ranks, top_k, stride_x, stride_out,
+                            KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr, META: tl.constexpr,
+                            CHUNK: tl.constexpr, KP: tl.constexpr):
+        # Program (token t, chunk): read the chunk once, encode it once, store it in t's row for
+        # every rank that gets one.
+        t = tl.program_id(0)
+        chunk = tl.program_id(1)
+        has_token = t < num_tokens
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        # (Masks from a width, not `vector & scalar`, which the interpreter cannot store with.)
+        width = tl.where(has_token, hidden, 0)
+        x = tl.load(x_ptr + t.to(tl.int64) * stride_x + offs, mask=offs < width, other=0.0).to(tl.float32)
+        if KIND == 0:
+            body, scale = x.to(WIRE), 0
+        elif KIND == 1:
+            body, scale = _fp8_encode(x, CHUNK // 128)
+        else:
+            body, scale = _mxfp4_encode(x, CHUNK // 32)
+        if META:
+            j = tl.arange(0, KP)
+            jm = j < tl.where(has_token, top_k, 0)
+            dest = tl.load(dest_ptr + t * top_k + j, mask=jm, other=-1)
+            local = tl.load(local_ptr + t * top_k + j, mask=jm, other=-1).to(tl.int32)
+            weight = tl.load(weight_ptr + t * top_k + j, mask=jm, other=0.0).to(tl.float32)
+        for r in range(0, num_ranks):
+            if FIXED:
+                row = r * cap + t
+                live = has_token
+                if META:
+                    live = live & (tl.sum((dest == r).to(tl.int32), axis=0) > 0)
+            else:
+                row = tl.load(slots_ptr + r * num_tokens + t)
+                live = row >= 0
+            if row >= 0:
+                base = out_ptr + row.to(tl.int64) * stride_out
+                _store_payload(base, body, scale, live, chunk, hidden, KIND, WIRE, CHUNK)
+                if META:
+                    if chunk == 0:
+                        mine = dest == r
+                        _store_u32(base + payload_bytes, tl.where(mine, local, -1), j < top_k)
+                        _store_u32(base + payload_bytes + 4 * top_k, tl.where(mine, weight, 0.0), j < top_k)
+
+    @triton.jit
+    def _decode_rows_kernel(rows_ptr, out_ptr, ids_ptr, w_ptr, hidden, payload_bytes, top_k, stride_rows,
+                            stride_out, KIND: tl.constexpr, WIRE: tl.constexpr, PAYLOAD: tl.constexpr,
+                            META: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        row = rows_ptr + n * stride_rows
+        if PAYLOAD:
+            offs = chunk * CHUNK + tl.arange(0, CHUNK)
+            v = _load_payload(row, chunk, hidden, KIND, WIRE, CHUNK)
+            tl.store(out_ptr + n * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=offs < hidden)
+        if META:
+            if chunk == 0:
+                j = tl.arange(0, KP)
+                ids = _load_u32(row + payload_bytes, KP, j < top_k).to(tl.int32, bitcast=True)
+                w = _load_u32(row + payload_bytes + 4 * top_k, KP, j < top_k).to(tl.float32, bitcast=True)
+                tl.store(ids_ptr + n * top_k + j, ids.to(tl.int64), mask=j < top_k)
+                tl.store(w_ptr + n * top_k + j, w, mask=j < top_k)
+
+    @triton.jit
+    def _combine_rows_kernel(rows_ptr, out_ptr, slots_ptr, dest_ptr, num_tokens, hidden, cap, num_ranks, top_k,
+                             stride_rows, stride_out, KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr,
+                             HAS_DEST: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr):
+        # y[t] = sum over ranks, in order, of the decoded rows that carried token t (fp32, each
+        # partial first rounded to the wire dtype as the reference decodes it).
+        t = tl.program_id(0)
+        chunk = tl.program_id(1)
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        if HAS_DEST:
+            j = tl.arange(0, KP)
+            dest = tl.load(dest_ptr + t * top_k + j, mask=j < top_k, other=-1)
+        acc = tl.zeros([CHUNK], dtype=tl.float32)
+        for r in range(0, num_ranks):
+            if FIXED:
+                row = r * cap + t
+                live = t < num_tokens
+                if HAS_DEST:
+                    live = live & (tl.sum((dest == r).to(tl.int32), axis=0) > 0)
+            else:
+                row = tl.load(slots_ptr + r * num_tokens + t)
+                live = row >= 0
+            if live:
+                v = _load_payload(rows_ptr + row.to(tl.int64) * stride_rows, chunk, hidden, KIND, WIRE, CHUNK)
+                acc += v.to(WIRE).to(tl.float32)
+        tl.store(out_ptr + t.to(tl.int64) * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < hidden)
+
+    @triton.jit
+    def _route_kernel(ids_ptr, rslots_ptr, rcount_ptr, dest_ptr, local_ptr, hit_ptr, num_tokens, top_k, max_rep,
+                      rank, slots_per_rank, num_ranks, HIT: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr):
+        # The ~15 small torch ops of route_ref in one launch: they cost more in launches than in work.
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        j = tl.arange(0, KP)
+        m = (t[:, None] < num_tokens) & (j[None, :] < top_k)
+        ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * top_k + j[None, :], mask=m, other=-1).to(tl.int64)
+        valid = ids >= 0
+        e = tl.where(valid, ids, 0)
+        count = tl.load(rcount_ptr + e, mask=valid, other=1)
+        slot = tl.load(rslots_ptr + e * max_rep + (t[:, None] + rank) % count, mask=valid, other=0)
+        dest = tl.where(valid, slot // slots_per_rank, num_ranks)
+        local = tl.where(valid, slot % slots_per_rank, -1)
+        out = t[:, None].to(tl.int64) * top_k + j[None, :]
+        tl.store(dest_ptr + out, dest, mask=m)
+        tl.store(local_ptr + out, local, mask=m)
+        if HIT:
+            for r in range(0, num_ranks):
+                hit = tl.sum((dest == r).to(tl.int32), axis=1) > 0
+                tl.store(hit_ptr + r * num_tokens + t, hit, mask=t < num_tokens)
+
+    _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+_KIND_ID = {RAW: 0, FP8: 1, MXFP4: 2}
+NUM_WARPS = 4
+
+
+def _chunk(hidden: int) -> int:
+    # Values per program: a power of two, whole fp8 groups (so whole mxfp4 blocks too).
+    return max(128, min(1024, triton.next_power_of_2(hidden)))
+
+
+def _kp(k: int) -> int:
+    return max(2, triton.next_power_of_2(max(k, 1)))
+
+
+def route_triton(topk_ids, replica_slots, replica_count, rank, slots_per_rank, num_ranks, with_hit=False):
+    t, k = topk_ids.shape
+    dest = torch.empty(t, k, dtype=torch.int64, device=topk_ids.device)
+    local = torch.empty_like(dest)
+    hit = torch.empty(num_ranks, t, dtype=torch.bool, device=topk_ids.device) if with_hit else None
+    if t == 0:
+        return dest, local, hit
+    bt = 64
+    _route_kernel[(triton.cdiv(t, bt),)](
+        topk_ids.contiguous(), replica_slots.contiguous(), replica_count, dest, local, hit if with_hit else dest,
+        t, k, replica_slots.shape[1], rank, slots_per_rank, num_ranks, HIT=with_hit, BT=bt, KP=_kp(k),
+        num_warps=NUM_WARPS)
+    return dest, local, hit
+
+
+def encode_rows_triton(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, local=None, weights=None):
+    t, h = x.shape
+    bpt = payload_bytes(kind, h, dtype)
+    k = dest.shape[1] if dest is not None else 0
+    out = torch.empty(num_rows, bpt + 8 * k, dtype=torch.uint8, device=x.device)
+    fixed = slots is None
+    num_ranks = num_rows // cap if fixed and cap else (0 if fixed else slots.shape[0])
+    grid_t = cap if fixed else t
+    if num_rows == 0 or grid_t == 0 or num_ranks == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    chunk = _chunk(h)
+    dummy = out
+    _encode_rows_kernel[(grid_t, triton.cdiv(h, chunk))](
+        x, out, slots.contiguous() if slots is not None else dummy,
+        dest.contiguous() if k else dummy, local.contiguous() if k else dummy,
+        weights.contiguous() if k else dummy, t, h, bpt, cap, num_ranks, k, x.stride(0), out.stride(0),
+        KIND=_KIND_ID[kind], WIRE=_TL[dtype], FIXED=fixed, META=k > 0, CHUNK=chunk, KP=_kp(k),
+        num_warps=NUM_WARPS)
+    return out
+
+
+def decode_rows_triton(rows, kind, hidden, dtype, k=0):
+    n = rows.shape[0]
+    bpt = payload_bytes(kind, hidden, dtype)
+    payload = kind != RAW  # the raw payload is read in place, as a view
+    x = torch.empty(n, hidden, dtype=dtype, device=rows.device) if payload else raw_view(rows, hidden, dtype)
+    ids = torch.empty(n, k, dtype=torch.int64, device=rows.device)
+    w = torch.empty(n, k, dtype=torch.float32, device=rows.device)
+    if n == 0 or not (payload or k):
+        return x, ids, w
+    chunk = _chunk(hidden)
+    _decode_rows_kernel[(n, triton.cdiv(hidden, chunk) if payload else 1)](
+        rows, x if payload else ids, ids, w, hidden, bpt, k, rows.stride(0), x.stride(0),
+        KIND=_KIND_ID[kind], WIRE=_TL[dtype], PAYLOAD=payload, META=k > 0, CHUNK=chunk, KP=_kp(k),
+        num_warps=NUM_WARPS)
+    return x, ids, w
+
+
+def combine_rows_triton(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=None, cap=0, dest=None):
+    y = torch.empty(num_tokens, hidden, dtype=out_dtype, device=rows.device)
+    fixed = slots is None
+    num_ranks = (rows.shape[0] // cap if cap else 0) if fixed else slots.shape[0]
+    if num_tokens == 0:
+        return y
+    if num_ranks == 0 or rows.shape[0] == 0:
+        return y.zero_()
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    chunk = _chunk(hidden)
+    k = dest.shape[1] if dest is not None else 0
+    _combine_rows_kernel[(num_tokens, triton.cdiv(hidden, chunk))](
+        rows, y, slots.contiguous() if slots is not None else y, dest.contiguous() if dest is not None else y,
+        num_tokens, hidden, cap, num_ranks, k, rows.stride(0), y.stride(0), KIND=_KIND_ID[kind], WIRE=_TL[dtype],
+        FIXED=fixed, HAS_DEST=dest is not None, CHUNK=chunk, KP=_kp(k), num_warps=NUM_WARPS)
+    return y
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def use_triton(t: torch.Tensor, *dtypes: torch.dtype) -> bool:
+    """Triton on CUDA; on CPU only under the interpreter, in fp32/fp16 (bf16 is wrong there);
+    MOESERVE_WIRE_KERNELS=torch forces the references."""
+    if os.environ.get(ENV_KERNELS) == "torch" or not triton_runs_on(t):
+        return False
+    return t.is_cuda or all(d in (torch.float32, torch.float16) for d in dtypes)
+
+
+def route(topk_ids, replica_slots, replica_count, rank: int, slots_per_rank: int, num_ranks: int,
+          with_hit: bool = False, triton_ok: bool | None = None):
+    """Where each token's experts are: dest [T, k], local [T, k] (and hit [R, T]); see route_ref."""
+    if triton_ok if triton_ok is not None else use_triton(topk_ids):
+        return route_triton(topk_ids, replica_slots, replica_count, rank, slots_per_rank, num_ranks, with_hit)
+    return route_ref(topk_ids, replica_slots, replica_count, rank, slots_per_rank, num_ranks, with_hit)
+
+
+def encode_rows(x: torch.Tensor, kind: str, dtype: torch.dtype, num_rows: int | None = None, slots=None,
+                cap: int = 0, dest=None, local=None, weights=None, triton_ok: bool | None = None) -> torch.Tensor:
+    """x [T, H] -> uint8 rows [num_rows, payload_bytes (+ 8k with dest)]; the module docstring has the row
+    maps. dest/local/weights [T, k]: expert ranks (R where none), local slots, router weights.
+    With no row map (rows = tokens) a raw payload of x's own dtype is x's bytes, not a copy."""
+    num_rows = x.shape[0] if num_rows is None else num_rows
+    if slots is None and not cap:
+        if kind == RAW and dest is None and x.dtype == dtype and x.is_contiguous():
+            return x.view(torch.uint8).view(x.shape[0], x.shape[1] * dtype.itemsize)
+        cap = num_rows
+    if triton_ok if triton_ok is not None else use_triton(x, x.dtype, dtype):
+        return encode_rows_triton(x, kind, dtype, num_rows, slots, cap, dest, local, weights)
+    return encode_rows_ref(x, kind, dtype, num_rows, slots, cap, dest, local, weights)
+
+
+def decode_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, k: int = 0,
+                triton_ok: bool | None = None):
+    """rows uint8 [N, row_bytes] -> (x [N, hidden] dtype, ids [N, k] int64, weights [N, k] fp32).
+    A raw payload comes back as a view into rows."""
+    if triton_ok if triton_ok is not None else use_triton(rows, dtype):
+        return decode_rows_triton(rows, kind, hidden, dtype, k)
+    return decode_rows_ref(rows, kind, hidden, dtype, k)
+
+
+def combine_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, out_dtype: torch.dtype,
+                 num_tokens: int, slots=None, cap: int = 0, dest=None, triton_ok: bool | None = None):
+    """Returned rows -> y [num_tokens, hidden] out_dtype: the sum over ranks of the decoded rows
+    that carried each token (slots, or cap with dest, as encode_rows placed them)."""
+    if triton_ok if triton_ok is not None else use_triton(rows, dtype, out_dtype):
+        return combine_rows_triton(rows, kind, hidden, dtype, out_dtype, num_tokens, slots, cap, dest)
+    return combine_rows_ref(rows, kind, hidden, dtype, out_dtype, num_tokens, slots, cap, dest)

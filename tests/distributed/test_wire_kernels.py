@@ -1,0 +1,233 @@
+"""Wire codec row kernels (moeserve/kernels/wire_codecs.py): Triton against the plain-torch
+references, byte for byte, on CPU; and expert-parallel dispatch/combine on 2 gloo ranks through
+the Triton path equal to the torch path.
+
+The Triton cases run under the interpreter (TRITON_INTERPRET=1) in a child process, as in
+tests/kernels/test_attention.py: the variable must be set before triton is imported. fp32/fp16
+activations only (bf16 is wrong under the interpreter; benchmarks/ep_bench.py checks it on the GPU).
+Inputs are fresh random draws each run (the seed is printed on failure) with zeros, subnormals,
+tiny and huge values, and exact mxfp4 rounding ties mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KINDS = ("none", "fp8", "mxfp4")
+
+
+def nasty_rows(n: int, h: int, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian rows over many decades, plus zero blocks, subnormals, huge values and mxfp4 ties."""
+    big = 3e38 if dtype == torch.float32 else 6e4
+    tiny = 1e-40 if dtype == torch.float32 else 1e-7  # subnormal in both
+    decades = 6 if dtype == torch.float32 else 3  # finite inputs only: inf and NaN are not specified
+    x = torch.randn(n, h) * torch.logspace(-decades, decades, n)[:, None]
+    x[0, :64] = 0.0  # whole zero blocks / groups
+    x[1, 32:64] = tiny * torch.randn(32)
+    x[1, 64:96] = 1e-30 if dtype == torch.float32 else 1e-5
+    x[2, :32] = big * (torch.rand(32) * 2 - 1)
+    x[2, 32] = big
+    # Block amax 6 (scale 2^0): every e2m1 midpoint of both signs, times a power of two.
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    x[3, :32] = torch.cat([mids, -mids, mids, -mids]) * 2.0 ** torch.randint(-8, 8, ()).item()
+    return x.to(dtype)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all()) \
+        if a.is_floating_point() else torch.equal(a, b)
+
+
+def _routing(t: int, k: int, num_ranks: int):
+    """dest [T, k] (num_ranks = none), local [T, k], weights [T, k]; some tokens miss some ranks."""
+    dest = torch.randint(0, num_ranks + 1, (t, k))
+    local = torch.where(dest < num_ranks, torch.randint(0, 5, (t, k)), -1)
+    return dest, local, torch.rand(t, k)
+
+
+def _kernel_cases() -> dict[str, bool]:
+    from moeserve.kernels import wire_codecs as wc
+
+    out = {}
+    for kind in KINDS:
+        for dtype in (torch.float32, torch.float16):
+            for h in (96, 192) if dtype == torch.float16 else (96, 192, 7168):  # < one chunk, partial fp8 group, V3
+                x = nasty_rows(5, h, dtype)
+                ref = wc.encode_ref(kind, x, dtype)
+                got = wc.encode_rows_triton(x, kind, dtype, x.shape[0], cap=x.shape[0])
+                out[f"encode_{kind}_{dtype}_{h}"] = _equal(got, ref)
+                if kind == "none":  # fp32 activations on an fp16 wire: the cast rounds as torch does
+                    x32 = nasty_rows(5, h, torch.float32)
+                    out[f"encode_{kind}_fp32_to_{dtype}_{h}"] = _equal(
+                        wc.encode_rows_triton(x32, kind, dtype, 5, cap=5), wc.encode_ref(kind, x32, dtype))
+                # Decode what was encoded, and random payloads (every code and scale byte).
+                payloads = [ref, _random_payload(kind, 4, h, dtype)]
+                for i, p in enumerate(payloads):
+                    got = wc.decode_rows_triton(p, kind, h, dtype)[0]
+                    out[f"decode{i}_{kind}_{dtype}_{h}"] = _equal(got, wc.decode_ref(kind, p, h, dtype))
+    # Routing: logical experts -> rank and local slot, replicas picked per token; every rank's view.
+    from moeserve.distributed.dispatch import Placement
+
+    for e, r, redundant, t, k in ((16, 2, 0, 9, 4), (16, 4, 4, 70, 6), (8, 2, 6, 5, 1)):
+        placement = Placement(torch.randperm(e + redundant) % e, e, r)  # shuffled, replicas anywhere
+        table = placement.replica_slots(), placement.replica_count()
+        ids = torch.rand(t, e).argsort(dim=1)[:, :k]
+        ids[torch.rand(t, k) < 0.2] = -1
+        for rank in range(r):
+            got = wc.route_triton(ids, *table, rank, placement.slots_per_rank, r, with_hit=True)
+            ref = wc.route_ref(ids, *table, rank, placement.slots_per_rank, r, with_hit=True)
+            out[f"route_{e}_{r}_{redundant}_{rank}"] = all(_equal(a, b) for a, b in zip(got, ref))
+    # The row maps, with metadata: high-throughput slots and the low-latency fixed layout.
+    for kind in KINDS:
+        for dtype in (torch.float32, torch.float16):
+            h, t, k, r = 192, 6, 3, 3
+            x = nasty_rows(t, h, dtype)
+            dest, local, w = _routing(t, k, r)
+            hit = (dest[None] == torch.arange(r)[:, None, None]).any(-1)
+            slots = torch.where(hit, hit.view(-1).cumsum(0).view(r, t).to(torch.int32) - 1, -1)
+            n = int(hit.sum())
+            cap = t + 1  # a padding row per rank
+            for name, args in (("slots", dict(num_rows=n, slots=slots)), ("fixed", dict(num_rows=r * cap, cap=cap))):
+                rows_ref = wc.encode_rows_ref(x, kind, dtype, dest=dest, local=local, weights=w, **args)
+                rows = wc.encode_rows_triton(x, kind, dtype, dest=dest, local=local, weights=w, **args)
+                out[f"rows_{name}_{kind}_{dtype}"] = _equal(rows, rows_ref)
+                dec = wc.decode_rows_triton(rows_ref, kind, h, dtype, k)
+                dec_ref = wc.decode_rows_ref(rows_ref, kind, h, dtype, k)
+                out[f"decode_rows_{name}_{kind}_{dtype}"] = all(_equal(a, b) for a, b in zip(dec, dec_ref))
+                # Combine what came back: each row decoded and summed per token, fp32 and fp16 out.
+                back = wc.encode_ref(kind, torch.randn(args["num_rows"], h).to(dtype), dtype)
+                row_map = dict(slots=slots) if name == "slots" else dict(cap=cap, dest=dest)
+                for out_dtype in (torch.float32, dtype):
+                    y = wc.combine_rows_triton(back, kind, h, dtype, out_dtype, t, **row_map)
+                    y_ref = wc.combine_rows_ref(back, kind, h, dtype, out_dtype, t, **row_map)
+                    out[f"combine_{name}_{kind}_{dtype}_{out_dtype}"] = _equal(y, y_ref)
+    return out
+
+
+def _random_payload(kind: str, n: int, h: int, dtype: torch.dtype) -> torch.Tensor:
+    from moeserve.kernels import wire_codecs as wc
+
+    p = torch.randint(0, 256, (n, wc.payload_bytes(kind, h, dtype)), dtype=torch.uint8)
+    if kind == "fp8":
+        q = p[:, :h]
+        q[(q & 0x7F) == 0x7F] = 0x11  # e4m3fn's NaN codes are never sent
+        p[:, h:] = (torch.rand(n, -(-h // 128)) * 10.0 ** torch.randint(-30, 30, (n, 1))).view(torch.uint8)
+    elif kind == "mxfp4":
+        p[:, h // 2:] = torch.randint(0, 255, (n, h // 32), dtype=torch.uint8)  # 255 is e8m0's NaN
+    else:
+        p = wc.encode_ref(kind, torch.randn(n, h) * 100, dtype)
+    return p
+
+
+# ---- two gloo ranks: the Triton path equals the torch path ---------------------------------------
+
+def _ep_ranks(rank, world):
+    import torch.distributed as dist
+
+    from moeserve.distributed.dispatch import Dispatcher, Placement
+
+    h, e, k, cap = 192, 16, 4, 12
+    g = torch.Generator().manual_seed(100 + rank)
+    placement = Placement.contiguous(e, world, num_redundant=world)
+    out = {}
+    cases = [(7, "none", "none", torch.float32), (7, "fp8", "fp8", torch.float16), (7, "mxfp4", "fp8", torch.float32),
+             (12, "mxfp4", "none", torch.float16),  # a full low-latency buffer
+             (0 if rank else 5, "mxfp4", "fp8", torch.float32)]  # a rank with no tokens
+    for n, dcodec, ccodec, dtype in cases:
+        x = torch.randn(n, h, generator=g) * 10.0 ** torch.randint(-3, 4, (n, 1), generator=g)
+        ids = torch.rand(n, e, generator=g).argsort(dim=1)[:, :k]
+        ids[:1, -1] = -1  # a dropped expert
+        w = torch.rand(n, k, generator=g)
+        for backend in ("ht", "ll"):
+            res = []
+            for kernels in ("torch", "triton"):
+                d = Dispatcher(dist.group.WORLD, placement, h, dtype, dcodec, ccodec, mode=backend, ll_capacity=cap,
+                               kernels=kernels)
+                recv_x, recv_ids, recv_w, handle = d.dispatch(x.to(dtype), ids, w)
+                expert_out = (recv_x.float() * 1.5 - 0.25).to(dtype)  # any per-row function
+                res.append((recv_x, recv_ids, recv_w, d.combine(expert_out, handle)))
+            out[f"{n}_{dcodec}+{ccodec}_{dtype}_{backend}"] = all(_equal(a, b) for a, b in zip(*res))
+    return out
+
+
+def _interpreter_cases() -> dict[str, bool]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ep_launch import run_ranks
+
+    out = _kernel_cases()
+    # The device check in benchmarks/ep_bench.py (bf16 there), run here in fp32 so that it cannot rot.
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from ep_bench import check_kernels
+
+    out["ep_bench_check_kernels"] = check_kernels(192, 4, torch.device("cpu"), torch.float32).endswith("references")
+    for rank, res in enumerate(run_ranks(_ep_ranks, 2, timeout_s=300)):
+        out.update({f"ep_rank{rank}_{name}": ok for name, ok in res.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_triton_row_kernels_match_the_torch_references(interpreter_results):
+    seed = interpreter_results.pop("seed")
+    assert len(interpreter_results) > 100
+    failed = [name for name, ok in interpreter_results.items() if not ok]
+    assert not failed, f"seed {seed}: {failed}"
+
+
+# ---- plain CPU ------------------------------------------------------------------------------------
+
+def test_references_cover_the_row_maps():
+    """encode_rows_ref's layouts, read back by hand: slots rows, fixed rows, zero padding, ids -1."""
+    from moeserve.kernels import wire_codecs as wc
+
+    x = torch.randn(3, 64)
+    dest = torch.tensor([[0, 2], [1, 0], [2, 2]])  # 2 ranks: token 2 goes nowhere
+    local = torch.tensor([[4, -1], [1, 3], [-1, -1]])
+    w = torch.rand(3, 2)
+    bpt = 64 * 4
+    rows = wc.encode_rows_ref(x, "none", torch.float32, 2 * 4, cap=4, dest=dest, local=local, weights=w)
+    view = rows.view(2, 4, -1)
+    assert torch.equal(view[0, 0, :bpt].view(torch.float32), x[0])
+    assert torch.equal(view[1, 1, :bpt].view(torch.float32), x[1])
+    assert not view[1, 0, :bpt].any() and not view[:, 2:, :bpt].any()  # no expert there, padding
+    ids = view[..., bpt:bpt + 8].clone().view(torch.int32)
+    assert ids[0, 0].tolist() == [4, -1] and ids[0, 1].tolist() == [-1, 3] and ids[1, 1].tolist() == [1, -1]
+    assert (ids[:, 2:] == -1).all() and (ids[1, 0] == -1).all()
+    slots = torch.tensor([[0, 1, -1], [-1, 2, -1]], dtype=torch.int32)
+    rows = wc.encode_rows_ref(x, "none", torch.float32, 3, slots=slots, dest=dest, local=local, weights=w)
+    assert torch.equal(rows[:, :bpt].clone().view(torch.float32), x[[0, 1, 1]])
+    y = wc.combine_rows_ref(rows[:, :bpt], "none", 64, torch.float32, torch.float32, 3, slots=slots)
+    assert torch.equal(y, torch.stack([x[0], x[1] + x[1], torch.zeros(64)]))
+
+
+def test_raw_decode_is_a_view_and_raw_encode_no_copy():
+    from moeserve.kernels import wire_codecs as wc
+
+    rows = torch.randint(0, 255, (5, 2 * 96 + 32), dtype=torch.uint8)
+    x, ids, w = wc.decode_rows(rows, "none", 96, torch.bfloat16, k=4)
+    assert x.data_ptr() == rows.data_ptr() and x.stride(0) == rows.shape[1] // 2 and ids.shape == (5, 4)
+    y = torch.randn(4, 96, dtype=torch.bfloat16)
+    assert wc.encode_rows(y, "none", torch.bfloat16).data_ptr() == y.data_ptr()
+
+
+if __name__ == "__main__":
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    results = _interpreter_cases()
+    results["seed"] = seed
+    print(json.dumps(results))
