@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true", help="also time the ll round trip captured in a CUDA graph")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="row kernels: Triton where it runs (auto) or the plain-torch references")
+    p.add_argument("--ht-chunks", type=int, default=1,
+                   help="token ranges the ht backend pipelines (codec passes overlap the transfers)")
     p.add_argument("--out", default=os.environ.get("OUT", "ep_bench_out"))
     p.add_argument("--timeout", type=float, default=300.0, help="deadline (s) for every collective")
     return p.parse_args(argv)
@@ -158,7 +160,7 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
     dcodec, ccodec = FORMATS[fmt]
     placement = Placement.contiguous(args.experts, world)
     d = Dispatcher(dist.group.WORLD, placement, args.hidden, torch.bfloat16, dcodec, ccodec, mode=backend,
-                   ll_capacity=tokens, device=device, kernels=args.kernels)
+                   ll_capacity=tokens, device=device, kernels=args.kernels, ht_chunks=args.ht_chunks)
     x, ids, w = routing(tokens, args, rank, device)
     recv_x, _, _, handle = d.dispatch(x, ids, w)
     # Free experts: the output buffer is ready (the routing, hence its shape, is the same every time).
@@ -273,7 +275,7 @@ def table(report: dict) -> str:
     peer = report["peer_copy_gbs"]
     lines = [f"EP dispatch+combine, {report['world']} x {report['device_name']}, hidden {report['hidden']}, "
              f"{report['experts']} experts, top-{report['topk']}; GPU0->GPU1 peer copy {_fmt(peer, '.0f')} GB/s",
-             f"row kernels: {report.get('kernels', 'n/a')}", "",
+             f"row kernels: {report.get('kernels', 'n/a')}; ht chunks: {report.get('ht_chunks', 1)}", "",
              "| tokens/rank | format | backend | B/token rt | round trip us | dispatch us | combine us | GB/s "
              "| x peer copy | vs bf16 | useful | graph us |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -323,7 +325,7 @@ def run(args, device: torch.device, peer: float | None) -> None:
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "world": world, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "hidden": args.hidden, "experts": args.experts, "topk": args.topk,
-              "peer_copy_gbs": peer, "kernels": kernels, "rows": rows, "all_to_all": a2a}
+              "peer_copy_gbs": peer, "kernels": kernels, "ht_chunks": args.ht_chunks, "rows": rows, "all_to_all": a2a}
     os.makedirs(args.out, exist_ok=True)
     text = table(report)
     with open(os.path.join(args.out, "ep_bench.json"), "w") as f:

@@ -45,6 +45,7 @@ from moeserve.kernels import wire_codecs
 BACKENDS = ("ht", "ll")
 KERNELS = ("auto", "triton", "torch")
 ENV_BACKEND = "MOESERVE_DISPATCH"
+ENV_HT_CHUNKS = "MOESERVE_EP_HT_CHUNKS"
 
 
 # ----------------------------------------------------------------------------- placement
@@ -139,8 +140,9 @@ class RoutingTable:
 @dataclass
 class HTHandle:
     slots: torch.Tensor  # [R, T] int32: row of the send buffer that carried token t to rank r, -1 if none
-    send_counts: list[int]  # rows sent to each rank
-    recv_counts: list[int]  # rows received from each rank
+    chunks: list[tuple[int, int]]  # token range of each chunk
+    send_counts: list[list[int]]  # [R][C] rows sent to each rank, per chunk
+    recv_counts: list[list[int]]  # [R][C] rows received from each rank, per chunk
     num_tokens: int
     dtype: torch.dtype
 
@@ -153,7 +155,11 @@ class LLHandle:
 
 
 class HighThroughputBackend:
-    """Counts first, then variable-split all_to_all of only the rows that exist."""
+    """Counts first, then variable-split all_to_all of only the rows that exist.
+
+    With ht_chunks C > 1 the tokens go in C ranges, one all_to_all each (asynchronous): chunk i + 1
+    is encoded while chunk i travels, and each chunk is decoded (or summed, in combine) as soon as
+    it lands, so the codec passes overlap the transfers instead of adding to them."""
 
     name = "ht"
 
@@ -162,24 +168,54 @@ class HighThroughputBackend:
 
     def dispatch(self, x, topk_ids, topk_weights, table):
         d = self.d
-        dest, local, hit = table.route(topk_ids, d.rank, d.num_ranks, with_hit=True, triton_ok=d.triton_ok)
-        # Send rows grouped by destination rank, then token: row of (r, t) = hits before it.
-        order = torch.cumsum(hit.view(-1), 0, dtype=torch.int32).view_as(hit) - 1
-        slots = torch.where(hit, order, -1)
-        send_counts, recv_counts = d.exchange_counts(hit.sum(dim=1))
-        rows = d.encode_rows(x, d.dispatch_codec, sum(send_counts), slots=slots, dest=dest, local=local,
-                             weights=topk_weights)
-        recv = rows.new_empty(sum(recv_counts), rows.shape[1])
-        d.all_to_all(recv, rows, recv_counts, send_counts)
-        recv_x, recv_ids, recv_w = d.decode_rows(recv, d.dispatch_codec, topk_ids.shape[1])
-        return recv_x.to(x.dtype), recv_ids, recv_w, HTHandle(slots, send_counts, recv_counts, x.shape[0], x.dtype)
+        t, k, r, c = x.shape[0], topk_ids.shape[1], d.num_ranks, d.ht_chunks
+        dest, local, hit = table.route(topk_ids, d.rank, r, with_hit=True, triton_ok=d.triton_ok)
+        # Send rows grouped by chunk, then destination rank, then token: the row of (r, t) is the
+        # number of hits before it in that order.
+        f = -(-t // c)  # tokens per chunk
+        hits = torch.nn.functional.pad(hit, (0, c * f - t)).view(r, c, f)
+        order = hits.transpose(0, 1).reshape(-1).cumsum(0, dtype=torch.int32).view(c, r, f).transpose(0, 1)
+        slots = torch.where(hit, order.reshape(r, c * f)[:, :t] - 1, -1)
+        send_counts, recv_counts = d.exchange_counts(hits.sum(dim=-1))
+        chunks = [(min(i * f, t), min((i + 1) * f, t)) for i in range(c)]
+        codec = d.dispatch_codec
+        rows = x.new_empty(sum(map(sum, send_counts)), d.bytes_per_row(k)[0], dtype=torch.uint8)
+        recv = rows.new_empty(sum(map(sum, recv_counts)), rows.shape[1])
+        works, spans, s0, r0 = [], [], 0, 0
+        for i, (a, b) in enumerate(chunks):
+            sc, rc = [n[i] for n in send_counts], [n[i] for n in recv_counts]
+            d.encode_rows(x[a:b], codec, slots=slots[:, a:b], dest=dest[a:b], local=local[a:b],
+                          weights=topk_weights[a:b], out=rows)
+            works.append(d.all_to_all(recv[r0:r0 + sum(rc)], rows[s0:s0 + sum(sc)], rc, sc, async_op=True))
+            spans.append((r0, r0 + sum(rc)))
+            s0, r0 = s0 + sum(sc), r0 + sum(rc)
+        n = recv.shape[0]
+        recv_x = (wire_codecs.raw_view(recv, d.hidden, codec.dtype) if codec.name == wire_codecs.RAW
+                  else torch.empty(n, d.hidden, dtype=codec.dtype, device=x.device))
+        recv_ids = torch.empty(n, k, dtype=torch.int64, device=x.device)
+        recv_w = torch.empty(n, k, dtype=torch.float32, device=x.device)
+        for work, (a, b) in zip(works, spans):
+            if work is not None:
+                work.wait()
+            d.decode_rows(recv[a:b], codec, k, out=(recv_x[a:b], recv_ids[a:b], recv_w[a:b]))
+        handle = HTHandle(slots, chunks, send_counts, recv_counts, t, x.dtype)
+        return recv_x.to(x.dtype), recv_ids, recv_w, handle
 
     def combine(self, expert_out, h: HTHandle):
         d = self.d
-        enc = d.encode_rows(expert_out, d.combine_codec)
-        back = enc.new_empty(sum(h.send_counts), enc.shape[1])
-        d.all_to_all(back, enc, h.send_counts, h.recv_counts)
-        return d.combine_rows(back, h.num_tokens, h.dtype, slots=h.slots)
+        y = torch.empty(h.num_tokens, d.hidden, dtype=h.dtype, device=expert_out.device)
+        back = expert_out.new_empty(sum(map(sum, h.send_counts)), d.bytes_per_row(0)[1], dtype=torch.uint8)
+        works, s0, r0 = [], 0, 0
+        for i in range(len(h.chunks)):
+            sc, rc = [n[i] for n in h.send_counts], [n[i] for n in h.recv_counts]
+            enc = d.encode_rows(expert_out[r0:r0 + sum(rc)], d.combine_codec)
+            works.append(d.all_to_all(back[s0:s0 + sum(sc)], enc, sc, rc, async_op=True))
+            s0, r0 = s0 + sum(sc), r0 + sum(rc)
+        for work, (a, b) in zip(works, h.chunks):
+            if work is not None:
+                work.wait()
+            d.combine_rows(back, b - a, h.dtype, slots=h.slots[:, a:b], out=y[a:b])
+        return y
 
 
 class LowLatencyBackend:
@@ -239,13 +275,16 @@ class Dispatcher:
 
     group: the EP process group; None means a single rank (no communication).
     kernels: "auto" (Triton where it runs), "triton" or "torch" (the references) for the row work.
+    ht_chunks: token ranges the high-throughput backend pipelines (default env MOESERVE_EP_HT_CHUNKS
+    or 1); every rank of the group must use the same number.
     One Dispatcher serves every MoE layer of a rank; each layer passes its own RoutingTable.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: Placement, hidden: int,
                  dtype: torch.dtype = torch.bfloat16, dispatch_codec: str | Codec = "none",
                  combine_codec: str | Codec = "none", mode: str | None = None, threshold: int = 128,
-                 ll_capacity: int | None = None, device: torch.device | str = "cpu", kernels: str = "auto"):
+                 ll_capacity: int | None = None, device: torch.device | str = "cpu", kernels: str = "auto",
+                 ht_chunks: int | None = None):
         self.group = group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.num_ranks = dist.get_world_size(group) if group is not None else 1
@@ -261,6 +300,10 @@ class Dispatcher:
             raise ValueError(f"kernels {kernels!r}: use one of {KERNELS}")
         # auto: Triton on CUDA (and under the interpreter in fp32/fp16), the torch references elsewhere
         self.triton_ok = {"auto": None, "triton": True, "torch": False}[kernels]
+        # Same on every rank (it sets the number of collectives): from the config, not the load.
+        self.ht_chunks = int(ht_chunks or os.environ.get(ENV_HT_CHUNKS) or 1)
+        if self.ht_chunks < 1:
+            raise ValueError(f"ht_chunks must be >= 1, got {self.ht_chunks}")
         self.mode = resolve_mode(mode)
         self.threshold = threshold
         # In auto mode 'll' runs only when max tokens per rank <= threshold, so that is enough room.
@@ -315,30 +358,34 @@ class Dispatcher:
 
     # -- collectives (skipped for a single rank) -------------------------------------------
 
-    def exchange_counts(self, send_counts: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Rows this rank sends to each rank -> (that, rows it receives from each rank); one host sync."""
+    def exchange_counts(self, send_counts: torch.Tensor) -> tuple[list, list]:
+        """Rows this rank sends to each rank ([R, ...]) -> (that, rows it receives from each rank),
+        as lists; one host sync."""
         if self.group is None:
             counts = send_counts.tolist()
             return counts, counts
+        send_counts = send_counts.contiguous()
         recv = torch.empty_like(send_counts)
         dist.all_to_all_single(recv, send_counts, group=self.group)
         send, recv = torch.stack([send_counts, recv]).tolist()
         return send, recv
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
-                   in_splits: list[int] | None = None) -> None:
+                   in_splits: list[int] | None = None, async_op: bool = False):
+        """Rows of inp to the ranks (in_splits rows each), rows from them into out; with async_op the
+        work to wait on (None for a single rank, which copies at once)."""
         if self.group is None:
             out.copy_(inp)
-            return
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+            return None
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
 
     # -- the row kernels, with this dispatcher's hidden size and kernel choice ----------------
 
     def encode_rows(self, x, codec: Codec, num_rows=None, **row_map) -> torch.Tensor:
         return wire_codecs.encode_rows(x, codec.name, codec.dtype, num_rows, triton_ok=self.triton_ok, **row_map)
 
-    def decode_rows(self, rows, codec: Codec, k: int):
-        return wire_codecs.decode_rows(rows, codec.name, self.hidden, codec.dtype, k, triton_ok=self.triton_ok)
+    def decode_rows(self, rows, codec: Codec, k: int, out=None):
+        return wire_codecs.decode_rows(rows, codec.name, self.hidden, codec.dtype, k, out, triton_ok=self.triton_ok)
 
     def combine_rows(self, rows, num_tokens: int, out_dtype: torch.dtype, **row_map) -> torch.Tensor:
         c = self.combine_codec

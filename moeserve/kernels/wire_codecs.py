@@ -1,8 +1,10 @@
 """Wire codecs of expert-parallel payloads, fused with the row copies of dispatch and combine.
 
-Three row operations, each a plain-torch reference (`*_ref`, the specification) and a Triton
-kernel that does it in one pass over the activations:
+Four operations, each a plain-torch reference (`*_ref`, the specification) and a Triton kernel
+that does it in one pass (one launch):
 
+  route         logical expert ids [T, k] -> destination rank and local slot of each, and which
+                ranks each token goes to
   encode_rows   x [T, H] -> send rows: gather (token t goes to every rank that holds one of its
                 experts), encode, and write the routing metadata, straight into the send buffer
   decode_rows   receive rows -> activations [N, H] and the metadata, straight from the buffer
@@ -28,6 +30,7 @@ Which row holds token t for rank r (encode_rows and combine_rows):
   cap           row r * cap + t for every r and t < cap (low-latency: fixed shapes); a row whose
                 token is padding (t >= T), or has no expert on rank r, carries zeros and ids -1
   neither       row t (one rank): plain encode
+`out=` writes into a given buffer, so that a caller can fill one buffer chunk by chunk.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import os
 
 import torch
 
-from moeserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, per_token_group_quant_fp8_ref, triton, triton_runs_on
+from moeserve.kernels.fp8 import FP8_DTYPE, per_token_group_quant_fp8_ref, triton, triton_runs_on
 
 if triton is not None:
     import triton.language as tl
@@ -79,7 +82,9 @@ def raw_view(rows: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tenso
     """The raw payload of rows [N, row_bytes] as dtype [N, hidden]: a strided view into the
     buffer when the rows are aligned (no copy), else a copy."""
     n = dtype.itemsize
-    if rows.is_contiguous() and rows.shape[1] % n == 0 and rows.storage_offset() % n == 0 and rows.shape[0]:
+    if rows.shape[0] == 0:
+        return torch.empty(0, hidden, dtype=dtype, device=rows.device)
+    if rows.is_contiguous() and rows.shape[1] % n == 0 and rows.storage_offset() % n == 0:
         return rows.view(dtype)[:, :hidden]
     return bytes_as(rows[:, :hidden * n], dtype).reshape(rows.shape[0], hidden)
 
@@ -202,53 +207,60 @@ def _row_map(num_ranks: int, num_tokens: int, slots, cap: int, dest):
     return rows, live
 
 
-def encode_rows_ref(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, local=None, weights=None):
+def encode_rows_ref(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, local=None, weights=None, out=None):
     t, h = x.shape
     bpt = payload_bytes(kind, h, dtype)
     k = dest.shape[1] if dest is not None else 0
-    out = torch.zeros(num_rows, bpt + 8 * k, dtype=torch.uint8, device=x.device)
-    out[:, bpt:bpt + 4 * k] = 0xFF  # ids -1 in rows no token fills
+    out = torch.empty(num_rows, bpt + 8 * k, dtype=torch.uint8, device=x.device) if out is None else out
     num_ranks = slots.shape[0] if slots is not None else (num_rows // cap if cap else 0)
-    if num_ranks == 0 or t == 0:
+    if num_ranks == 0:
         return out
     rows, live = _row_map(num_ranks, t, slots, cap, dest)
-    fill = [encode_ref(kind, x, dtype)]
+    payload = encode_ref(kind, x, dtype).expand(num_ranks, t, bpt)
+    meta = []
     if k:
         mine = dest[None] == torch.arange(num_ranks, device=x.device)[:, None, None]  # [R, T, k]
         ids = torch.where(mine, local[None], -1).to(torch.int32)
         w = torch.where(mine, weights[None].to(torch.float32), 0.0)
-        fill += [ids.view(torch.uint8).reshape(num_ranks, t, 4 * k), w.view(torch.uint8).reshape(num_ranks, t, 4 * k)]
-    payload = fill[0].expand(num_ranks, t, bpt)
+        meta = [ids.view(torch.uint8).reshape(num_ranks, t, 4 * k), w.view(torch.uint8).reshape(num_ranks, t, 4 * k)]
     if slots is None:  # every row of the fixed layout is written: no host sync, graph-capturable
-        payload = torch.where(live[..., None], payload, 0)
-        out.view(num_ranks, cap, -1)[:, :t] = torch.cat([payload] + fill[1:], dim=-1)
-    else:
+        view = out.view(num_ranks, cap, -1)
+        view[:, :t] = torch.cat([torch.where(live[..., None], payload, 0)] + meta, dim=-1)
+        view[:, t:] = 0
+        view[:, t:, bpt:bpt + 4 * k] = 0xFF  # padding rows: ids -1
+    elif t:
         r, i = live.nonzero(as_tuple=True)
-        out[rows[r, i]] = torch.cat([payload[r, i]] + [f[r, i] for f in fill[1:]], dim=-1)
+        out[rows[r, i]] = torch.cat([payload[r, i]] + [m[r, i] for m in meta], dim=-1)
     return out
 
 
-def decode_rows_ref(rows, kind, hidden, dtype, k=0):
+def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None):
     bpt = payload_bytes(kind, hidden, dtype)
     x = decode_ref(kind, rows, hidden, dtype)
     if not (k and rows.shape[0]):  # torch cannot reinterpret empty byte columns
-        return (x, torch.empty(rows.shape[0], k, dtype=torch.int64, device=rows.device),
-                torch.empty(rows.shape[0], k, dtype=torch.float32, device=rows.device))
-    ids = bytes_as(rows[:, bpt:bpt + 4 * k], torch.int32).to(torch.int64)
-    w = bytes_as(rows[:, bpt + 4 * k:bpt + 8 * k], torch.float32)
-    return x, ids, w
+        ids = torch.empty(rows.shape[0], k, dtype=torch.int64, device=rows.device)
+        w = torch.empty(rows.shape[0], k, dtype=torch.float32, device=rows.device)
+    else:
+        ids = bytes_as(rows[:, bpt:bpt + 4 * k], torch.int32).to(torch.int64)
+        w = bytes_as(rows[:, bpt + 4 * k:bpt + 8 * k], torch.float32)
+    if out is None:
+        return x, ids, w
+    if kind != RAW:
+        out[0].copy_(x)
+    out[1].copy_(ids)
+    out[2].copy_(w)
+    return (out[0] if kind != RAW else x), out[1], out[2]
 
 
-def combine_rows_ref(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=None, cap=0, dest=None):
+def combine_rows_ref(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=None, cap=0, dest=None, out=None):
     num_ranks = slots.shape[0] if slots is not None else (rows.shape[0] // cap if cap else 0)
     y = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=rows.device)
-    if num_ranks == 0 or num_tokens == 0 or rows.shape[0] == 0:
-        return y.to(out_dtype)
-    index, live = _row_map(num_ranks, num_tokens, slots, cap, dest)
-    for r in range(num_ranks):  # ranks in order, as the kernel adds them
-        part = decode_ref(kind, rows[index[r].clamp(min=0)], hidden, dtype).to(torch.float32)
-        y += torch.where(live[r, :, None], part, 0.0)
-    return y.to(out_dtype)
+    if num_ranks and num_tokens and rows.shape[0]:
+        index, live = _row_map(num_ranks, num_tokens, slots, cap, dest)
+        for r in range(num_ranks):  # ranks in order, as the kernel adds them
+            part = decode_ref(kind, rows[index[r].clamp(min=0)], hidden, dtype).to(torch.float32)
+            y += torch.where(live[r, :, None], part, 0.0)
+    return y.to(out_dtype) if out is None else out.copy_(y)
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -368,9 +380,11 @@ if triton is not None:
         chunk = tl.program_id(1)
         has_token = t < num_tokens
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
-        # (Masks from a width, not `vector & scalar`, which the interpreter cannot store with.)
-        width = tl.where(has_token, hidden, 0)
-        x = tl.load(x_ptr + t.to(tl.int64) * stride_x + offs, mask=offs < width, other=0.0).to(tl.float32)
+        # A branch rather than a mask on has_token: `offs < hidden` alone lets loads vectorize.
+        if has_token:
+            x = tl.load(x_ptr + t.to(tl.int64) * stride_x + offs, mask=offs < hidden, other=0.0).to(tl.float32)
+        else:
+            x = tl.zeros([CHUNK], dtype=tl.float32)
         if KIND == 0:
             body, scale = x.to(WIRE), 0
         elif KIND == 1:
@@ -379,7 +393,7 @@ if triton is not None:
             body, scale = _mxfp4_encode(x, CHUNK // 32)
         if META:
             j = tl.arange(0, KP)
-            jm = j < tl.where(has_token, top_k, 0)
+            jm = j < tl.where(has_token, top_k, 0)  # (not `vector & scalar`: the interpreter cannot mask with it)
             dest = tl.load(dest_ptr + t * top_k + j, mask=jm, other=-1)
             local = tl.load(local_ptr + t * top_k + j, mask=jm, other=-1).to(tl.int32)
             weight = tl.load(weight_ptr + t * top_k + j, mask=jm, other=0.0).to(tl.float32)
@@ -500,15 +514,15 @@ def route_triton(topk_ids, replica_slots, replica_count, rank, slots_per_rank, n
     return dest, local, hit
 
 
-def encode_rows_triton(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, local=None, weights=None):
+def encode_rows_triton(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, local=None, weights=None, out=None):
     t, h = x.shape
     bpt = payload_bytes(kind, h, dtype)
     k = dest.shape[1] if dest is not None else 0
-    out = torch.empty(num_rows, bpt + 8 * k, dtype=torch.uint8, device=x.device)
+    out = torch.empty(num_rows, bpt + 8 * k, dtype=torch.uint8, device=x.device) if out is None else out
     fixed = slots is None
-    num_ranks = num_rows // cap if fixed and cap else (0 if fixed else slots.shape[0])
+    num_ranks = (num_rows // cap if cap else 0) if fixed else slots.shape[0]
     grid_t = cap if fixed else t
-    if num_rows == 0 or grid_t == 0 or num_ranks == 0:
+    if out.shape[0] == 0 or grid_t == 0 or num_ranks == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     chunk = _chunk(h)
@@ -522,25 +536,28 @@ def encode_rows_triton(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, l
     return out
 
 
-def decode_rows_triton(rows, kind, hidden, dtype, k=0):
+def decode_rows_triton(rows, kind, hidden, dtype, k=0, out=None):
     n = rows.shape[0]
     bpt = payload_bytes(kind, hidden, dtype)
     payload = kind != RAW  # the raw payload is read in place, as a view
-    x = torch.empty(n, hidden, dtype=dtype, device=rows.device) if payload else raw_view(rows, hidden, dtype)
-    ids = torch.empty(n, k, dtype=torch.int64, device=rows.device)
-    w = torch.empty(n, k, dtype=torch.float32, device=rows.device)
+    if out is None:
+        out = (torch.empty(n, hidden, dtype=dtype, device=rows.device) if payload else None,
+               torch.empty(n, k, dtype=torch.int64, device=rows.device),
+               torch.empty(n, k, dtype=torch.float32, device=rows.device))
+    x, ids, w = out
+    x = x if payload else raw_view(rows, hidden, dtype)
     if n == 0 or not (payload or k):
         return x, ids, w
     chunk = _chunk(hidden)
     _decode_rows_kernel[(n, triton.cdiv(hidden, chunk) if payload else 1)](
-        rows, x if payload else ids, ids, w, hidden, bpt, k, rows.stride(0), x.stride(0),
+        rows, x if payload else ids, ids, w, hidden, bpt, k, rows.stride(0), x.stride(0) if payload else 0,
         KIND=_KIND_ID[kind], WIRE=_TL[dtype], PAYLOAD=payload, META=k > 0, CHUNK=chunk, KP=_kp(k),
         num_warps=NUM_WARPS)
     return x, ids, w
 
 
-def combine_rows_triton(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=None, cap=0, dest=None):
-    y = torch.empty(num_tokens, hidden, dtype=out_dtype, device=rows.device)
+def combine_rows_triton(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=None, cap=0, dest=None, out=None):
+    y = torch.empty(num_tokens, hidden, dtype=out_dtype, device=rows.device) if out is None else out
     fixed = slots is None
     num_ranks = (rows.shape[0] // cap if cap else 0) if fixed else slots.shape[0]
     if num_tokens == 0:
@@ -578,33 +595,36 @@ def route(topk_ids, replica_slots, replica_count, rank: int, slots_per_rank: int
 
 
 def encode_rows(x: torch.Tensor, kind: str, dtype: torch.dtype, num_rows: int | None = None, slots=None,
-                cap: int = 0, dest=None, local=None, weights=None, triton_ok: bool | None = None) -> torch.Tensor:
+                cap: int = 0, dest=None, local=None, weights=None, out=None,
+                triton_ok: bool | None = None) -> torch.Tensor:
     """x [T, H] -> uint8 rows [num_rows, payload_bytes (+ 8k with dest)]; the module docstring has the row
     maps. dest/local/weights [T, k]: expert ranks (R where none), local slots, router weights.
+    out: write into these rows instead (slots index out's rows; other rows are left alone).
     With no row map (rows = tokens) a raw payload of x's own dtype is x's bytes, not a copy."""
     num_rows = x.shape[0] if num_rows is None else num_rows
     if slots is None and not cap:
-        if kind == RAW and dest is None and x.dtype == dtype and x.is_contiguous():
+        if kind == RAW and dest is None and out is None and x.dtype == dtype and x.is_contiguous():
             return x.view(torch.uint8).view(x.shape[0], x.shape[1] * dtype.itemsize)
         cap = num_rows
     if triton_ok if triton_ok is not None else use_triton(x, x.dtype, dtype):
-        return encode_rows_triton(x, kind, dtype, num_rows, slots, cap, dest, local, weights)
-    return encode_rows_ref(x, kind, dtype, num_rows, slots, cap, dest, local, weights)
+        return encode_rows_triton(x, kind, dtype, num_rows, slots, cap, dest, local, weights, out)
+    return encode_rows_ref(x, kind, dtype, num_rows, slots, cap, dest, local, weights, out)
 
 
-def decode_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, k: int = 0,
+def decode_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, k: int = 0, out=None,
                 triton_ok: bool | None = None):
     """rows uint8 [N, row_bytes] -> (x [N, hidden] dtype, ids [N, k] int64, weights [N, k] fp32).
-    A raw payload comes back as a view into rows."""
+    A raw payload comes back as a view into rows. out: (x, ids, weights) to fill instead (x is
+    not used for a raw payload)."""
     if triton_ok if triton_ok is not None else use_triton(rows, dtype):
-        return decode_rows_triton(rows, kind, hidden, dtype, k)
-    return decode_rows_ref(rows, kind, hidden, dtype, k)
+        return decode_rows_triton(rows, kind, hidden, dtype, k, out)
+    return decode_rows_ref(rows, kind, hidden, dtype, k, out)
 
 
 def combine_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, out_dtype: torch.dtype,
-                 num_tokens: int, slots=None, cap: int = 0, dest=None, triton_ok: bool | None = None):
+                 num_tokens: int, slots=None, cap: int = 0, dest=None, out=None, triton_ok: bool | None = None):
     """Returned rows -> y [num_tokens, hidden] out_dtype: the sum over ranks of the decoded rows
-    that carried each token (slots, or cap with dest, as encode_rows placed them)."""
+    that carried each token (slots, or cap with dest, as encode_rows placed them). out: y to fill."""
     if triton_ok if triton_ok is not None else use_triton(rows, dtype, out_dtype):
-        return combine_rows_triton(rows, kind, hidden, dtype, out_dtype, num_tokens, slots, cap, dest)
-    return combine_rows_ref(rows, kind, hidden, dtype, out_dtype, num_tokens, slots, cap, dest)
+        return combine_rows_triton(rows, kind, hidden, dtype, out_dtype, num_tokens, slots, cap, dest, out)
+    return combine_rows_ref(rows, kind, hidden, dtype, out_dtype, num_tokens, slots, cap, dest, out)

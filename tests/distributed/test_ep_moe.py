@@ -1,7 +1,7 @@
 """Expert-parallel MoE over 2 and 4 gloo ranks equals the single-process fused_moe_ref over all
-experts, for both dispatch backends and every wire codec, with skewed routing (ranks that receive
-no tokens, ranks with no tokens of their own), redundant expert replicas, and after the balancer
-moves expert weights between ranks."""
+experts, for both dispatch backends (high-throughput also in pipelined chunks) and every wire
+codec, with skewed routing (ranks that receive no tokens, ranks with no tokens of their own),
+redundant expert replicas, and after the balancer moves expert weights between ranks."""
 
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ def _correctness(rank, world):
             x = x32.to(dtype)
             ref_x = fp8_activations(x) if dcodec == "fp8q" else x
             ref = fused_moe_ref(ref_x, w13.to(dtype), w2.to(dtype), w, ids)
-            for backend in ("ht", "ll"):
-                d = Dispatcher(dist.group.WORLD, placement, H, dtype, dcodec.rstrip("q"), ccodec, mode=backend,
-                               ll_capacity=CAPACITY)
+            for backend in ("ht", "ll", "ht3"):  # ht3: three pipelined chunks (some ranks' chunks empty)
+                d = Dispatcher(dist.group.WORLD, placement, H, dtype, dcodec.rstrip("q"), ccodec, mode=backend[:2],
+                               ll_capacity=CAPACITY, ht_chunks=int(backend[2:] or 1))
                 layer = local_layer(placement, rank, d, w13.to(dtype), w2.to(dtype))
                 recv_x, recv_ids, _, handle = d.dispatch(x, ids, w)
                 d.combine(torch.zeros_like(recv_x), handle)
