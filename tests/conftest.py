@@ -9,6 +9,10 @@ from tests.helpers import ServerProcess
 
 # CI has 2 cores and pytest-xdist runs 2 workers: one thread each.
 torch.set_num_threads(1)
+# ... and one for each server, engine and interpreter process they start: two-thread OpenMP pools in
+# several processes on 2 cores spin against each other (a 300-token request beside another server
+# test took over 30 s instead of ~2 s)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -9,10 +9,16 @@ The cache is split into fixed-size blocks; a sequence's tokens live in the block
 - `paged_decode`: one query token per sequence, grouped-query attention over K/V caches.
 - `varlen_attention`: prefill over sequences packed back to back (no padding); each sequence's
   queries are the last q_len of its k_len keys (prefix context already in the cache), causal.
+  K/V are given packed by sequence (MLA's expanded form).
+- `paged_prefill`: the same, with K/V read from paged GQA caches through the block tables.
+
+The prefill entry points take an optional `memo`, a dict that lives as long as one step's batch:
+the Triton path keeps its launch table there, so only a step's first layer copies it to the GPU.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -23,6 +29,44 @@ def gather_paged(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torc
     nblk = (max_len + block_size - 1) // block_size
     blocks = cache[block_tables[:, :nblk].long()]  # [B, nblk, block_size, ...]
     return blocks.reshape(blocks.shape[0], nblk * block_size, *cache.shape[2:])[:, :max_len]
+
+
+def memoized(memo: dict | None, key: tuple, build):
+    """build(), kept in `memo` (one step's batch) under key so that the step's other layers reuse it."""
+    if memo is None:
+        return build()
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on device without waiting: a pageable copy would stall the host until the
+    GPU has drained its queue, once per layer."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def gather_sequences(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: list[int],
+                     memo: dict | None = None) -> torch.Tensor:
+    """The first seq_lens[b] entries of every sequence b, back to back: [sum(seq_lens), *entry], one
+    indexing op for the whole batch."""
+    block_size = cache.shape[1]
+
+    def slots():
+        lens = np.asarray(seq_lens, dtype=np.int64)
+        rows = np.repeat(np.arange(lens.size), lens)
+        pos = np.arange(rows.size) - np.repeat(np.cumsum(lens) - lens, lens)
+        idx = to_device_async(np.stack([rows, pos // block_size, pos % block_size]), block_tables.device)
+        return block_tables[idx[0], idx[1]].long() * block_size + idx[2]
+
+    return _index_rows(cache.view(-1, *cache.shape[2:]), memoized(memo, ("gather_slots", block_size), slots))
+
+
+def _index_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    if flat.dtype == torch.float8_e4m3fn:  # move the bytes: indexing kernels are not all built for float8
+        return flat.view(torch.uint8)[rows].view(flat.dtype)
+    return flat[rows]
 
 
 def _length_mask(seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -79,6 +123,17 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     return out
 
 
+def paged_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      query_lens: list[int], seq_lens: list[int], scale: float,
+                      memo: dict | None = None) -> torch.Tensor:
+    """q [sum(query_lens), H, D], k_cache/v_cache [NB, BS, Hkv, D] -> [Tq, H, D]: the sequences' keys
+    gathered from the cache, then varlen_attention_ref."""
+    keys = gather_sequences(k_cache, block_tables, seq_lens, memo)
+    vals = gather_sequences(v_cache, block_tables, seq_lens, memo)
+    cu_q, cu_k = np.cumsum([0, *query_lens]).tolist(), np.cumsum([0, *seq_lens]).tolist()
+    return varlen_attention_ref(q, keys, vals, cu_q, cu_k, scale)
+
+
 def _use_triton(q: torch.Tensor, *caches: torch.Tensor) -> bool:
     from moeserve.kernels.fp8 import triton_runs_on
 
@@ -101,15 +156,25 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
     return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
-    """Prefill. On GPU each sequence goes through PyTorch's fused SDPA (flash / memory-efficient
-    kernels, no [q, k] score matrix in HBM); elsewhere the reference."""
-    if not q.is_cuda:
-        return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
-    return varlen_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, memo=None):
+    """Prefill over packed K/V: one Triton launch for all sequences where Triton runs, else the reference."""
+    if _use_triton(q, k, v):
+        from moeserve.kernels.attention_triton import varlen_attention_triton
+        return varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, memo)
+    return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+
+
+def paged_prefill(q, k_cache, v_cache, block_tables, query_lens, seq_lens, scale, memo=None):
+    """Prefill over the paged GQA caches: one Triton launch, K/V read in place through the block
+    tables, where Triton runs; else gathered and the reference."""
+    if _use_triton(q, k_cache, v_cache):
+        from moeserve.kernels.attention_triton import paged_prefill_triton
+        return paged_prefill_triton(q, k_cache, v_cache, block_tables, query_lens, seq_lens, scale, memo)
+    return paged_prefill_ref(q, k_cache, v_cache, block_tables, query_lens, seq_lens, scale, memo)
 
 
 def varlen_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
+    """The former GPU prefill path, one SDPA call per sequence; kept as the benchmark's baseline."""
     import torch.nn.functional as F
 
     num_heads, num_kv = q.shape[1], k.shape[1]

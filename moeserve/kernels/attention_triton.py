@@ -1,6 +1,6 @@
-"""Triton decode attention over the paged KV cache (split-KV, a.k.a. flash-decoding).
+"""Triton attention over the paged KV cache: split-KV decode (a.k.a. flash-decoding) and varlen prefill.
 
-One query token per sequence. A decode batch is often small while each sequence is long, so
+Decode: one query token per sequence. A decode batch is often small while each sequence is long, so
 parallelizing over (sequence, head) alone leaves most SMs idle. Each sequence's context is
 therefore cut into `num_splits` contiguous pieces; one program per (sequence, head block, split)
 runs an online softmax over its piece and writes a partial output normalized by its own sum plus
@@ -14,6 +14,16 @@ The cache may be bf16/fp16/fp32 or float8_e4m3fn (scale 1.0): tiles are upcast t
 after the load. Slots past seq_len (and block-table entries past the last used block) are never
 loaded, so they may hold anything, NaN included. The number of splits depends only on the batch
 and head shapes, never on seq_lens values, so the call is CUDA-graph safe (no host sync).
+
+Prefill: one launch for all prefill sequences of a layer (the per-sequence loop it replaces was
+launch-bound). Program (head, i) serves BLOCK_M queries of one sequence for one query head: the
+host lists each sequence's query blocks in a small table (from host lengths, no device sync) and
+the kernel runs a causal online softmax over the keys the block can see. Keys come straight from
+the paged cache through the block table (GQA: query head h reads KV head h // group), or from K/V
+packed by sequence (MLA's expanded form, whose K/V kv_b_proj makes and nothing caches). A
+sequence's queries are the last q_len of its seq_len positions; the prefix before them
+(prefix-cache hits, earlier chunks) is attended in full. Key tiles wholly before a block's first
+query need no mask; only the diagonal tiles get one.
 """
 
 from __future__ import annotations
@@ -21,12 +31,18 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.attention import memoized, to_device_async
+
 MAX_SPLITS = 32
 MIN_HEAD_BLOCK = 16  # tl.dot needs M >= 16
+# prefill launch table, one row per program: (block-table row, first query token, q_len, k_len,
+# first key token (contiguous K/V), first query of the block within the sequence)
+PLAN_COLS = tl.constexpr(6)
 
 
 @triton.jit
@@ -187,6 +203,110 @@ def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_heads, num_splits, stri
     tl.store(out_ptr + b * stride_out_b + h * stride_out_h + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+@triton.jit
+def _prefill_tile(acc, m_i, l_i, q1, q2, k_head, v_head, bt_row, k_start, n0, end, pos, qk_scale_log2,
+                  stride_k_page, stride_k_tok, stride_v_page, stride_v_tok,
+                  QK_DIM1: tl.constexpr, QK_DIM2: tl.constexpr, BLOCK_D2: tl.constexpr, V_DIM: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) (those < end) into the running softmax of one query block."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    valid = offs_n < end
+    if PAGED:
+        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        tok = (offs_n % PAGE_SIZE).to(tl.int64)
+        k_rows = page * stride_k_page + tok * stride_k_tok
+        v_rows = page * stride_v_page + tok * stride_v_tok
+    else:  # packed by sequence: this sequence's keys start at token k_start
+        tok = (k_start + offs_n).to(tl.int64)
+        k_rows = tok * stride_k_tok
+        v_rows = tok * stride_v_tok
+    offs_d1 = tl.arange(0, QK_DIM1)
+    k1 = tl.load(k_head + k_rows[:, None] + offs_d1[None, :], mask=valid[:, None], other=0.0).to(q1.dtype)
+    s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+    if QK_DIM2 > 0:
+        offs_d2 = tl.arange(0, BLOCK_D2)
+        k2 = tl.load(k_head + k_rows[:, None] + QK_DIM1 + offs_d2[None, :],
+                     mask=valid[:, None] & (offs_d2 < QK_DIM2)[None, :], other=0.0).to(q1.dtype)
+        s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+    if CAUSAL:  # the diagonal tiles: key n is visible to the query at position p when n <= p
+        s = tl.where(valid[None, :] & (offs_n[None, :] <= pos[:, None]), s * qk_scale_log2, float("-inf"))
+    else:
+        s = s * qk_scale_log2
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    v = tl.load(v_head + v_rows[:, None] + offs_dv[None, :], mask=valid[:, None] & (offs_dv < V_DIM)[None, :],
+                other=0.0).to(q1.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _varlen_prefill_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, plan_ptr, bt_ptr, qk_scale_log2,
+        stride_q_tok, stride_q_head, stride_k_page, stride_k_tok, stride_k_head,
+        stride_v_page, stride_v_tok, stride_v_head, stride_o_tok, stride_o_head, stride_bt,
+        GROUP: tl.constexpr, QK_DIM1: tl.constexpr, QK_DIM2: tl.constexpr, BLOCK_D2: tl.constexpr,
+        V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # heads on the fastest grid axis: the query heads of one KV head run side by side and share its
+    # tiles in L2
+    head = tl.program_id(0)
+    row = plan_ptr + tl.program_id(1) * PLAN_COLS
+    seq = tl.load(row)
+    q_start = tl.load(row + 1)
+    q_len = tl.load(row + 2)
+    k_len = tl.load(row + 3)
+    k_start = tl.load(row + 4)
+    m0 = tl.load(row + 5)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    pos = k_len - q_len + offs_m  # the queries are the last q_len of the sequence's k_len positions
+    q_rows = (q_start + offs_m).to(tl.int64) * stride_q_tok + head * stride_q_head
+    offs_d1 = tl.arange(0, QK_DIM1)
+    q1 = tl.load(q_ptr + q_rows[:, None] + offs_d1[None, :], mask=m_mask[:, None], other=0.0)
+    if QK_DIM2 > 0:  # a qk dim that is not a power of two (MLA: 128 + 64) as two dots, no padding to 256
+        offs_d2 = tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_ptr + q_rows[:, None] + QK_DIM1 + offs_d2[None, :],
+                     mask=m_mask[:, None] & (offs_d2 < QK_DIM2)[None, :], other=0.0)
+    else:
+        q2 = q1
+
+    kv_head = (head // GROUP).to(tl.int64)
+    k_head = k_ptr + kv_head * stride_k_head
+    v_head = v_ptr + kv_head * stride_v_head
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # keys below the block's first position are visible to all its queries: whole tiles of them need
+    # no mask; the rest, up to the last query's position (or the sequence end), go through the causal one
+    end = tl.minimum(k_len, k_len - q_len + m0 + BLOCK_M)
+    full_end = (k_len - q_len + m0 + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q1, q2, k_head, v_head, bt_row, k_start, n0, end, pos,
+                                      qk_scale_log2, stride_k_page, stride_k_tok, stride_v_page, stride_v_tok,
+                                      QK_DIM1, QK_DIM2, BLOCK_D2, V_DIM, BLOCK_DV, BLOCK_N, PAGED, PAGE_SIZE,
+                                      False, DOT_PRECISION)
+    for n0 in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q1, q2, k_head, v_head, bt_row, k_start, n0, end, pos,
+                                      qk_scale_log2, stride_k_page, stride_k_tok, stride_v_page, stride_v_tok,
+                                      QK_DIM1, QK_DIM2, BLOCK_D2, V_DIM, BLOCK_DV, BLOCK_N, PAGED, PAGE_SIZE,
+                                      True, DOT_PRECISION)
+
+    # every query sees key 0, so l_i > 0 on the rows that are stored
+    out = acc / l_i[:, None]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_rows = (q_start + offs_m).to(tl.int64) * stride_o_tok + head * stride_o_head
+    tl.store(out_ptr + o_rows[:, None] + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (offs_dv < V_DIM)[None, :])
+
+
 # ---- host side ----------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=8)
@@ -282,3 +402,79 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
     return _merge(part, lse, out, head_dim)
+
+
+def prefill_plan(q_lens: list[int], k_lens: list[int], block_m: int, device: torch.device) -> torch.Tensor:
+    """The prefill launch table [programs, PLAN_COLS] int32, built on the host from host lengths.
+
+    Sequences with no queries get no program. Rows are ordered by the keys their block sees, most
+    first, so the long diagonal blocks of a long sequence do not start in the last wave.
+    """
+    q = np.asarray(q_lens, dtype=np.int64)
+    k = np.asarray(k_lens, dtype=np.int64)
+    assert q.shape == k.shape and (k >= q).all(), "each sequence needs k_len >= q_len"
+    blocks = -(-q // block_m)
+    seq = np.repeat(np.arange(q.size), blocks)
+    m0 = (np.arange(seq.size) - np.repeat(np.cumsum(blocks) - blocks, blocks)) * block_m
+    q_start, k_start = np.cumsum(q) - q, np.cumsum(k) - k
+    plan = np.stack([seq, q_start[seq], q[seq], k[seq], k_start[seq], m0], axis=1)
+    plan = plan[np.argsort(-(k[seq] - q[seq] + np.minimum(m0 + block_m, q[seq])), kind="stable")]
+    return to_device_async(plan.astype(np.int32), device)
+
+
+def _prefill_launch(q, k, v, plan, block_tables, paged, page_size, scale, block_m, block_n, num_warps,
+                    num_stages):
+    """k/v: caches [NB, page, Hkv, D] (paged) or packed tensors [Tk, Hkv, D] (strided views welcome)."""
+    num_tokens, num_heads, qk_dim = q.shape
+    num_kv, v_dim = k.shape[-2], v.shape[-1]
+    assert num_heads % num_kv == 0 and v.shape[-2] == num_kv and k.shape[-1] == qk_dim
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "rows must be contiguous in the last dim"
+    assert qk_dim >= 16 and v_dim >= 16, "tl.dot needs dims >= 16"
+    assert plan.dtype == torch.int32 and plan.shape[1] == PLAN_COLS.value and plan.is_contiguous()
+    out = torch.empty(num_tokens, num_heads, v_dim, dtype=q.dtype, device=q.device)
+    if plan.shape[0] == 0:
+        return out
+    assert plan.shape[0] < 65536, "query blocks go on grid axis 1 (at most 65535): raise block_m"
+    dim1 = 1 << (qk_dim.bit_length() - 1)  # the largest power of two <= qk_dim
+    if paged:  # [NB, page, Hkv, D]
+        k_page, k_tok, v_page, v_tok = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+    else:  # [Tk, Hkv, D]
+        k_page, k_tok, v_page, v_tok = 0, k.stride(0), 0, v.stride(0)
+    _varlen_prefill_kernel[(num_heads, plan.shape[0])](
+        q, k, v, out, plan, block_tables, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_page, k_tok, k.stride(-2), v_page, v_tok, v.stride(-2),
+        out.stride(0), out.stride(1), block_tables.stride(0) if paged else 0,
+        GROUP=num_heads // num_kv, QK_DIM1=dim1, QK_DIM2=qk_dim - dim1,
+        BLOCK_D2=max(16, triton.next_power_of_2(qk_dim - dim1)), V_DIM=v_dim,
+        BLOCK_DV=triton.next_power_of_2(v_dim), BLOCK_M=block_m, BLOCK_N=block_n, PAGED=paged,
+        PAGE_SIZE=page_size, DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def paged_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         query_lens: list[int], seq_lens: list[int], scale: float, memo: dict | None = None,
+                         block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+                         num_stages: int = 2) -> torch.Tensor:
+    """q [sum(query_lens), H, D] packed by sequence, k_cache/v_cache [NB, BS, Hkv, D] -> [Tq, H, D] (q dtype).
+
+    Sequence b's keys are the first seq_lens[b] tokens of block_tables row b; its queries are the
+    last query_lens[b] of them. Lengths are host lists (prefill steps are not graph-captured).
+    """
+    assert block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert block_tables.shape[0] == len(query_lens) == len(seq_lens) and v_cache.shape == k_cache.shape
+    assert q.shape[0] == sum(query_lens)
+    plan = memoized(memo, ("paged_prefill", block_m), lambda: prefill_plan(query_lens, seq_lens, block_m, q.device))
+    return _prefill_launch(q, k_cache, v_cache, plan, block_tables, True, k_cache.shape[1], scale, block_m,
+                           block_n, num_warps, num_stages)
+
+
+def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: list[int],
+                            cu_seqlens_k: list[int], scale: float, memo: dict | None = None, block_m: int = 64,
+                            block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """q [Tq, H, Dqk], k [Tk, Hkv, Dqk], v [Tk, Hkv, Dv] packed by sequence -> [Tq, H, Dv] (q dtype)."""
+    def build():
+        assert cu_seqlens_q[0] == 0 and cu_seqlens_k[0] == 0 and cu_seqlens_q[-1] == q.shape[0]
+        return prefill_plan(np.diff(cu_seqlens_q), np.diff(cu_seqlens_k), block_m, q.device)
+
+    plan = memoized(memo, ("varlen_prefill", block_m), build)
+    return _prefill_launch(q, k, v, plan, plan, False, 1, scale, block_m, block_n, num_warps, num_stages)

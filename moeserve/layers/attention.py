@@ -13,13 +13,13 @@ space, values projected out of it after attention); prefill expands the latent w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.kernels.attention import mla_decode, paged_decode, varlen_attention
+from moeserve.kernels.attention import gather_sequences, mla_decode, paged_decode, paged_prefill, varlen_attention
 from moeserve.layers.linear import Linear
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
@@ -33,6 +33,9 @@ class AttentionMetadata:
     query_lens: list[int]  # host copy: new tokens per sequence
     seq_lens_cpu: list[int]  # host copy of seq_lens
     num_decodes: int  # the first num_decodes sequences have query length 1
+    # what the step's first layer derives for the prefill kernels (launch table, gather slots), for
+    # the other layers to reuse
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_prefills(self) -> int:
@@ -74,7 +77,8 @@ def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.T
 
 
 def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first seq_len cache entries of one sequence, in order: [seq_len, *entry]."""
+    """The first seq_len cache entries of one sequence, in order: [seq_len, *entry]. (A whole
+    batch's prefill sequences in one call: kernels.attention.gather_sequences.)"""
     block_size = cache.shape[1]
     nblk = -(-seq_len // block_size)
     return cache[block_table[:nblk].long()].reshape(nblk * block_size, *cache.shape[2:])[:seq_len]
@@ -152,15 +156,15 @@ class MLAAttention(nn.Module):
     def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Expanded form: the prefill sequences' whole latent (prefix + new) through kv_b_proj."""
         nd = meta.num_decodes
-        entries = torch.cat([gather_sequence(self.kv_cache, meta.block_tables[b], meta.seq_lens_cpu[b])
-                             for b in range(nd, len(meta.query_lens))]).to(q_nope.dtype)
+        entries = gather_sequences(self.kv_cache, meta.block_tables[nd:], meta.seq_lens_cpu[nd:],
+                                   meta.memo).to(q_nope.dtype)
         latent, k_pe = entries.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         cu_q, cu_k = _prefill_cu_lens(meta)
-        return varlen_attention(q, k, v.contiguous(), cu_q, cu_k, self.scale)
+        return varlen_attention(q, k, v, cu_q, cu_k, self.scale, meta.memo)
 
 
 class GQAAttention(nn.Module):
@@ -203,10 +207,6 @@ class GQAAttention(nn.Module):
             out[:nd] = paged_decode(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd],
                                     meta.seq_lens[:nd], self.scale)
         if meta.num_prefills:
-            seqs = range(nd, len(meta.query_lens))
-            keys = torch.cat([gather_sequence(k_cache, meta.block_tables[b], meta.seq_lens_cpu[b]) for b in seqs])
-            vals = torch.cat([gather_sequence(v_cache, meta.block_tables[b], meta.seq_lens_cpu[b]) for b in seqs])
-            cu_q, cu_k = _prefill_cu_lens(meta)
-            out[nd:] = varlen_attention(q[nd:].contiguous(), keys.to(q.dtype), vals.to(q.dtype), cu_q, cu_k,
-                                        self.scale)
+            out[nd:] = paged_prefill(q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.query_lens[nd:],
+                                     meta.seq_lens_cpu[nd:], self.scale, meta.memo)
         return self.o_proj(out.view(t, self.num_heads * self.head_dim))
