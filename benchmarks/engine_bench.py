@@ -320,6 +320,8 @@ def main() -> int:
             print(f"  fp8 batch {b}: step {r['decode_step_ms']:.2f} ms, roofline {roof['ms']:.2f} ms, "
                   f"vs bf16 {r['vs_bf16_step']}", flush=True)
         report["fp8"] = fp8_cases
+        if args.profile_batch and args.profile_batch <= max(fp8_batches):
+            report["fp8_profile"] = profile_decode(engine, args.profile_batch, args.isl)
         free(engine)
         engine = None
 
