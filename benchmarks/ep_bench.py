@@ -69,6 +69,7 @@ def parse_args(argv=None):
                    help="row kernels: Triton where it runs (auto) or the plain-torch references")
     p.add_argument("--ht-chunks", type=int, default=1,
                    help="token ranges the ht backend pipelines (codec passes overlap the transfers)")
+    p.add_argument("--profile", action="store_true", help="print rank 0's top GPU kernels for each case")
     p.add_argument("--out", default=os.environ.get("OUT", "ep_bench_out"))
     p.add_argument("--timeout", type=float, default=300.0, help="deadline (s) for every collective")
     return p.parse_args(argv)
@@ -188,7 +189,28 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
            + d.combine_codec.bytes_per_token(args.hidden)}
     if args.graph and backend == "ll" and device.type == "cuda":
         row["graph_round_trip_us"] = graph_round_trip(round_trip, args, device)
+    if args.profile and device.type == "cuda":
+        row["profile"] = profile_round_trip(round_trip, f"{fmt} {backend} {tokens} tokens/rank")
     return row
+
+
+def profile_round_trip(fn, title: str, iters: int = 5) -> str | None:
+    """Rank 0's GPU kernels over a few round trips (every rank runs them: the collectives pair up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    if dist.get_rank() != 0:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        return None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    text = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=48)
+    print(f"profile, {title}, {iters} round trips (rank 0):\n{text}", flush=True)
+    return text
 
 
 def graph_round_trip(fn, args, device) -> float | str:
