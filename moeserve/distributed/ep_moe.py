@@ -7,6 +7,11 @@ fused_moe over all experts would. Shared experts are not communicated: the calle
 
 Each forward also adds its per-expert token counts (logical ids, (token, expert) pairs) to the
 balancer if one is attached; apply_placement moves expert weights to a new placement.
+
+Under the engine, rows past the step's real token count (the padding of a CUDA-graph batch, the
+one-token dummy batch of a rank with no requests) route to no expert: they are not sent, not
+computed and not counted, so they neither cost wire bytes in the high-throughput path nor skew
+the balancer towards the experts that token id 0 happens to pick.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class ExpertParallelMoE:
 
     def __init__(self, dispatcher: Dispatcher, placement: Placement, w13: torch.Tensor, w2: torch.Tensor,
                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                 block: tuple[int, int] = (128, 128), balancer: Balancer | None = None, layer: int = 0):
+                 block: tuple[int, int] = (128, 128), balancer: Balancer | None = None, layer: int = 0,
+                 valid_tokens: torch.Tensor | None = None):
         spr = placement.slots_per_rank
         if w13.shape[0] != spr or w2.shape[0] != spr:
             raise ValueError(f"this rank holds {spr} expert slots; got w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
@@ -40,6 +46,7 @@ class ExpertParallelMoE:
         self.w13, self.w2, self.w13_scale, self.w2_scale = w13, w2, w13_scale, w2_scale
         self.block = tuple(block)
         self.balancer, self.layer = balancer, layer
+        self.valid_tokens = valid_tokens  # [1] int64 on the device: rows at or past it are padding
 
     @property
     def rank(self) -> int:
@@ -49,6 +56,9 @@ class ExpertParallelMoE:
         return self.forward(x, topk_ids, topk_weights)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.valid_tokens is not None:  # a device-side compare: no host sync, graph-capturable
+            rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
+            topk_ids = torch.where((rows < self.valid_tokens)[:, None], topk_ids, -1)
         if self.balancer is not None:
             self.balancer.record(expert_counts(topk_ids, self.placement.num_experts), self.layer)
         recv_x, recv_ids, recv_w, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights, self.table)
@@ -93,6 +103,8 @@ class EPRuntime:
         self.num_rebalances = 0
         self.bytes_moved = 0  # expert weight bytes this rank received in rebalances
         self.steps = 0
+        # This step's real token count (begin_step); a fixed buffer, so CUDA graphs read the new value.
+        self.valid_tokens = torch.full((1,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
 
     @property
     def rank(self) -> int:
@@ -105,7 +117,7 @@ class EPRuntime:
 
     def register(self, w13, w2, w13_scale=None, w2_scale=None, block=(128, 128)) -> ExpertParallelMoE:
         layer = ExpertParallelMoE(self.dispatcher, self.placement, w13, w2, w13_scale, w2_scale, block,
-                                  layer=len(self.layers))
+                                  layer=len(self.layers), valid_tokens=self.valid_tokens)
         self.layers.append(layer)
         return layer
 
@@ -124,7 +136,9 @@ class EPRuntime:
         return 0 if self.dispatcher.mode == "ht" else self.dispatcher.ll_capacity
 
     def begin_step(self, num_tokens: int, global_max: int) -> str:
+        """num_tokens: this rank's real tokens this step (0 for a dummy batch); rows past it are padding."""
         self.start()
+        self.valid_tokens.fill_(num_tokens)
         return self.dispatcher.begin_step(num_tokens, global_max)
 
     @torch.no_grad()

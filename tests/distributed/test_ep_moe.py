@@ -207,3 +207,38 @@ def test_expert_parallel_moe(world):
     assert sum(b["moved"] for b in bal) > 0
     assert _rel([b["err_after"] for b in bal]) < 1e-5
     assert _rel([b["diff"] for b in bal]) < 1e-5
+
+
+def _padding(rank, world):
+    """Through EPRuntime as the engine drives it: rank 0 has 3 real tokens in a batch padded to 5
+    (a CUDA-graph batch), rank 1 runs a one-token dummy batch. Padding rows route nowhere: the
+    balancer counts only real (token, expert) pairs, and the real rows' output is unchanged."""
+    from moeserve.distributed.ep_moe import EPRuntime, expert_counts
+
+    w13, w2 = full_weights(seed=5)
+    rt = EPRuntime(dist.group.WORLD, world, E, H, torch.float32, torch.device("cpu"), mode="ll",
+                   ll_capacity=8, eplb_interval=100, eplb_window=4)
+    mine = rt.placement.rank_experts(rank)
+    layer = rt.register(w13[mine].clone(), w2[mine].clone())
+    rt.start()
+    real = 3 if rank == 0 else 0
+    x, ids, w = tokens(rank, 5 if rank == 0 else 1, E, seed=40)
+    ids[real:] = 0  # padding rows look like token id 0's routing: the same experts every step
+    rt.begin_step(real, 5)
+    y = layer(x, ids, w)
+    counted = rt.balancer.current[0].clone()
+    dist.all_reduce(counted)
+    expected = expert_counts(ids[:real], E)
+    dist.all_reduce(expected)
+    return {"counted": counted.tolist(), "expected": expected.tolist(),
+            "sq": _sq(y[:real], fused_moe_ref(x[:real], w13, w2, w[:real], ids[:real])),
+            "pad_zero": bool((y[real:] == 0).all())}
+
+
+def test_padding_rows_route_nowhere():
+    results = run_ranks(_padding, 2, timeout_s=60)
+    for r in results:
+        assert r["counted"] == r["expected"], r
+        assert r["pad_zero"]
+    assert sum(results[0]["expected"]) == 3 * K
+    assert _rel([r["sq"] for r in results]) < 1e-5
