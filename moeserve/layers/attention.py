@@ -20,7 +20,7 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.kernels.attention import gather_sequences, mla_decode, paged_decode, paged_prefill, varlen_attention
-from moeserve.layers.linear import Linear
+from moeserve.layers.linear import Linear, column_parallel, row_parallel, tp_world
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 
@@ -93,27 +93,37 @@ def _prefill_cu_lens(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
 
 
 class MLAAttention(nn.Module):
+    """Under tensor parallelism each rank holds num_heads / tp heads: q_proj (or q_b_proj) and
+    kv_b_proj split by heads, o_proj row-parallel; q_a / kv_a projections and the latent KV cache
+    are replicated (the latent is per token, not per head), and the absorbed decode form uses
+    the local heads' slices of kv_b_proj."""
+
     def __init__(self, cfg: ModelConfig, quant: str | None = None):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
+        tp = tp_world()[0]
+        if cfg.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads {cfg.num_attention_heads} does not split over tp={tp}")
+        self.num_heads = cfg.num_attention_heads // tp  # this rank's heads
+        heads = cfg.num_attention_heads
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.q_lora_rank = cfg.q_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
         block = cfg.weight_block_size
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(cfg.hidden_size, self.num_heads * qk_dim, quant=quant, block=block)
+            self.q_proj = column_parallel(cfg.hidden_size, heads * qk_dim, quant=quant, block=block, name="q_proj")
         else:
             self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias, quant=quant, block=block)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, self.num_heads * qk_dim, quant=quant, block=block)
+            self.q_b_proj = column_parallel(cfg.q_lora_rank, heads * qk_dim, quant=quant, block=block,
+                                            name="q_b_proj")
         self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.kv_lora_rank + self.rope_dim,
                                          bias=cfg.attention_bias, quant=quant, block=block)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), quant=quant,
-                                block=block)
-        self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias, quant=quant,
-                             block=block)
+        self.kv_b_proj = column_parallel(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), quant=quant,
+                                         block=block, name="kv_b_proj")
+        self.o_proj = row_parallel(heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias, quant=quant,
+                                   block=block, name="o_proj")
         self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim, cfg.max_position_embeddings, cfg.rope_interleave)
         self.scale = yarn_softmax_scale(cfg.rope, qk_dim)
         self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_lora_rank + rope_dim]
@@ -168,17 +178,34 @@ class MLAAttention(nn.Module):
 
 
 class GQAAttention(nn.Module):
-    """Grouped-query attention with per-head q/k RMSNorm (Qwen3)."""
+    """Grouped-query attention with per-head q/k RMSNorm (Qwen3).
+
+    Under tensor parallelism each rank holds num_heads / tp query heads and the KV heads they
+    read: num_kv_heads / tp of them, or, when tp > num_kv_heads (tp a multiple of it), one KV
+    head replicated on the tp / num_kv_heads ranks whose query heads share it (as vLLM does).
+    The KV cache holds the local KV heads only."""
 
     def __init__(self, cfg: ModelConfig, quant: str | None = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        tp, rank, _ = tp_world()
+        heads, kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if heads % tp:
+            raise ValueError(f"num_attention_heads {heads} does not split over tp={tp}")
+        if kv_heads % tp and tp % kv_heads:
+            raise ValueError(f"num_key_value_heads {kv_heads} and tp={tp}: one must divide the other")
+        self.num_heads = heads // tp
+        self.num_kv_heads = max(1, kv_heads // tp)
+        kv_start = rank * kv_heads // tp  # first KV head of this rank (shared with others when tp > kv_heads)
+        kv_rows = ((kv_start * self.head_dim, self.num_kv_heads * self.head_dim),)
         block = cfg.weight_block_size
         bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias, quant=quant, block=block)
-        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias, quant=quant, block=block)
-        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias, quant=quant, block=block)
-        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias, quant=quant, block=block)
+        hd = self.head_dim
+        self.q_proj = column_parallel(cfg.hidden_size, heads * hd, bias=bias, quant=quant, block=block, name="q_proj")
+        self.k_proj = column_parallel(cfg.hidden_size, kv_heads * hd, bias=bias, quant=quant, block=block,
+                                      name="k_proj", segments=kv_rows if tp > 1 else None)
+        self.v_proj = column_parallel(cfg.hidden_size, kv_heads * hd, bias=bias, quant=quant, block=block,
+                                      name="v_proj", segments=kv_rows if tp > 1 else None)
+        self.o_proj = row_parallel(heads * hd, cfg.hidden_size, bias=bias, quant=quant, block=block, name="o_proj")
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, self.head_dim, cfg.max_position_embeddings, interleaved=False)

@@ -1,10 +1,16 @@
-"""Linear layers: plain, or FP8 block-scaled (DeepSeek's checkpoint format) kept in FP8."""
+"""Linear layers: plain, or FP8 block-scaled (DeepSeek's checkpoint format) kept in FP8; and their
+tensor-parallel forms (column- and row-parallel linears, vocabulary-parallel embedding and head)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from moeserve.distributed.groups import get_parallel_state
 
 from moeserve.kernels.fp8 import FP8_DTYPE, block_fp8_matmul, dequant_block_fp8_ref
 
@@ -52,3 +58,185 @@ class Linear(nn.Module):
         if self.quant != "fp8":
             return self.weight.to(dtype)
         return dequant_block_fp8_ref(self.weight, self.weight_scale_inv, self.block, dtype)
+
+
+# ---- tensor parallelism ---------------------------------------------------------------------
+# Under tensor parallelism (tp > 1) a sharded parameter carries `tp_shard`: which slice of the
+# full (checkpoint-shaped) tensor this rank holds, so the loader reads only that slice and the
+# dummy initialiser writes exactly what a single process would hold there. At tp == 1 the
+# factories below return the plain layers above: no extra module, collective or branch.
+
+
+@dataclass(frozen=True)
+class TPShard:
+    """This rank's part of a full tensor of shape `full_shape`: along `dim`, the concatenation of
+    the (start, length) `segments` (full-tensor coordinates). The local tensor may be longer along
+    `dim` than the segments (vocabulary padding); the extra rows stay zero."""
+
+    dim: int
+    segments: tuple[tuple[int, int], ...]
+    full_shape: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.segments)
+
+    def in_blocks(self, block: int, full_shape: tuple[int, ...]) -> "TPShard":
+        """The same shard of a per-block scale tensor (block-aligned segments)."""
+        segs = tuple((s // block, _ceil_div(n, block)) for s, n in self.segments)
+        return TPShard(self.dim, segs, tuple(full_shape))
+
+
+def tp_world() -> tuple[int, int, object]:
+    """(tp size, tp rank, tp group) of this process; (1, 0, None) in a single process."""
+    state = get_parallel_state()
+    if state is None or state.tp == 1:
+        return 1, 0, None
+    return state.tp, state.tp_rank, state.tp_group
+
+
+def _shard(param: torch.Tensor | None, dim: int, segments, full_size: int) -> None:
+    if param is None:
+        return
+    full = list(param.shape)
+    full[dim] = full_size
+    param.tp_shard = TPShard(dim, tuple(segments), tuple(full))
+
+
+def _check_block(name: str, what: str, full: int, segments, tp: int, block: int) -> None:
+    for start, length in segments:
+        if start % block or length % block:
+            raise ValueError(f"{name}: {what} {full} split over tp={tp} gives {length} per rank, not a multiple of "
+                             f"the FP8 weight block {block}; choose a tp that keeps shards on {block} boundaries")
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split over the TP ranks (no communication): rank r holds rows `segments`
+    (default: the r-th of tp equal parts). The output stays sharded: [.., out / tp]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
+                 block: tuple[int, int] = (128, 128), name: str = "linear", segments=None):
+        tp, rank, _ = tp_world()
+        if segments is None:
+            if out_features % tp:
+                raise ValueError(f"{name}: output size {out_features} does not split over tp={tp}")
+            local = out_features // tp
+            segments = ((rank * local, local),)
+        if quant == "fp8":
+            _check_block(name, "output size", out_features, segments, tp, block[0])
+        super().__init__(in_features, sum(n for _, n in segments), bias, quant, block)
+        self.full_out_features = out_features
+        _shard(self.weight, 0, segments, out_features)
+        _shard(self.bias, 0, segments, out_features)
+        if quant == "fp8":
+            shard = self.weight.tp_shard.in_blocks(block[0], (_ceil_div(out_features, block[0]),
+                                                             _ceil_div(in_features, block[1])))
+            self.weight_scale_inv.tp_shard = shard
+
+
+class RowParallelLinear(Linear):
+    """Input features split over the TP ranks; each rank's partial product is summed by an
+    all_reduce over the TP group (reduce=False leaves that to the caller, who may fold several
+    partial sums into one all_reduce). The bias is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
+                 block: tuple[int, int] = (128, 128), name: str = "linear", reduce: bool = True):
+        tp, rank, group = tp_world()
+        if in_features % tp:
+            raise ValueError(f"{name}: input size {in_features} does not split over tp={tp}")
+        local = in_features // tp
+        segments = ((rank * local, local),)
+        if quant == "fp8":
+            _check_block(name, "input size", in_features, segments, tp, block[1])
+        super().__init__(local, out_features, bias, quant, block)
+        self.full_in_features = in_features
+        self.group, self.reduce = group, reduce
+        _shard(self.weight, 1, segments, in_features)
+        if quant == "fp8":
+            self.weight_scale_inv.tp_shard = self.weight.tp_shard.in_blocks(
+                block[1], (_ceil_div(out_features, block[0]), _ceil_div(in_features, block[1])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant != "fp8":
+            y = F.linear(x, self.weight)
+        else:
+            y = block_fp8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv, self.block)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        if self.reduce:
+            dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def _vocab_segments(vocab: int, tp: int, rank: int) -> tuple[int, int, int]:
+    """(rows per rank, first id of this rank, ids this rank really holds): contiguous ranges of
+    ceil(vocab / tp) ids, the last one padded."""
+    per = _ceil_div(vocab, tp)
+    start = min(rank * per, vocab)
+    return per, start, min(per, vocab - start)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table split by token id: rank r holds ids [r * V/tp, (r + 1) * V/tp); a token
+    outside the range embeds to zeros here and the all_reduce over the TP group sums in the row."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        tp, rank, self.group = tp_world()
+        per, self.start, self.num_local = _vocab_segments(num_embeddings, tp, rank)
+        self.num_embeddings = num_embeddings
+        self.weight = nn.Parameter(torch.zeros(per, dim), requires_grad=False)
+        _shard(self.weight, 0, ((self.start, self.num_local),), num_embeddings)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.num_local)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+class ParallelLMHead(nn.Module):
+    """The output projection split by vocabulary like VocabParallelEmbedding (so a tied head
+    shares its shard); each rank computes its ids' logits and an all_gather over the TP group
+    assembles the full vocabulary on every rank before sampling."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        tp, rank, self.group = tp_world()
+        self.tp = tp
+        per, start, num_local = _vocab_segments(vocab, tp, rank)
+        self.vocab = vocab
+        self.weight = nn.Parameter(torch.zeros(per, hidden), requires_grad=False)
+        _shard(self.weight, 0, ((start, num_local),), vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(x, self.weight).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.tp)]
+        dist.all_gather(parts, local, group=self.group)
+        return torch.cat(parts, dim=-1)[..., : self.vocab]
+
+
+def column_parallel(in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
+                    block: tuple[int, int] = (128, 128), name: str = "linear", segments=None) -> Linear:
+    """A Linear whose output features are split over the TP ranks (a plain Linear at tp == 1)."""
+    if tp_world()[0] == 1:
+        return Linear(in_features, out_features, bias, quant, block)
+    return ColumnParallelLinear(in_features, out_features, bias, quant, block, name, segments)
+
+
+def row_parallel(in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
+                 block: tuple[int, int] = (128, 128), name: str = "linear", reduce: bool = True) -> Linear:
+    """A Linear whose input features are split over the TP ranks, summed over them when reduce
+    (a plain Linear at tp == 1)."""
+    if tp_world()[0] == 1:
+        return Linear(in_features, out_features, bias, quant, block)
+    return RowParallelLinear(in_features, out_features, bias, quant, block, name, reduce)
+
+
+def vocab_embedding(num_embeddings: int, dim: int) -> nn.Module:
+    return Embedding(num_embeddings, dim) if tp_world()[0] == 1 else VocabParallelEmbedding(num_embeddings, dim)
+
+
+def lm_head(hidden: int, vocab: int) -> nn.Module:
+    return Linear(hidden, vocab) if tp_world()[0] == 1 else ParallelLMHead(hidden, vocab)

@@ -10,11 +10,15 @@ Routed experts are stacked ([E, 2I, H] gate|up, [E, H, I] down) and run by the f
 Under expert parallelism (a rank's ParallelState carries an EPRuntime) a rank stacks only its
 own expert slots, and the routed tokens travel to the ranks that hold their experts and back;
 the router and the shared experts always run on the token's own rank.
+Under tensor parallelism (ep == 1) every rank holds every expert's slice of the intermediate
+dimension (w13 [E, 2I/tp, H], w2 [E, H, I/tp]) and the shared experts likewise; the routed and
+shared partial sums are added and summed over the TP group in one all_reduce.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -22,17 +26,20 @@ from moeserve.config import ModelConfig
 from moeserve.distributed.groups import get_parallel_state
 from moeserve.kernels.fp8 import FP8_DTYPE
 from moeserve.kernels.fused_moe import fused_moe
-from moeserve.layers.linear import Linear, _ceil_div
+from moeserve.layers.linear import _ceil_div, _shard, column_parallel, row_parallel, tp_world
 
 
 class MLP(nn.Module):
-    """SiLU-gated MLP (dense layers and shared experts)."""
+    """SiLU-gated MLP (dense layers and shared experts). Tensor parallel: gate/up column-parallel,
+    down row-parallel (summed over the TP group unless reduce=False: the caller sums)."""
 
-    def __init__(self, hidden: int, intermediate: int, quant: str | None = None, block=(128, 128)):
+    def __init__(self, hidden: int, intermediate: int, quant: str | None = None, block=(128, 128),
+                 name: str = "mlp", reduce: bool = True):
         super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, quant=quant, block=block)
-        self.up_proj = Linear(hidden, intermediate, quant=quant, block=block)
-        self.down_proj = Linear(intermediate, hidden, quant=quant, block=block)
+        self.gate_proj = column_parallel(hidden, intermediate, quant=quant, block=block, name=f"{name}.gate_proj")
+        self.up_proj = column_parallel(hidden, intermediate, quant=quant, block=block, name=f"{name}.up_proj")
+        self.down_proj = row_parallel(intermediate, hidden, quant=quant, block=block, name=f"{name}.down_proj",
+                                      reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -104,10 +111,21 @@ class Experts(nn.Module):
         self.slot_experts = (self.ep_runtime.local_slot_experts() if self.ep_runtime is not None
                              else list(range(num_experts)))
         num_experts = len(self.slot_experts)
-        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.block = tuple(block)
         # FP8 gate|up stacking keeps each half's blocks aligned only if I is a multiple of the block.
         self.quant = quant if quant == "fp8" and intermediate % block[0] == 0 else None
+        tp, tp_rank, _ = tp_world()
+        full = intermediate
+        if tp > 1:  # this rank's slice of every expert's intermediate dimension
+            if self.ep_runtime is not None:
+                raise ValueError("tensor parallelism with expert parallelism is not supported yet")
+            if intermediate % tp:
+                raise ValueError(f"experts: moe_intermediate_size {intermediate} does not split over tp={tp}")
+            intermediate //= tp
+            if self.quant and intermediate % block[0]:
+                raise ValueError(f"experts: moe_intermediate_size {full} split over tp={tp} gives {intermediate} per "
+                                 f"rank, not a multiple of the FP8 weight block {block[0]}")
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         dtype = FP8_DTYPE if self.quant else None
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate, dtype=dtype), requires_grad=False)
@@ -119,6 +137,16 @@ class Experts(nn.Module):
                                          requires_grad=False)
         else:
             self.w13_scale = self.w2_scale = None
+        if tp > 1:
+            lo = tp_rank * intermediate
+            _shard(self.w13, 1, ((lo, intermediate), (full + lo, intermediate)), 2 * full)
+            _shard(self.w2, 2, ((lo, intermediate),), full)
+            if self.quant:
+                bn, bk = block
+                self.w13_scale.tp_shard = self.w13.tp_shard.in_blocks(
+                    bn, (num_experts, _ceil_div(2 * full, bn), _ceil_div(hidden, bk)))
+                self.w2_scale.tp_shard = self.w2.tp_shard.in_blocks(
+                    bk, (num_experts, _ceil_div(hidden, bn), _ceil_div(full, bk)))
         self.ep = None
         if self.ep_runtime is not None:
             self.ep = self.ep_runtime.register(self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
@@ -135,7 +163,9 @@ class MoE(nn.Module):
         block = cfg.weight_block_size
         self.gate = Router(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant, block)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, quant, block)
+        self.tp_group = tp_world()[2]  # None unless tensor parallel
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, quant, block,
+                                   name="shared_experts", reduce=self.tp_group is None)
                                if cfg.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,4 +173,6 @@ class MoE(nn.Module):
         out = self.experts(x, topk_weights, topk_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        if self.tp_group is not None:  # routed + shared partial sums, one all_reduce
+            dist.all_reduce(out, group=self.tp_group)
         return out

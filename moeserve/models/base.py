@@ -18,7 +18,7 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.layers.attention import AttentionMetadata, GQAAttention, MLAAttention
-from moeserve.layers.linear import Embedding, Linear
+from moeserve.layers.linear import Linear, lm_head, vocab_embedding
 from moeserve.layers.moe import MLP, MoE
 from moeserve.layers.norm import RMSNorm
 
@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, quant: str | None):
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -82,7 +82,7 @@ class MTPLayer(nn.Module):
         self.block = DecoderLayer(cfg, layer_idx, quant)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.shared_head.head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.shared_head.head = lm_head(cfg.hidden_size, cfg.vocab_size)
 
     def forward(self, input_embeds: torch.Tensor, prev_hidden: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -96,7 +96,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg, quant)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = lm_head(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp_layers = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + i, quant)

@@ -6,6 +6,9 @@ Checkpoint names map to our modules by name, except:
   `...mlp.experts.w13[e]` (gate rows, then up rows) and `...mlp.experts.w2[e]`;
 - DeepSeek's MTP layers `model.layers.{num_hidden_layers + i}.*` go to `mtp_layers.{i}`;
 - an FP8 tensor whose module is not kept in FP8 is dequantized with its `_scale_inv`.
+Under tensor parallelism a parameter with a `tp_shard` (layers/linear.py) is read as its slice
+only (safetensors slices: the rest of the tensor is never read), and dummy weights of a shard
+are exactly that slice of the single-process dummy tensor.
 Every parameter must be written exactly once and every checkpoint tensor must be used, else
 loading fails with an error that names the missing and unexpected tensors.
 """
@@ -25,7 +28,9 @@ from safetensors import safe_open
 from torch import nn
 
 from moeserve.config import ModelConfig
+from moeserve.distributed.groups import ParallelState, get_parallel_state, set_parallel_state
 from moeserve.kernels.fp8 import FP8_DTYPE, dequant_block_fp8_ref
+from moeserve.layers.linear import TPShard
 from moeserve.models import MODEL_CLASSES
 from moeserve.models.deepseek_v3 import mtp_param_name, num_mtp_layers_in
 
@@ -61,11 +66,27 @@ class Checkpoint:
     def names(self) -> set[str]:
         return set(self.file_of)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str):
         fname = self.file_of[name]
         if fname not in self._open:
             self._open[fname] = self._stack.enter_context(safe_open(fname, framework="pt"))
-        return self._open[fname].get_tensor(name)
+        return self._open[fname]
+
+    def get(self, name: str, shard: TPShard | None = None) -> torch.Tensor:
+        """The tensor, or only its `shard` (read as slices: the rest stays on disk)."""
+        if shard is None:
+            return self._file(name).get_tensor(name)
+        view = self._file(name).get_slice(name)
+        shape = tuple(view.get_shape())
+        if shape != shard.full_shape:
+            raise CheckpointMismatch(f"{name}: checkpoint shape {shape} != model {shard.full_shape} (before "
+                                     f"tensor-parallel sharding)")
+        lead = (slice(None),) * shard.dim
+        parts = [view[lead + (slice(start, start + n),)] for start, n in shard.segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=shard.dim)
+
+    def is_fp8(self, name: str) -> bool:
+        return self._file(name).get_slice(name).get_dtype() == "F8_E4M3"
 
     def close(self) -> None:
         self._stack.close()
@@ -87,6 +108,32 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     with default_dtype(dtype), torch.device(device):
         model = MODEL_CLASSES[cfg.arch](cfg, cfg.quant_method, num_mtp_layers)
     return model.eval()
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """ValueError, naming the layer and sizes, if the model does not split over tp ranks (heads,
+    intermediate sizes, FP8 128-block alignment of every shard). Builds each rank's layers on the
+    meta device (no memory; one dense and one MoE layer stand for all), so the check is exactly
+    what the ranks will build."""
+    if tp == 1:
+        return
+    from moeserve.models.base import DecoderLayer
+
+    kinds = {cfg.is_moe_layer(i): i for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)}
+    saved = get_parallel_state()
+    try:
+        for rank in range(tp):
+            set_parallel_state(ParallelState(
+                rank=rank, world_size=tp, local_rank=rank, backend="gloo", device=torch.device("meta"), tp=tp, dp=1,
+                ep=1, tp_rank=rank, dp_rank=0, ep_rank=0, tp_group=None, dp_group=None, ep_group=None, timeout=None))
+            try:
+                with default_dtype(torch.bfloat16), torch.device("meta"):
+                    for layer_idx in kinds.values():
+                        DecoderLayer(cfg, layer_idx, cfg.quant_method)
+            except ValueError as e:
+                raise ValueError(f"the model does not split over tp={tp}: {e}") from None
+    finally:
+        set_parallel_state(saved)
 
 
 def _slot_experts(model: nn.Module) -> dict[str, list[int]]:
@@ -120,6 +167,33 @@ def _dequant_if_needed(ckpt: Checkpoint, name: str, tensor: torch.Tensor, target
     return tensor
 
 
+def narrow(tensor: torch.Tensor, shard: TPShard) -> torch.Tensor:
+    parts = [tensor.narrow(shard.dim, start, n) for start, n in shard.segments]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=shard.dim)
+
+
+def _read(ckpt: Checkpoint, name: str, target: torch.Tensor, shard: TPShard | None, cfg: ModelConfig,
+          consumed: set[str]) -> torch.Tensor:
+    """Checkpoint tensor `name` for `target` (this rank's shard of it under tensor parallelism),
+    dequantized if it is FP8 and the target is not."""
+    if shard is None:
+        return _dequant_if_needed(ckpt, name, ckpt.get(name), target, cfg, consumed)
+    if target.dtype != FP8_DTYPE and ckpt.is_fp8(name):  # dequantize whole blocks, then slice
+        full = _dequant_if_needed(ckpt, name, ckpt.get(name), target, cfg, consumed)
+        if tuple(full.shape) != shard.full_shape:
+            raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(full.shape)} != model {shard.full_shape}")
+        return narrow(full, shard)
+    return ckpt.get(name, shard)
+
+
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, shard: TPShard | None, name: str) -> None:
+    """param <- tensor; a shard may be shorter than its parameter (vocabulary padding stays zero)."""
+    dest = param.data if shard is None else param.data.narrow(shard.dim, 0, shard.length)
+    if tuple(tensor.shape) != tuple(dest.shape):
+        raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
+    dest.copy_(tensor.to(param.dtype))
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     cfg: ModelConfig = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -146,10 +220,8 @@ def load_weights(model: nn.Module, path: str) -> None:
                 unexpected.append(name)
                 continue
             param = params[target_name]
-            tensor = _dequant_if_needed(ckpt, name, ckpt.get(name), param, cfg, consumed)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-            param.data.copy_(tensor.to(param.dtype))
+            shard = getattr(param, "tp_shard", None)
+            _copy_into(param, _read(ckpt, name, param, shard, cfg, consumed), shard, name)
             loaded.add(target_name)
     finally:
         ckpt.close()
@@ -171,10 +243,13 @@ def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str
         stacked = params[f"{fused.group(1)}.{'w13' if fused.group(2) == 'gate_up_proj' else 'w2'}"]
         experts = slots[fused.group(1)]
         tensor = ckpt.get(name)
-        if tuple(tensor.shape[1:]) != tuple(stacked.shape[1:]) or tensor.shape[0] <= max(experts):
+        shard = getattr(stacked, "tp_shard", None)
+        want = shard.full_shape[1:] if shard is not None else tuple(stacked.shape[1:])
+        if tuple(tensor.shape[1:]) != tuple(want) or tensor.shape[0] <= max(experts):
             raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} does not hold the model's "
                                      f"experts {tuple(stacked.shape)}")
-        stacked.data.copy_(tensor[torch.tensor(experts)].to(stacked.dtype))
+        tensor = tensor[torch.tensor(experts)]
+        stacked.data.copy_((tensor if shard is None else narrow(tensor, shard)).to(stacked.dtype))
         projs = ("gate_proj", "up_proj") if fused.group(2) == "gate_up_proj" else ("down_proj",)
         loaded.update(f"{fused.group(1)}.{e}.{p}" for e in experts for p in projs)
         return True
@@ -197,18 +272,30 @@ def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str
         return True
     stacked = params[w_name + ("_scale" if is_scale else "")]
     rows = stacked.shape[1] // 2
+    shard = _expert_shard(getattr(stacked, "tp_shard", None), proj)
     tensor = None
     for slot in local:
         dest = stacked[slot] if proj == "down_proj" else stacked[slot, :rows] if proj == "gate_proj" else stacked[slot, rows:]
         if tensor is None:
-            tensor = ckpt.get(name)
-            if not is_scale:
-                tensor = _dequant_if_needed(ckpt, name, tensor, dest, cfg, consumed)
+            tensor = _read(ckpt, name, dest, shard, cfg, consumed) if not is_scale else ckpt.get(name, shard)
         if tuple(tensor.shape) != tuple(dest.shape):
             raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
         dest.copy_(tensor.to(dest.dtype))
     loaded.add(f"{prefix}.{expert}.{proj}{'_scale' if is_scale else ''}")
     return True
+
+
+def _expert_shard(stacked: TPShard | None, proj: str) -> TPShard | None:
+    """One expert's projection ([I, H] gate/up, [H, I] down) sliced as the stacked tensor's shard
+    (w13 [E, 2I, H]: gate rows then up rows; w2 [E, H, I])."""
+    if stacked is None:
+        return None
+    full = stacked.full_shape[1:]
+    if proj == "down_proj":
+        return TPShard(stacked.dim - 1, stacked.segments, full)
+    half = full[0] // 2
+    start, n = stacked.segments[0 if proj == "gate_proj" else 1]
+    return TPShard(0, ((start - (0 if proj == "gate_proj" else half), n),), (half, full[1]))
 
 
 _DUMMY_CHUNK = 1 << 24
@@ -223,12 +310,40 @@ def _fill_random(flat: torch.Tensor, make: Callable[[int], torch.Tensor]) -> Non
         part.copy_(chunk[: part.numel()])
 
 
+def _fill_random_shard(dest: torch.Tensor, shard: TPShard, make: Callable[[int], torch.Tensor]) -> None:
+    """Fill `dest` (this rank's slice, contiguous) with what _fill_random writes at those places of
+    the full tensor: full flat index f holds chunk[f % len(chunk)]. Done in pieces of 16M values."""
+    full = shard.full_shape
+    numel = 1
+    for d in full:
+        numel *= d
+    chunk = make(min(numel, _DUMMY_CHUNK))
+    dev = chunk.device
+    inner = 1
+    for d in full[shard.dim + 1:]:
+        inner *= d
+    dim_full = full[shard.dim]
+    dim_map = torch.cat([torch.arange(s, s + n, device=dev) for s, n in shard.segments])
+    local_dim = dim_map.numel()
+    assert dest.is_contiguous(), "a shard is a contiguous tensor"
+    flat = dest.view(-1)
+    for lo in range(0, flat.numel(), _DUMMY_CHUNK):
+        idx = torch.arange(lo, min(lo + _DUMMY_CHUNK, flat.numel()), device=dev)
+        outer, rest = idx // (local_dim * inner), idx % (local_dim * inner)
+        f = (outer * dim_full + dim_map[rest // inner]) * inner + rest % inner
+        flat[lo:lo + idx.numel()] = chunk[f % chunk.numel()]
+
+
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights of the right shapes, generated on the parameters' device (no file read).
     Each tensor is seeded from its name, so expert-parallel ranks (which hold fewer experts)
-    still get the same attention and dense weights."""
+    still get the same attention and dense weights, and a tensor-parallel rank's shard is
+    exactly its slice of the single-process tensor."""
     for name, param in model.named_parameters():
+        shard = getattr(param, "tp_shard", None)
+        if shard is not None:
+            param = param.narrow(shard.dim, 0, shard.length)  # vocabulary padding stays zero
         torch.manual_seed(seed + zlib.crc32(name.encode()))
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(seed + zlib.crc32(name.encode()))
@@ -241,11 +356,20 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             param.fill_(0.02)  # times fp8 values of magnitude ~1: weights of ~0.02
         elif param.dtype == FP8_DTYPE:
             # Random bytes with the top exponent bit cleared: finite e4m3 values in [-1.875, 1.875].
-            _fill_random(param.view(torch.uint8).view(-1),
-                         lambda n: torch.randint(0, 256, (n,), dtype=torch.uint8, device=device) & 0xBF)
+            def random_bytes(n):
+                return torch.randint(0, 256, (n,), dtype=torch.uint8, device=device) & 0xBF
+            if shard is None:
+                _fill_random(param.view(torch.uint8).view(-1), random_bytes)
+            else:
+                _fill_random_shard(param.view(torch.uint8), shard, random_bytes)
         else:
             # uniform(-a, a) with std 0.02
-            _fill_random(param.view(-1), lambda n: torch.empty(n, device=device).uniform_(-0.0346, 0.0346))
+            def uniform(n):
+                return torch.empty(n, device=device).uniform_(-0.0346, 0.0346)
+            if shard is None:
+                _fill_random(param.view(-1), uniform)
+            else:
+                _fill_random_shard(param, shard, uniform)
 
 
 def load_model(cfg: ModelConfig, path: str | None, dtype: torch.dtype, device: torch.device | str,
