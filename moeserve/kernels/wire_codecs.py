@@ -264,16 +264,31 @@ def combine_rows_ref(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=Non
 
 
 # ----------------------------------------------------------------------------- Triton
+#
+# Each program takes CHUNK values of one row (CHUNK a power of two, whole fp8 groups); the
+# (CHUNK, num_warps) of each operation come from TUNING (benchmarks/wire_kernel_bench.py --tune
+# times candidates). ALIGN (host-checked: the row stride, the buffer's address, the fp8 scales'
+# and the metadata's offsets all multiples of 4) stores and loads the 32-bit scales and metadata as
+# words instead of 4 bytes each. FAST (CUDA only, not the interpreter) lets the fp8 paths use the
+# GPU's own e4m3 conversions, which round correctly (the interpreter's do not), and divide through
+# the group's reciprocal with one FMA correction (Markstein: with y = RN(1/s) and q = RN(x y),
+# RN(q + (x - s q) y) is the IEEE quotient RN(x / s)); both give the same bytes as the references
+# (checked on the GPU by ep_bench.py and wire_kernel_bench.py).
 
 if triton is not None:
 
     @triton.jit
     def _e2m1_code(v):
-        # v = |x| / 2^X -> code 0..7: nearest e2m1 value, ties to the even code, above 6 -> 6.
-        # Comparing with the midpoints is exact: '>' sends a tie down, '>=' up, whichever is even.
-        c = (v > 0.25).to(tl.int32) + (v >= 0.75).to(tl.int32) + (v > 1.25).to(tl.int32)
-        c += (v >= 1.75).to(tl.int32) + (v > 2.5).to(tl.int32) + (v >= 3.5).to(tl.int32)
-        return c + (v > 5.0).to(tl.int32)
+        # v = |x| / 2^X >= 0 -> code 0..7: nearest e2m1 value, ties to the even code, above 6 -> 6.
+        # e2m1 keeps one mantissa bit above 1 and steps 0.5 below it, so round v to a multiple of
+        # its step s = 2^(max(E, 0) - 1) (E = v's exponent) by adding M = 1.5 * 2^23 * s (the fp32
+        # add rounds to nearest even at ulp(M) = s); the low bits of v + M are then n = round(v / s),
+        # whose parity is the code's, and the code is n + 2 max(E, 0).
+        v = tl.minimum(v, 6.0)
+        e = tl.maximum(v.to(tl.int32, bitcast=True) >> 23, 127)
+        magic = (((e + 22) << 23) | 0x400000).to(tl.float32, bitcast=True)
+        n = (v + magic).to(tl.int32, bitcast=True) - magic.to(tl.int32, bitcast=True)
+        return n + 2 * (e - 127)
 
     @triton.jit
     def _mxfp4_encode(x, NB: tl.constexpr):
@@ -289,30 +304,44 @@ if triton is not None:
         return tl.reshape((lo | (hi << 4)).to(tl.uint8), [NB * 16]), (shared + 127).to(tl.uint8)
 
     @triton.jit
-    def _fp8_encode(x, G: tl.constexpr):
+    def _fp8_encode(x, G: tl.constexpr, FAST: tl.constexpr):
         # x [G * 128] fp32 -> (e4m3 bytes [G * 128], fp32 scales [G]); div_rn: IEEE division, as
         # torch does it on CPU (the GPU's '/' is approximate).
         groups = tl.reshape(x, [G, 128])
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(groups), axis=1), 1e-10), 448.0)
-        q = _round_to_e4m3(tl.clamp(tl.math.div_rn(groups, scale[:, None]), -448.0, 448.0))
+        if FAST:
+            rcp = tl.math.div_rn(tl.full([G], 1.0, tl.float32), scale)[:, None]
+            q0 = groups * rcp
+            q = tl.fma(tl.fma(-q0, scale[:, None], groups), rcp, q0)
+            q = tl.clamp(q, -448.0, 448.0)
+        else:
+            q = _round_to_e4m3(tl.clamp(tl.math.div_rn(groups, scale[:, None]), -448.0, 448.0))
         return tl.reshape(q.to(tl.float8e4nv).to(tl.uint8, bitcast=True), [G * 128]), scale
 
     @triton.jit
-    def _store_u32(ptr, v, mask):
-        # 32-bit values [n] -> 4 little-endian bytes each at ptr + 4 i (any alignment).
-        b = tl.arange(0, 4)
-        u = v.to(tl.uint32, bitcast=True)
-        byte = ((u[:, None] >> (8 * b[None, :]).to(tl.uint32)) & 0xFF).to(tl.uint8)
-        tl.store(ptr + 4 * tl.arange(0, v.shape[0])[:, None] + b[None, :], byte, mask=mask[:, None])
+    def _store_u32(ptr, v, mask, ALIGN: tl.constexpr):
+        # 32-bit values [n] -> 4 little-endian bytes each at ptr + 4 i (as words when ALIGN).
+        if ALIGN:
+            tl.store(ptr.to(tl.pointer_type(tl.uint32)) + tl.arange(0, v.shape[0]), v.to(tl.uint32, bitcast=True),
+                     mask=mask)
+        else:
+            b = tl.arange(0, 4)
+            u = v.to(tl.uint32, bitcast=True)
+            byte = ((u[:, None] >> (8 * b[None, :]).to(tl.uint32)) & 0xFF).to(tl.uint8)
+            tl.store(ptr + 4 * tl.arange(0, v.shape[0])[:, None] + b[None, :], byte, mask=mask[:, None])
 
     @triton.jit
-    def _load_u32(ptr, n: tl.constexpr, mask):
+    def _load_u32(ptr, n: tl.constexpr, mask, ALIGN: tl.constexpr):
+        if ALIGN:
+            return tl.load(ptr.to(tl.pointer_type(tl.uint32)) + tl.arange(0, n), mask=mask, other=0)
         b = tl.arange(0, 4)
         byte = tl.load(ptr + 4 * tl.arange(0, n)[:, None] + b[None, :], mask=mask[:, None], other=0)
         return tl.sum(byte.to(tl.uint32) << (8 * b[None, :]).to(tl.uint32), axis=1)  # disjoint bits: sum == or
 
     @triton.jit
-    def _e4m3_value(byte):
+    def _e4m3_value(byte, FAST: tl.constexpr):
+        if FAST:  # the GPU's conversion (e4m3 -> f16 -> f32 is exact)
+            return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         b = byte.to(tl.int32)
         e, m = (b >> 3) & 15, b & 7
         normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
@@ -321,13 +350,16 @@ if triton is not None:
 
     @triton.jit
     def _e2m1_value(code):
-        e, m = (code >> 1) & 3, code & 1
-        mag = tl.where(e == 0, 0.5 * m.to(tl.float32), ((2 + m) << e).to(tl.float32) * 0.25)
-        return tl.where((code & 8) != 0, -mag, mag)
+        # code (bit 3 = sign) -> value * 2^-126: the 3 magnitude bits at fp32 bits 22..24 are the
+        # value's exponent and mantissa with e2m1's bias of 1 (code 1 = 0.5 becomes the subnormal
+        # 2^-127, code 2 = 1.0 the normal 2^-126, ...), so that one exact multiply by 2^126 restores
+        # it (fp32 multiplies keep subnormals: no flush to zero in Triton's code).
+        bits = ((code & 7) << 22) | ((code & 8) << 28)
+        return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
 
     @triton.jit
     def _store_payload(row, body, scale, live, chunk, hidden, KIND: tl.constexpr, WIRE: tl.constexpr,
-                       CHUNK: tl.constexpr):
+                       CHUNK: tl.constexpr, ALIGN: tl.constexpr):
         # One chunk of a row's payload; zeros where the row is not live.
         if KIND == 0:
             offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -336,7 +368,7 @@ if triton is not None:
             offs = chunk * CHUNK + tl.arange(0, CHUNK)
             tl.store(row + offs, tl.where(live, body, 0), mask=offs < hidden)
             g = chunk * (CHUNK // 128) + tl.arange(0, CHUNK // 128)
-            _store_u32(row + hidden + 4 * chunk * (CHUNK // 128), tl.where(live, scale, 0.0), g * 128 < hidden)
+            _store_u32(row + hidden + 4 * chunk * (CHUNK // 128), tl.where(live, scale, 0.0), g * 128 < hidden, ALIGN)
         else:
             offs = chunk * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
             tl.store(row + offs, tl.where(live, body, 0), mask=offs < hidden // 2)
@@ -344,26 +376,29 @@ if triton is not None:
             tl.store(row + hidden // 2 + b, tl.where(live, scale, 0), mask=b < hidden // 32)
 
     @triton.jit
-    def _load_payload(row, chunk, hidden, KIND: tl.constexpr, WIRE: tl.constexpr, CHUNK: tl.constexpr):
+    def _load_payload(row, chunk, hidden, live, KIND: tl.constexpr, WIRE: tl.constexpr, CHUNK: tl.constexpr,
+                      ALIGN: tl.constexpr, FAST: tl.constexpr):
         # One chunk of a row's payload -> fp32 [CHUNK], exactly as the references compute it
-        # before their final cast.
+        # before their final cast; zeros where not live (nothing is read). Masks are
+        # where(live, m, False), not `m & live`, which the interpreter cannot mask with.
         if KIND == 0:
             offs = chunk * CHUNK + tl.arange(0, CHUNK)
-            v = tl.load(row.to(tl.pointer_type(WIRE)) + offs, mask=offs < hidden, other=0.0).to(tl.float32)
+            v = tl.load(row.to(tl.pointer_type(WIRE)) + offs, mask=tl.where(live, offs < hidden, False), other=0.0)
+            v = v.to(tl.float32)
         elif KIND == 1:
             G: tl.constexpr = CHUNK // 128
             offs = chunk * CHUNK + tl.arange(0, CHUNK)
-            q = _e4m3_value(tl.load(row + offs, mask=offs < hidden, other=0))
+            q = _e4m3_value(tl.load(row + offs, mask=tl.where(live, offs < hidden, False), other=0), FAST)
             g = chunk * G + tl.arange(0, G)
-            scale = _load_u32(row + hidden + 4 * chunk * G, G, g * 128 < hidden).to(tl.float32, bitcast=True)
-            v = tl.reshape(tl.reshape(q, [G, 128]) * scale[:, None], [CHUNK])
+            scale = _load_u32(row + hidden + 4 * chunk * G, G, tl.where(live, g * 128 < hidden, False), ALIGN)
+            v = tl.reshape(tl.reshape(q, [G, 128]) * scale.to(tl.float32, bitcast=True)[:, None], [CHUNK])
         else:
             NB: tl.constexpr = CHUNK // 32
             offs = chunk * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
-            packed = tl.load(row + offs, mask=offs < hidden // 2, other=0).to(tl.int32)
+            packed = tl.load(row + offs, mask=tl.where(live, offs < hidden // 2, False), other=0).to(tl.int32)
             codes = tl.reshape(tl.join(packed & 15, packed >> 4), [NB, 32])
             b = chunk * NB + tl.arange(0, NB)
-            e8m0 = tl.load(row + hidden // 2 + b, mask=b < hidden // 32, other=0).to(tl.int32)
+            e8m0 = tl.load(row + hidden // 2 + b, mask=tl.where(live, b < hidden // 32, False), other=0).to(tl.int32)
             # 2^(e8m0 - 127) is the fp32 whose exponent field is e8m0; e8m0 0 is the subnormal 2^-127.
             scale = tl.where(e8m0 == 0, 0x400000, e8m0 << 23).to(tl.float32, bitcast=True)
             v = tl.reshape(_e2m1_value(codes) * scale[:, None], [CHUNK])
@@ -373,7 +408,7 @@ if triton is not None:
     def _encode_rows_kernel(x_ptr, out_ptr, slots_ptr, dest_ptr, local_ptr, weight_ptr,
                             num_tokens, hidden, payload_bytes, cap, num_ranks, top_k, stride_x, stride_out,
                             KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr, META: tl.constexpr,
-                            CHUNK: tl.constexpr, KP: tl.constexpr):
+                            CHUNK: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr):
         # Program (token t, chunk): read the chunk once, encode it once, store it in t's row for
         # every rank that gets one.
         t = tl.program_id(0)
@@ -388,7 +423,7 @@ if triton is not None:
         if KIND == 0:
             body, scale = x.to(WIRE), 0
         elif KIND == 1:
-            body, scale = _fp8_encode(x, CHUNK // 128)
+            body, scale = _fp8_encode(x, CHUNK // 128, FAST)
         else:
             body, scale = _mxfp4_encode(x, CHUNK // 32)
         if META:
@@ -408,57 +443,75 @@ if triton is not None:
                 live = row >= 0
             if row >= 0:
                 base = out_ptr + row.to(tl.int64) * stride_out
-                _store_payload(base, body, scale, live, chunk, hidden, KIND, WIRE, CHUNK)
+                _store_payload(base, body, scale, live, chunk, hidden, KIND, WIRE, CHUNK, ALIGN)
                 if META:
                     if chunk == 0:
                         mine = dest == r
-                        _store_u32(base + payload_bytes, tl.where(mine, local, -1), j < top_k)
-                        _store_u32(base + payload_bytes + 4 * top_k, tl.where(mine, weight, 0.0), j < top_k)
+                        _store_u32(base + payload_bytes, tl.where(mine, local, -1), j < top_k, ALIGN)
+                        _store_u32(base + payload_bytes + 4 * top_k, tl.where(mine, weight, 0.0), j < top_k, ALIGN)
 
     @triton.jit
     def _decode_rows_kernel(rows_ptr, out_ptr, ids_ptr, w_ptr, hidden, payload_bytes, top_k, stride_rows,
                             stride_out, KIND: tl.constexpr, WIRE: tl.constexpr, PAYLOAD: tl.constexpr,
-                            META: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr):
+                            META: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr,
+                            FAST: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         row = rows_ptr + n * stride_rows
         if PAYLOAD:
             offs = chunk * CHUNK + tl.arange(0, CHUNK)
-            v = _load_payload(row, chunk, hidden, KIND, WIRE, CHUNK)
+            v = _load_payload(row, chunk, hidden, True, KIND, WIRE, CHUNK, ALIGN, FAST)
             tl.store(out_ptr + n * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=offs < hidden)
         if META:
             if chunk == 0:
                 j = tl.arange(0, KP)
-                ids = _load_u32(row + payload_bytes, KP, j < top_k).to(tl.int32, bitcast=True)
-                w = _load_u32(row + payload_bytes + 4 * top_k, KP, j < top_k).to(tl.float32, bitcast=True)
+                ids = _load_u32(row + payload_bytes, KP, j < top_k, ALIGN).to(tl.int32, bitcast=True)
+                w = _load_u32(row + payload_bytes + 4 * top_k, KP, j < top_k, ALIGN).to(tl.float32, bitcast=True)
                 tl.store(ids_ptr + n * top_k + j, ids.to(tl.int64), mask=j < top_k)
                 tl.store(w_ptr + n * top_k + j, w, mask=j < top_k)
 
     @triton.jit
+    def _combine_rank(acc, rows_ptr, slots_ptr, dest, r, t, chunk, num_tokens, hidden, cap, stride_rows,
+                      KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr, HAS_DEST: tl.constexpr,
+                      CHUNK: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr):
+        if FIXED:
+            row = r * cap + t
+            live = t < num_tokens
+            if HAS_DEST:
+                live = live & (tl.sum((dest == r).to(tl.int32), axis=0) > 0)
+        else:
+            row = tl.load(slots_ptr + r * num_tokens + t)
+            live = row >= 0
+        # Masked, not branched: with the ranks unrolled, every rank's loads can be in flight at once.
+        v = _load_payload(rows_ptr + tl.maximum(row, 0).to(tl.int64) * stride_rows, chunk, hidden, live, KIND, WIRE,
+                          CHUNK, ALIGN, FAST)
+        return acc + v.to(WIRE).to(tl.float32)
+
+    @triton.jit
     def _combine_rows_kernel(rows_ptr, out_ptr, slots_ptr, dest_ptr, num_tokens, hidden, cap, num_ranks, top_k,
                              stride_rows, stride_out, KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr,
-                             HAS_DEST: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr):
+                             HAS_DEST: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr, NR: tl.constexpr,
+                             ALIGN: tl.constexpr, FAST: tl.constexpr):
         # y[t] = sum over ranks, in order, of the decoded rows that carried token t (fp32, each
-        # partial first rounded to the wire dtype as the reference decodes it).
+        # partial first rounded to the wire dtype as the reference decodes it; a row that does not
+        # carry t adds +0.0, as the reference's where(live, part, 0) does). NR > 0: the number of
+        # ranks, unrolled; 0: a loop over num_ranks.
         t = tl.program_id(0)
         chunk = tl.program_id(1)
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        dest = 0
         if HAS_DEST:
             j = tl.arange(0, KP)
             dest = tl.load(dest_ptr + t * top_k + j, mask=j < top_k, other=-1)
         acc = tl.zeros([CHUNK], dtype=tl.float32)
-        for r in range(0, num_ranks):
-            if FIXED:
-                row = r * cap + t
-                live = t < num_tokens
-                if HAS_DEST:
-                    live = live & (tl.sum((dest == r).to(tl.int32), axis=0) > 0)
-            else:
-                row = tl.load(slots_ptr + r * num_tokens + t)
-                live = row >= 0
-            if live:
-                v = _load_payload(rows_ptr + row.to(tl.int64) * stride_rows, chunk, hidden, KIND, WIRE, CHUNK)
-                acc += v.to(WIRE).to(tl.float32)
+        if NR > 0:
+            for r in tl.static_range(NR):
+                acc = _combine_rank(acc, rows_ptr, slots_ptr, dest, r, t, chunk, num_tokens, hidden, cap, stride_rows,
+                                    KIND, WIRE, FIXED, HAS_DEST, CHUNK, ALIGN, FAST)
+        else:
+            for r in range(0, num_ranks):
+                acc = _combine_rank(acc, rows_ptr, slots_ptr, dest, r, t, chunk, num_tokens, hidden, cap, stride_rows,
+                                    KIND, WIRE, FIXED, HAS_DEST, CHUNK, ALIGN, FAST)
         tl.store(out_ptr + t.to(tl.int64) * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < hidden)
 
     @triton.jit
@@ -487,12 +540,35 @@ if triton is not None:
 
 
 _KIND_ID = {RAW: 0, FP8: 1, MXFP4: 2}
-NUM_WARPS = 4
+NUM_WARPS = 4  # route
+# (values per program, warps) of each row kernel and payload kind, timed on one H200 at hidden 7168,
+# 4096 tokens (benchmarks/wire_kernel_bench.py --tune; docs/perf/ep.md, "Row kernels alone"): one
+# program per row moves the most bytes per program and won everywhere. Launches of fewer than
+# MIN_PROGRAMS programs at that size (decode-sized batches) take SMALL instead, which spreads them
+# over more programs.
+TUNING = {(op, kind): (8192, 8) for op in ("encode", "decode", "combine") for kind in KINDS}
+TUNING["encode", RAW] = TUNING["combine", RAW] = (8192, 16)
+SMALL, MIN_PROGRAMS = (1024, 4), 1024
+FAST_FP8 = True  # the GPU's e4m3 conversions and reciprocal division (see above); CUDA only
+COMBINE_UNROLL = 8  # combine unrolls its loop over ranks up to this many
 
 
-def _chunk(hidden: int) -> int:
+def _config(op: str, kind: str, hidden: int, rows: int) -> tuple[int, int]:
     # Values per program: a power of two, whole fp8 groups (so whole mxfp4 blocks too).
-    return max(128, min(1024, triton.next_power_of_2(hidden)))
+    chunk, warps = TUNING[op, kind]
+    if rows * triton.cdiv(hidden, chunk) < MIN_PROGRAMS:
+        chunk, warps = SMALL
+    return max(128, min(chunk, triton.next_power_of_2(hidden))), warps
+
+
+def _aligned(buf: torch.Tensor, *offsets: int) -> bool:
+    """32-bit words at these byte offsets of every row of buf are aligned."""
+    rows_ok = buf.shape[0] <= 1 or buf.stride(0) % 4 == 0
+    return buf.data_ptr() % 4 == 0 and rows_ok and all(o % 4 == 0 for o in offsets)
+
+
+def _fast(t: torch.Tensor) -> bool:
+    return FAST_FP8 and t.is_cuda
 
 
 def _kp(k: int) -> int:
@@ -525,14 +601,14 @@ def encode_rows_triton(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, l
     if out.shape[0] == 0 or grid_t == 0 or num_ranks == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
-    chunk = _chunk(h)
+    chunk, warps = _config("encode", kind, h, grid_t)
     dummy = out
     _encode_rows_kernel[(grid_t, triton.cdiv(h, chunk))](
         x, out, slots.contiguous() if slots is not None else dummy,
         dest.contiguous() if k else dummy, local.contiguous() if k else dummy,
         weights.contiguous() if k else dummy, t, h, bpt, cap, num_ranks, k, x.stride(0), out.stride(0),
         KIND=_KIND_ID[kind], WIRE=_TL[dtype], FIXED=fixed, META=k > 0, CHUNK=chunk, KP=_kp(k),
-        num_warps=NUM_WARPS)
+        ALIGN=_aligned(out, h if kind == FP8 else 0, bpt), FAST=_fast(x), num_warps=warps)
     return out
 
 
@@ -548,11 +624,11 @@ def decode_rows_triton(rows, kind, hidden, dtype, k=0, out=None):
     x = x if payload else raw_view(rows, hidden, dtype)
     if n == 0 or not (payload or k):
         return x, ids, w
-    chunk = _chunk(hidden)
+    chunk, warps = _config("decode", kind, hidden, n)
     _decode_rows_kernel[(n, triton.cdiv(hidden, chunk) if payload else 1)](
         rows, x if payload else ids, ids, w, hidden, bpt, k, rows.stride(0), x.stride(0) if payload else 0,
         KIND=_KIND_ID[kind], WIRE=_TL[dtype], PAYLOAD=payload, META=k > 0, CHUNK=chunk, KP=_kp(k),
-        num_warps=NUM_WARPS)
+        ALIGN=_aligned(rows, hidden if kind == FP8 else 0, bpt), FAST=_fast(rows), num_warps=warps)
     return x, ids, w
 
 
@@ -566,12 +642,14 @@ def combine_rows_triton(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=
         return y.zero_()
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    chunk = _chunk(hidden)
+    chunk, warps = _config("combine", kind, hidden, num_tokens)
     k = dest.shape[1] if dest is not None else 0
     _combine_rows_kernel[(num_tokens, triton.cdiv(hidden, chunk))](
         rows, y, slots.contiguous() if slots is not None else y, dest.contiguous() if dest is not None else y,
         num_tokens, hidden, cap, num_ranks, k, rows.stride(0), y.stride(0), KIND=_KIND_ID[kind], WIRE=_TL[dtype],
-        FIXED=fixed, HAS_DEST=dest is not None, CHUNK=chunk, KP=_kp(k), num_warps=NUM_WARPS)
+        FIXED=fixed, HAS_DEST=dest is not None, CHUNK=chunk, KP=_kp(k),
+        NR=num_ranks if num_ranks <= COMBINE_UNROLL else 0, ALIGN=_aligned(rows, hidden if kind == FP8 else 0),
+        FAST=_fast(rows), num_warps=warps)
     return y
 
 

@@ -108,6 +108,47 @@ def _kernel_cases() -> dict[str, bool]:
                     y = wc.combine_rows_triton(back, kind, h, dtype, out_dtype, t, **row_map)
                     y_ref = wc.combine_rows_ref(back, kind, h, dtype, out_dtype, t, **row_map)
                     out[f"combine_{name}_{kind}_{dtype}_{out_dtype}"] = _equal(y, y_ref)
+    out.update(_config_cases())
+    return out
+
+
+def _config_cases() -> dict[str, bool]:
+    """Other (values per program, warps) than the defaults: one program per row and several, rows
+    whose 32-bit scales and metadata are aligned (word stores) and not, and combine's loop over
+    ranks not unrolled."""
+    from moeserve.kernels import wire_codecs as wc
+
+    out = {}
+    saved = dict(wc.TUNING), wc.SMALL, wc.MIN_PROGRAMS, wc.COMBINE_UNROLL
+    try:
+        for chunk, unroll in ((2048, 8), (256, 0)):
+            for key in wc.TUNING:
+                wc.TUNING[key] = (chunk, 2)
+            wc.MIN_PROGRAMS, wc.COMBINE_UNROLL = 0, unroll
+            for kind in KINDS:
+                for h in (1152, 1184):  # 1152: words aligned; 1184: the mxfp4 metadata is not (592 + 37 bytes)
+                    t, k, r = 5, 4, 3
+                    x = nasty_rows(t, h, torch.float32)
+                    dest, local, w = _routing(t, k, r)
+                    hit = (dest[None] == torch.arange(r)[:, None, None]).any(-1)
+                    slots = torch.where(hit, hit.view(-1).cumsum(0).view(r, t).to(torch.int32) - 1, -1)
+                    n = int(hit.sum())
+                    for name, args, row_map in (("slots", dict(num_rows=n, slots=slots), dict(slots=slots)),
+                                                ("fixed", dict(num_rows=r * t, cap=t), dict(cap=t, dest=dest))):
+                        tag = f"{chunk}_{name}_{kind}_{h}"
+                        rows_ref = wc.encode_rows_ref(x, kind, torch.float32, dest=dest, local=local, weights=w, **args)
+                        rows = wc.encode_rows_triton(x, kind, torch.float32, dest=dest, local=local, weights=w, **args)
+                        out[f"cfg_rows_{tag}"] = _equal(rows, rows_ref)
+                        dec = wc.decode_rows_triton(rows_ref, kind, h, torch.float32, k)
+                        ref = wc.decode_rows_ref(rows_ref, kind, h, torch.float32, k)
+                        out[f"cfg_decode_{tag}"] = all(_equal(a, b) for a, b in zip(dec, ref))
+                        back = wc.encode_ref(kind, torch.randn(args["num_rows"], h), torch.float32)
+                        y = wc.combine_rows_triton(back, kind, h, torch.float32, torch.float32, t, **row_map)
+                        y_ref = wc.combine_rows_ref(back, kind, h, torch.float32, torch.float32, t, **row_map)
+                        out[f"cfg_combine_{tag}"] = _equal(y, y_ref)
+    finally:
+        wc.TUNING.update(saved[0])
+        wc.SMALL, wc.MIN_PROGRAMS, wc.COMBINE_UNROLL = saved[1:]
     return out
 
 
@@ -189,6 +230,20 @@ def test_triton_row_kernels_match_the_torch_references(interpreter_results):
 
 
 # ---- plain CPU ------------------------------------------------------------------------------------
+
+def test_wire_kernel_bench_smoke(tmp_path):
+    """benchmarks/wire_kernel_bench.py --smoke --tune: tiny shapes on CPU under the interpreter, end to end."""
+    bench = os.path.join(REPO, "benchmarks", "wire_kernel_bench.py")
+    proc = subprocess.run([sys.executable, bench, "--smoke", "--tune", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "wire_kernels.json").read_text())
+    assert report["cases"] and all(r["exact"] for r in report["cases"])
+    assert {r["op"] for r in report["cases"]} == {"route", "encode", "decode", "combine"}
+    assert {r["layout"] for r in report["cases"] if r["op"] == "encode"} == {"ht", "ll", "plain"}
+    assert report["tune"]["best"] and all(r["exact"] for r in report["tune"]["candidates"])
+    assert proc.stdout.strip().splitlines()[-1].startswith("|")  # the table comes last
+
 
 def test_references_cover_the_row_maps():
     """encode_rows_ref's layouts, read back by hand: slots rows, fixed rows, zero padding, ids -1."""
