@@ -270,7 +270,8 @@ class CacheConfig:
 @dataclass
 class ParallelConfig:
     """One instance's ranks: dp attention ranks (each schedules its own requests) whose MoE
-    layers form one expert-parallel group of ep = dp ranks. One process per rank."""
+    layers form one expert-parallel group of ep = dp ranks; or tp tensor-parallel ranks (one
+    engine core on rank 0, tp - 1 workers) sharding every layer. One process per rank."""
 
     tp: int = 1
     dp: int = 1
@@ -293,8 +294,14 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if min(self.tp, self.dp, self.ep, self.nnodes) < 1:
             raise ValueError("tp, dp, ep and nnodes must be >= 1")
-        if self.tp != 1:
-            raise ValueError("tensor parallelism (tp > 1) is not implemented yet; use dp with ep")
+        if self.tp > 1:
+            if self.dp > 1:
+                raise ValueError("tp with dp is not supported yet: use --tp N alone, or --dp N --ep N")
+            if self.ep > 1:
+                raise ValueError("tp with ep is not supported yet: with tp the experts are split by their "
+                                 "intermediate dimension; for expert parallelism use --dp N --ep N")
+            if self.nnodes > 1:
+                raise ValueError("tensor parallelism over several nodes is not supported; tp ranks share one node")
         if self.ep not in (1, self.world_size):
             raise ValueError(f"ep must be 1 or dp * tp = {self.world_size} (one EP group over the instance)")
         if self.world_size % self.nnodes:

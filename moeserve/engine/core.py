@@ -20,6 +20,7 @@ from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.scheduler import Scheduler
+from moeserve.engine.tp import setup_tp_rank
 
 
 @dataclass
@@ -57,24 +58,26 @@ def check_prompt_length(num_prompt_tokens: int, max_model_len: int, kv_capacity_
 
 
 class EngineCore:
-    """rank: this engine's data-parallel rank (one process per rank when dp > 1, see engine/dp.py)."""
+    """rank: this engine's rank (one process per data-parallel rank when dp > 1, see engine/dp.py;
+    under tensor parallelism this is TP rank 0 and the other TP ranks are workers, engine/tp.py)."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None, rank: int = 0):
         self.config = config
         self.model_config = model_config or ModelConfig.from_pretrained(config.model)
         self.rank = rank
         self.dp = setup_rank(config, self.model_config, rank)
+        self.tp = setup_tp_rank(config, rank) if config.parallel.tp > 1 else None
         self.ep_runtime = get_parallel_state().ep_runtime if self.dp is not None else None
         self.stop_requested = False  # set by the caller; under DP every rank stops at the same step
         self.stopped = False
         self.global_tokens = 0  # under DP: the most tokens any rank ran in the last step
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.model_config)
+        self.runner = ModelRunner(config, self.model_config, tp_channel=self.tp)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self.max_model_len = model_len
         self.scheduler = Scheduler(config.scheduler, self.kv, model_len)
-        self.stats = EngineStats(dp_rank=rank)
+        self.stats = EngineStats(dp_rank=rank // config.parallel.tp)
         self.eos_token_ids = tuple(self.model_config.eos_token_id)
         self._update_stats(0)
 
@@ -124,6 +127,7 @@ class EngineCore:
                 return []
             sampled = self.runner.execute(sched, graph_size, local_graph_choice=False)
         elif sched.is_empty:
+            self.heartbeat()
             self._update_stats(0)
             return []
         else:
@@ -155,8 +159,20 @@ class EngineCore:
             s.num_steps += 1
             s.num_tokens_computed += num_tokens
 
+    def heartbeat(self) -> None:
+        """Call while idle: under tensor parallelism the workers hear from rank 0 every second or so."""
+        if self.tp is not None:
+            self.tp.heartbeat()
+
     def shutdown(self) -> None:
-        """Leave the process groups (after the ranks agreed to stop)."""
+        """Leave the process groups (after the ranks agreed to stop; tensor-parallel workers are
+        told to stop)."""
+        if self.tp is not None:
+            tp, self.tp = self.tp, None
+            try:
+                tp.stop()
+            finally:
+                teardown_rank()
         if self.dp is not None:
             teardown_rank()
             self.dp = None

@@ -8,6 +8,8 @@ One "step" message carries every request's new tokens of one engine step, so str
 requests costs one socket message per step. The process exits when its parent dies, so the
 engine never outlives the server.
 
+With tensor parallelism this process is TP rank 0 and drives the other TP ranks (worker
+processes, engine/tp.py) itself; the front end talks to it alone.
 With data parallelism there is one such process per rank, each with its own input socket,
 all pushing to the one output socket; the ranks step in lockstep (engine/dp.py), so a rank
 keeps stepping (and syncing) while any rank has work, and all stop together.
@@ -118,8 +120,11 @@ def _loop(engine, inp, out, parent_pid: int) -> None:
         if lockstep:
             outputs = engine.step()  # every rank, every turn: the ranks meet here
             busy = engine.global_tokens > 0
+        elif engine.has_unfinished():
+            outputs = engine.step()
         else:
-            outputs = engine.step() if engine.has_unfinished() else []
+            engine.heartbeat()  # tensor-parallel workers wait on rank 0 with a deadline
+            outputs = []
         if outputs or got_input:
             out.send(ENCODER.encode(("step", outputs, dataclasses.asdict(engine.stats))))
 

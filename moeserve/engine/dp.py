@@ -24,6 +24,7 @@ from moeserve.distributed.dispatch import resolve_mode
 from moeserve.distributed.ep_moe import EPRuntime
 from moeserve.distributed.groups import (ParallelState, build_parallel_state, default_backend, init_distributed,
                                          set_parallel_state)
+from moeserve.models.loader import check_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def wire_codecs(config: EngineConfig, model_config: ModelConfig) -> tuple[str, s
 def validate_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
     """Clear errors up front, before any rank process starts."""
     p = config.parallel
+    if p.tp > 1:
+        check_tensor_parallel(model_config, p.tp)
     if p.ep == 1:
         return
     if not model_config.n_routed_experts:

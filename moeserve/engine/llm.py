@@ -24,7 +24,7 @@ class LLM:
                  **engine_args):
         self.config = EngineConfig.from_kwargs(model, dtype=dtype, device=device, **engine_args)
         self.tokenizer = load_tokenizer(tokenizer or model)
-        if self.config.parallel.world_size > 1:  # one engine-core process per data-parallel rank
+        if self.config.parallel.world_size > 1:  # one engine-core process per dp rank (+ its tp workers)
             from moeserve.engine.mp_engine import MultiprocEngine
             self.engine = MultiprocEngine(self.config)
         else:
@@ -37,7 +37,7 @@ class LLM:
         return self.engine.stats
 
     def shutdown(self) -> None:
-        """Stop the engine's rank processes (data parallel); a no-op for one in-process engine."""
+        """Stop the engine's rank processes (data/tensor parallel); a no-op for one in-process engine."""
         if hasattr(self.engine, "shutdown") and self.config.parallel.world_size > 1:
             self.engine.shutdown()
 
@@ -120,7 +120,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     par = parser.add_argument_group("parallelism (one process per rank; gloo on CPU, NCCL on GPU)")
     par.add_argument("--dp", type=int, default=1, help="data-parallel attention ranks")
     par.add_argument("--ep", type=int, default=1, help="expert-parallel ranks: 1 or dp * tp")
-    par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (only 1 for now)")
+    par.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel ranks: every layer split over them (one node; not with --dp/--ep yet)")
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0, help="nodes > 0 run their ranks headless")
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (rendezvous; ZMQ on the next ports)")

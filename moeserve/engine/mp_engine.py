@@ -1,5 +1,6 @@
 """The engine interface LLM uses (add_request, abort_requests, step, ...) over one engine-core
-process per data-parallel rank: what `LLM(model, dp=N, ep=N)` runs on."""
+process per data-parallel rank (and its tensor-parallel workers): what `LLM(model, dp=N, ep=N)`
+and `LLM(model, tp=N)` run on."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class MultiprocEngine:
         validate_parallel(config, ModelConfig.from_pretrained(config.model))
         self.config = with_rendezvous(config)
         self.step_timeout_s = step_timeout_s
-        world = self.config.parallel.world_size
+        engines = self.config.parallel.dp  # engine cores; the other TP ranks are their workers
         addrs = addresses(self.config)
         self._ctx = zmq.Context()
         self._inputs = []
@@ -33,11 +34,11 @@ class MultiprocEngine:
             self._inputs.append(sock)
         self._out = self._ctx.socket(zmq.PULL)
         self._out.bind(addrs.bind_output)
-        self.router = RankRouter(world)
+        self.router = RankRouter(engines)
         self.stats = EngineStats()
         self.procs = spawn_ranks(self.config, addrs, os.getpid())
         try:
-            infos = [self._recv("ready", startup_timeout_s)[1] for _ in range(world)]
+            infos = [self._recv("ready", startup_timeout_s)[1] for _ in range(engines)]
         except BaseException:
             self.shutdown(timeout_s=0)
             raise
@@ -72,11 +73,18 @@ class MultiprocEngine:
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         rank = self.router.assign(request_id)
-        self._inputs[rank].send(encode_add([(request_id, list(prompt_token_ids), params)]))
+        try:  # never block: a PUSH socket whose engine process died waits forever
+            self._inputs[rank].send(encode_add([(request_id, list(prompt_token_ids), params)]), zmq.NOBLOCK)
+        except zmq.Again:
+            self.router.finished(request_id)
+            raise RuntimeError(f"engine rank {rank} does not take requests (its process is gone)") from None
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for rank, ids in self.router.by_rank(request_ids).items():
-            self._inputs[rank].send(ENCODER.encode(("abort", ids)))
+            try:
+                self._inputs[rank].send(ENCODER.encode(("abort", ids)), zmq.NOBLOCK)
+            except zmq.Again:  # the rank is gone: nothing left to abort there
+                pass
             for rid in ids:
                 self.router.finished(rid)
 

@@ -1,4 +1,6 @@
 """Starting engine-core processes, one per data-parallel rank, and routing requests to them.
+Under tensor parallelism the ranks of a TP group after the first are workers (engine/tp.py):
+they get no input socket; they push only errors to the output socket.
 
 Used by the API server's engine client and by the offline LLM when dp > 1. The front end
 binds one PUSH socket per rank and one PULL socket for every rank's outputs; the ranks connect.
@@ -21,6 +23,7 @@ import uuid
 from moeserve.config import EngineConfig
 from moeserve.distributed.groups import free_port
 from moeserve.engine.core_proc import run_engine_core
+from moeserve.engine.tp import run_tp_worker
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +50,17 @@ class Addresses:
 
 
 def addresses(config: EngineConfig) -> Addresses:
+    """One input per engine core (data-parallel rank), one output for all."""
     p = config.parallel
     if p.nnodes == 1:
         folder, tag = tempfile.mkdtemp(prefix="moeserve-"), uuid.uuid4().hex[:8]
-        inputs = [f"ipc://{folder}/in-{tag}-{r}" for r in range(p.world_size)]
+        inputs = [f"ipc://{folder}/in-{tag}-{r}" for r in range(p.dp)]
         output = f"ipc://{folder}/out-{tag}"
         return Addresses(inputs, output, inputs, output)
     host, port = p.dist_init_addr.rsplit(":", 1)
     port = int(port)
-    return Addresses([f"tcp://*:{port + 2 + r}" for r in range(p.world_size)], f"tcp://*:{port + 1}",
-                     [f"tcp://{host}:{port + 2 + r}" for r in range(p.world_size)], f"tcp://{host}:{port + 1}")
+    return Addresses([f"tcp://*:{port + 2 + r}" for r in range(p.dp)], f"tcp://*:{port + 1}",
+                     [f"tcp://{host}:{port + 2 + r}" for r in range(p.dp)], f"tcp://{host}:{port + 1}")
 
 
 def local_ranks(config: EngineConfig) -> list[int]:
@@ -65,12 +69,18 @@ def local_ranks(config: EngineConfig) -> list[int]:
 
 
 def spawn_ranks(config: EngineConfig, addrs: Addresses, parent_pid: int) -> list[multiprocessing.Process]:
-    """Start this node's engine-core processes (they connect to addrs)."""
+    """Start this node's engine-core processes (they connect to addrs): TP rank 0 of each
+    data-parallel rank runs the engine core, other TP ranks run workers."""
     mp = multiprocessing.get_context("spawn")
+    tp = config.parallel.tp
     procs = []
     for r in local_ranks(config):
-        proc = mp.Process(target=run_engine_core, name=f"moeserve-engine-{r}", daemon=True,
-                          args=(config, addrs.inputs[r], addrs.output, parent_pid, r))
+        if r % tp == 0:
+            proc = mp.Process(target=run_engine_core, name=f"moeserve-engine-{r}", daemon=True,
+                              args=(config, addrs.inputs[r // tp], addrs.output, parent_pid, r))
+        else:
+            proc = mp.Process(target=run_tp_worker, name=f"moeserve-tp-worker-{r}", daemon=True,
+                              args=(config, addrs.output, parent_pid, r))
         proc.start()
         procs.append(proc)
     return procs

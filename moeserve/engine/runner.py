@@ -3,6 +3,10 @@ flat variable-length batch (no padding), runs the forward and samples.
 
 On GPU the KV cache is sized from the memory left after a profiling forward of the largest
 step (`gpu_memory_utilization`); on CPU from `num_blocks` or `cpu_kv_cache_mb`.
+
+Under tensor parallelism (engine/tp.py) every TP rank has a runner over its shard of the model;
+rank 0's `execute` broadcasts each step's flat batch and the workers run `forward_step` on it.
+All ranks size the KV cache alike: the fewest blocks any rank has room for.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
 from moeserve.distributed.groups import get_parallel_state
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import SchedulerOutput
+from moeserve.engine.tp import StepBatch, TPChannel
 from moeserve.layers.attention import AttentionMetadata
 from moeserve.layers.sampler import SamplingBatch, sample
 from moeserve.models.loader import load_model
@@ -120,8 +125,10 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device | None = None):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device | None = None,
+                 tp_channel: TPChannel | None = None):
         self.config = config
+        self.tp_channel = tp_channel  # tensor parallel: rank 0 sends each step on it, workers receive
         self.model_config = model_config
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_config)
@@ -133,6 +140,8 @@ class ModelRunner:
         self.model.eval()
         self.kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.num_blocks = self._decide_num_blocks()
+        if tp_channel is not None:  # every TP rank holds the same block ids
+            self.num_blocks = tp_channel.min_over_ranks(self.num_blocks)
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: CudaGraphs | None = None
         state = get_parallel_state()
@@ -247,7 +256,8 @@ class ModelRunner:
         requests whose sequence this step completes (mid-prompt chunks sample nothing).
 
         Under expert parallelism the ranks decide together: graph_size (or eager when None),
-        with local_graph_choice=False."""
+        with local_graph_choice=False. Under tensor parallelism (rank 0) the batch goes to the
+        workers first."""
         ids: list[int] = []
         positions: list[int] = []
         query_lens, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
@@ -261,14 +271,28 @@ class ModelRunner:
             if s.completes_sequence:
                 sample_rows.append(len(ids) - 1)
                 sample_reqs.append(r)
-        if graph_size or (local_graph_choice and self.graphs is not None and self.graphs.can_run(query_lens)):
-            hidden = self.graphs.run(ids, positions, seq_lens, tables, bs=graph_size)
-        else:
-            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
-            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                                meta)
-        if not sample_reqs:
+        if not graph_size and local_graph_choice and self.graphs is not None and self.graphs.can_run(query_lens):
+            graph_size = self.graphs.size_for(len(query_lens))
+        batch = StepBatch(ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size)
+        if self.tp_channel is not None:
+            self.tp_channel.send_step(batch)
+        logits = self.forward_step(batch)
+        if logits is None:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         tokens, logprobs = sample(logits, self._sampling_batch(sample_reqs))
         return {r.request_id: (t, lp) for r, t, lp in zip(sample_reqs, tokens.tolist(), logprobs)}
+
+    @torch.inference_mode()
+    def forward_step(self, b: StepBatch) -> torch.Tensor | None:
+        """The forward of one flat batch (from a CUDA graph when b.graph_size) -> fp32 logits of
+        the rows to sample, or None when there are none. Tensor-parallel workers call this with
+        the batch rank 0 broadcast."""
+        if b.graph_size:
+            hidden = self.graphs.run(b.ids, b.positions, b.seq_lens, b.tables, bs=b.graph_size)
+        else:
+            meta = AttentionMetadata.build(b.query_lens, b.seq_lens, b.tables, self.block_size, self.device)
+            hidden = self.model(torch.tensor(b.ids, device=self.device),
+                                torch.tensor(b.positions, device=self.device), meta)
+        if not b.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(b.sample_rows, device=self.device)])

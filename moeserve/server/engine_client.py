@@ -57,7 +57,7 @@ class AsyncEngineClient:
         self._procs: list = []
         self._ctx = zmq.asyncio.Context()
         self.addrs = addresses(self.config)
-        self.router = RankRouter(self.config.parallel.world_size)
+        self.router = RankRouter(self.config.parallel.dp)  # one engine core per data-parallel rank
         self._task: asyncio.Task | None = None
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -73,7 +73,7 @@ class AsyncEngineClient:
         self._procs = spawn_ranks(self.config, self.addrs, os.getpid())
         deadline = time.monotonic() + self.startup_timeout_s
         infos = []
-        while len(infos) < self.config.parallel.world_size:
+        while len(infos) < self.config.parallel.dp:
             if await self._out.poll(200):
                 kind, payload = DECODER.decode(await self._out.recv())[:2]
                 if kind == "ready":
