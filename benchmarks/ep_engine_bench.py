@@ -1,15 +1,20 @@
-"""Expert parallelism through the whole engine on N GPUs of one host (NCCL).
+"""Expert parallelism against tensor parallelism through the whole engine on N GPUs of one host (NCCL).
 
-1. Correctness: greedy tokens of LLM(dp=N, ep=N) against one GPU, on a tiny random DeepSeek-V3
-   checkpoint in fp32 (both dispatch kernels).
+1. Correctness: greedy tokens of LLM(dp=N, ep=N) (both dispatch kernels) and of LLM(tp=N)
+   against one GPU, on a tiny random DeepSeek-V3 checkpoint in fp32, eager and with CUDA graphs.
 2. Throughput: a layer-reduced DeepSeek-V3-shaped dummy model (hidden 7168, MLA, 256 experts
-   top-8, 1 dense + --moe-layers MoE layers) decoding B requests per GPU: one GPU holding every
-   expert against dp=N/ep=N with each rank holding 256/N, per wire format, eager and with CUDA
-   graphs (under EP the decode graphs run the low-latency dispatch).
+   top-8, 1 dense + --moe-layers MoE layers) decoding B requests per GPU (B * N requests in all,
+   the same workload for every mode): one GPU holding every expert; dp=N/ep=N with each rank
+   holding 256/N experts and its own requests, per wire format; tp=N with every layer split
+   over the N GPUs (one scheduler for all B * N requests). Eager and with CUDA graphs (under EP
+   the decode graphs run the low-latency dispatch; under TP they capture the all_reduces).
 
-    python benchmarks/ep_engine_bench.py --nproc 2 --out $OUT/ep_engine
+    python benchmarks/ep_engine_bench.py --nproc 2 --out $OUT/ep_engine            # ep and tp
+    python benchmarks/ep_engine_bench.py --nproc 2 --modes tp --out $OUT/tp_engine  # tp only
 
-Prints a Markdown table last and writes PREFIX.json / PREFIX.md.
+`--device cpu` is a smoke run of the same code paths on the tiny model (gloo, fp32, dummy
+weights for the throughput rows, tiny workload). Prints a Markdown table last and writes
+PREFIX.json / PREFIX.md.
 """
 
 from __future__ import annotations
@@ -54,32 +59,49 @@ def greedy_tokens(llm, prompts, n=16):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
-def check_correctness(nproc: int, path: str) -> list[dict]:
-    prompts = [[5 + i, 7, 9, 11 + i, 3] * (1 + i % 4) for i in range(12)]
-    kw = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.3)
+def check_correctness(nproc: int, path: str, modes: list[str], device: str = "cuda", tp: int = 0) -> list[dict]:
+    prompts = [[5 + i, 7, 9, 11 + i, 3] * (1 + i % 4) for i in range(12 if device == "cuda" else 3)]
+    kw = dict(dtype="float32", device=device, gpu_memory_utilization=0.3)
     single = LLM(path, enforce_eager=True, **kw)
     ref = greedy_tokens(single, prompts)
     del single
     gc.collect()
     torch.cuda.empty_cache()
+    graphs = (True, False) if device == "cuda" else (True,)
+    cases = []
+    if "ep" in modes:
+        cases += [(f"dp{nproc}/ep{nproc}", dict(dp=nproc, ep=nproc, dispatch_backend=b), b, eager)
+                  for b, eager in (("ht", True), ("ll", True), ("auto", False)) if eager or device == "cuda"]
+    if "tp" in modes:
+        # the tiny model has 4 attention heads: tp 8 does not split it
+        t = min(tp or nproc, 4)
+        cases += [(f"tp{t}", dict(tp=t), "all_reduce", eager) for eager in graphs]
     rows = []
-    for backend, eager in (("ht", True), ("ll", True), ("auto", False)):
-        llm = LLM(path, dp=nproc, ep=nproc, dispatch_backend=backend, enforce_eager=eager, **kw)
+    for run, parallel, backend, eager in cases:
+        llm = LLM(path, enforce_eager=eager, **parallel, **kw)
         got = greedy_tokens(llm, prompts)
         llm.shutdown()
         same = sum(a == b for a, b in zip(got, ref))
         name = backend + (", eager" if eager else ", CUDA graphs")
-        rows.append({"backend": name, "sequences_equal": same, "sequences": len(ref)})
-        print(f"correctness dp{nproc}/ep{nproc} {name}: {same}/{len(ref)} greedy sequences equal", flush=True)
+        rows.append({"run": run, "backend": name, "sequences_equal": same, "sequences": len(ref)})
+        print(f"correctness {run} {name}: {same}/{len(ref)} greedy sequences equal", flush=True)
     return rows
 
 
-def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int, gpus: int, eager: bool) -> dict:
-    llm = LLM(path, dtype="bfloat16", device="cuda", load_format="dummy", enforce_eager=eager,
-              enable_prefix_caching=False, max_num_seqs=batch_per_gpu, max_model_len=isl + osl + 16,
+def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int, gpus: int, eager: bool,
+               device: str = "cuda") -> dict:
+    # One scheduler per engine core: under dp each rank takes batch_per_gpu requests; a single
+    # GPU or a TP group (one scheduler for all its GPUs) takes every request of the workload.
+    engines = parallel.get("dp", 1)
+    max_seqs = batch_per_gpu * gpus // engines
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    llm = LLM(path, dtype=dtype, device=device, load_format="dummy", enforce_eager=eager,
+              enable_prefix_caching=False, max_num_seqs=max_seqs, max_model_len=isl + osl + 16,
               gpu_memory_utilization=0.85, **parallel)
+    vocab = llm.engine.vocab_size if hasattr(llm.engine, "vocab_size") else llm.engine.model_config.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, 120000, (isl,), generator=g).tolist() for _ in range(batch_per_gpu * gpus)]
+    prompts = [torch.randint(10, min(120000, vocab), (isl,), generator=g).tolist()
+               for _ in range(batch_per_gpu * gpus)]
     greedy_tokens(llm, prompts[:gpus * 2], n=4)  # warm-up: Triton compiles, NCCL connects
     start = time.perf_counter()
     outs = greedy_tokens(llm, prompts, n=osl)
@@ -90,53 +112,81 @@ def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int
     gc.collect()
     torch.cuda.empty_cache()
     tokens = sum(map(len, outs))
-    return {"gpus": gpus, "eager": eager, "batch_per_gpu": batch_per_gpu, "output_tokens": tokens, "seconds": seconds,
-            "output_tok_s_per_gpu": tokens / seconds / gpus, **parallel}
+    return {"gpus": gpus, "eager": eager, "batch_per_gpu": batch_per_gpu, "max_num_seqs": max_seqs,
+            "output_tokens": tokens, "seconds": seconds, "output_tok_s_per_gpu": tokens / seconds / gpus, **parallel}
+
+
+def run_name(r: dict) -> str:
+    if r["gpus"] == 1:
+        return "one GPU, all experts"
+    if r.get("tp", 1) > 1:
+        return f"tp{r['tp']} (layers split, all_reduce)"
+    return f"dp{r['dp']}/ep{r['ep']} {r['dispatch_dtype']}+{r['combine_dtype']}"
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--nproc", type=int, default=torch.cuda.device_count())
+    p.add_argument("--nproc", type=int, default=None, help="GPUs (ranks) of the EP runs (default: all visible)")
+    p.add_argument("--tp", type=int, default=None, help="TP size of the tensor-parallel runs (default: --nproc)")
+    p.add_argument("--modes", default="ep,tp", help="comma list of ep, tp: which parallel runs to compare")
     p.add_argument("--moe-layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64, help="requests per GPU")
     p.add_argument("--isl", type=int, default=512)
     p.add_argument("--osl", type=int, default=64)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: smoke run on the tiny model (gloo), not a measurement")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    report = {"device": f"{args.nproc}x {torch.cuda.get_device_name()}", "date": datetime.date.today().isoformat(),
-              "commit": args.commit, "command": " ".join(sys.argv)}
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - {"ep", "tp"}:
+        p.error(f"--modes takes ep and/or tp, got {args.modes!r}")
+    cpu = args.device == "cpu"
+    if args.nproc is None:
+        args.nproc = 2 if cpu else torch.cuda.device_count()
+    tp = args.tp or args.nproc
+    device_name = "CPU (smoke run)" if cpu else torch.cuda.get_device_name()
+    report = {"device": f"{args.nproc}x {device_name}", "date": datetime.date.today().isoformat(),
+              "commit": args.commit, "command": " ".join(sys.argv), "modes": modes}
     tiny = make_tiny("deepseek_v3", tempfile.mkdtemp(prefix="tiny-v3-"))
-    report["correctness"] = check_correctness(args.nproc, tiny)
+    report["correctness"] = check_correctness(args.nproc, tiny, modes, args.device, tp)
 
-    cfg = dict(V3_LAYER_REDUCED, num_hidden_layers=1 + args.moe_layers)
-    path = tempfile.mkdtemp(prefix="v3-reduced-")
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # prompts are token ids; LLM wants a tokenizer
-        shutil.copy(os.path.join(tiny, name), path)
+    if cpu:  # the tiny model's shapes; a V3-width model is far too slow for a smoke run on CPU
+        path = tiny
+    else:
+        cfg = dict(V3_LAYER_REDUCED, num_hidden_layers=1 + args.moe_layers)
+        path = tempfile.mkdtemp(prefix="v3-reduced-")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # prompts are token ids; LLM wants a tokenizer
+            shutil.copy(os.path.join(tiny, name), path)
     runs = []
-    for eager in (True, False):
-        runs.append(throughput(path, {}, args.batch, args.isl, args.osl, 1, eager))
+    for eager in ((True,) if cpu else (True, False)):
+        runs.append(throughput(path, {}, args.batch, args.isl, args.osl, 1, eager, args.device))
         print("single GPU:", runs[-1], flush=True)
-        for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
-            par = dict(dp=args.nproc, ep=args.nproc, dispatch_dtype=dispatch, combine_dtype=combine)
-            runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager))
-            print(f"dp{args.nproc}/ep{args.nproc} {dispatch}+{combine}:", runs[-1], flush=True)
+        if "ep" in modes:
+            for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
+                par = dict(dp=args.nproc, ep=args.nproc, dispatch_dtype=dispatch, combine_dtype=combine)
+                runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager, args.device))
+                print(f"dp{args.nproc}/ep{args.nproc} {dispatch}+{combine}:", runs[-1], flush=True)
+        if "tp" in modes:
+            runs.append(throughput(path, dict(tp=tp), args.batch, args.isl, args.osl, tp, eager, args.device))
+            print(f"tp{tp}:", runs[-1], flush=True)
     report["throughput"] = runs
     base = {r["eager"]: r["output_tok_s_per_gpu"] for r in runs if r["gpus"] == 1}
-    lines = [f"# Expert parallelism in the engine: {report['device']}", "",
+    lines = [f"# EP and TP in the engine: {report['device']}", "",
              f"date {report['date']}, commit {args.commit}, command `{report['command']}`", "",
-             "| correctness (tiny V3, fp32) | greedy sequences equal to one GPU |", "|---|---|"]
-    lines += [f"| dp{args.nproc}/ep{args.nproc}, {r['backend']} | {r['sequences_equal']}/{r['sequences']} |"
+             "| correctness (tiny V3, fp32) | backend | greedy sequences equal to one GPU |", "|---|---|---|"]
+    lines += [f"| {r['run']} | {r['backend']} | {r['sequences_equal']}/{r['sequences']} |"
               for r in report["correctness"]]
-    lines += ["", f"Layer-reduced V3 shape (1 dense + {args.moe_layers} MoE layers, bf16, dummy weights), "
-              f"ISL {args.isl} / OSL {args.osl}, {args.batch} requests per GPU:", "",
+    model = ("tiny V3 (fp32, dummy weights; smoke run, not a measurement)" if cpu else
+             f"Layer-reduced V3 shape (1 dense + {args.moe_layers} MoE layers, bf16, dummy weights)")
+    lines += ["", f"{model}, ISL {args.isl} / OSL {args.osl}, {args.batch} requests per GPU "
+              f"({args.batch} x GPUs requests per run):", "",
               "| run | mode | GPUs | output tok/s per GPU | vs one GPU, same mode |", "|---|---|---|---|---|"]
     for r in runs:
-        name = "one GPU, all experts" if r["gpus"] == 1 else f"dp{r['dp']}/ep{r['ep']} {r['dispatch_dtype']}+{r['combine_dtype']}"
         mode = "eager" if r["eager"] else "CUDA graphs"
-        lines.append(f"| {name} | {mode} | {r['gpus']} | {r['output_tok_s_per_gpu']:.0f} | "
+        lines.append(f"| {run_name(r)} | {mode} | {r['gpus']} | {r['output_tok_s_per_gpu']:.0f} | "
                      f"{r['output_tok_s_per_gpu'] / base[r['eager']]:.2f} |")
     md = "\n".join(lines) + "\n"
     with open(args.out + ".json", "w") as f:
