@@ -102,30 +102,58 @@ if triton is not None:
         return tl.where(r == 0, v * 0.0, r)  # keep the sign of values that round to zero, as torch does
 
     @triton.jit
+    def _quant_group_tile(x, FP8_MAX_C: tl.constexpr, FAST: tl.constexpr):
+        # x [rows, GROUP] fp32, one scale group per row -> (x / scale, clamped, in fp32, whose cast
+        # to e4m3 is the quantized value; scale [rows]). The one definition of the activation
+        # rounding: the quant kernel and the GEMMs that quantize their A tiles on load all call it,
+        # so they agree bit for bit.
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / FP8_MAX_C
+        if FAST:
+            # CUDA: the IEEE quotient without a division per element (div_rn is a slow subroutine,
+            # and a GEMM that quantizes on load redoes it for every N tile). Markstein: with
+            # y = RN(1/s) and q = RN(x y), RN(q + (x - s q) y) is RN(x / s). The GPU's cast to e4m3
+            # rounds to nearest even by itself.
+            rcp = tl.math.div_rn(scale * 0.0 + 1.0, scale)[:, None]
+            q0 = x * rcp
+            q = tl.fma(tl.fma(-q0, scale[:, None], x), rcp, q0)
+            q = tl.clamp(q, -FP8_MAX_C, FP8_MAX_C)
+        else:
+            # div_rn: IEEE division as torch does it; the GPU's default '/' is approximate and,
+            # with bf16 inputs, lands on the other side of an e4m3 rounding tie for ~0.1% of
+            # elements. _round_to_e4m3: the interpreter's cast does not round right by itself.
+            q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -FP8_MAX_C, FP8_MAX_C))
+        return q, scale
+
+    @triton.jit
     def _group_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows, k, num_groups, stride_xm, stride_qm, stride_sm,
-                            GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, FP8_MAX_C: tl.constexpr):
+                            GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                            FAST: tl.constexpr = False):
         # One row of the tile is one (row, group) pair of x; the scale is the group's amax / 448.
         gid = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
         row, grp = gid // num_groups, gid % num_groups
         cols = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         mask = (row[:, None] < num_rows) & (cols < k)
         x = tl.load(x_ptr + row[:, None] * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / FP8_MAX_C
-        # div_rn: IEEE division as torch does it; the GPU's default '/' is approximate and, with
-        # bf16 inputs, lands on the other side of an e4m3 rounding tie for ~0.1% of elements.
-        q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -FP8_MAX_C, FP8_MAX_C))
+        q, scale = _quant_group_tile(x, FP8_MAX_C, FAST)
         tl.store(q_ptr + row[:, None] * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row * stride_sm + grp, scale, mask=row < num_rows)
 
-    @triton.jit
-    def _block_fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, m, n, k,
-                                 stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+    @triton.jit(do_not_specialize=["m", "groups_per_split", "stride_asm", "stride_bsn"])
+    def _block_fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, m, n, k, groups_per_split,
+                                 stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, stride_cs,
                                  GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 GROUP_SIZE_M: tl.constexpr):
-        # c = (a * a_scale) @ (b * b_scale).T; BLOCK_K divides GROUP_K, so one K step has one
+                                 GROUP_SIZE_M: tl.constexpr, FUSE_QUANT: tl.constexpr,
+                                 PARTIALS: tl.constexpr, FP8_MAX_C: tl.constexpr, FAST: tl.constexpr):
+        # c = (a * a_scale) @ (b * b_scale).T over the K range of groups_per_split whole scale groups
+        # [pid_k * k_per_split, + k_per_split). BLOCK_K divides GROUP_K, so one K step has one
         # activation scale per row and one weight scale per output column.
+        # FUSE_QUANT: a is the unquantized activation (bf16/fp16/fp32) and BLOCK_K == GROUP_K: each
+        #   step quantizes its A tile (one group per row) exactly as _group_quant_kernel does.
+        # PARTIALS: split-K; write this K range's fp32 sum to c[pid_k] (c is [splits, m, n] fp32,
+        #   stride_cs apart); _splitk_reduce_kernel adds them in a fixed order. Else c is the output.
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
         num_pid_m, num_pid_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
         pid_m, pid_n = _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_SIZE_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,16 +164,43 @@ if triton is not None:
         b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
         as_rows = as_ptr + offs_m.to(tl.int64) * stride_asm
         bs_cols = bs_ptr + (offs_n // GROUP_N).to(tl.int64) * stride_bsn
+        # k_start as a product with the constexpr GROUP_K: the compiler then knows the K offsets are
+        # 16-byte aligned and pipelines the loads (async copies). From a plain runtime k_per_split it
+        # could not, left the loop unpipelined, and the kernel ran 5-8x slower on an H200.
+        k_per_split = groups_per_split * GROUP_K
+        k_start = pid_k * k_per_split
+        num_steps = tl.cdiv(tl.minimum(k_per_split, k - k_start), BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
+        for step in range(0, num_steps):
+            k0 = k_start + step * BLOCK_K
             kk = k0 + offs_k
             a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < k), other=0.0)
             b = tl.load(b_cols + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < k), other=0.0)
-            a_s = tl.load(as_rows + k0 // GROUP_K, mask=mask_m, other=0.0)
             b_s = tl.load(bs_cols + k0 // GROUP_K, mask=mask_n, other=0.0)
+            if FUSE_QUANT:
+                aq, a_s = _quant_group_tile(a.to(tl.float32), FP8_MAX_C, FAST)
+                a = aq.to(b_ptr.dtype.element_ty)
+            else:
+                a_s = tl.load(as_rows + k0 // GROUP_K, mask=mask_m, other=0.0)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        c_ptrs = (c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm
+                  + offs_n[None, :])
+        c_mask = mask_m[:, None] & mask_n[None, :]
+        if PARTIALS:
+            tl.store(c_ptrs, acc, mask=c_mask)
+        else:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+    @triton.jit(do_not_specialize=["numel", "splits"])
+    def _splitk_reduce_kernel(p_ptr, c_ptr, numel, n, splits, stride_cm, BLOCK: tl.constexpr):
+        # c[i] = sum over s = 0, 1, ..., splits-1 of p[s, i], always in that order: the result does
+        # not depend on which split finished first (float atomics would), so it is the same run to run.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        for s in range(1, splits):
+            acc += tl.load(p_ptr + s * numel + offs, mask=mask, other=0.0)
+        tl.store(c_ptr + (offs // n) * stride_cm + offs % n, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
@@ -167,25 +222,46 @@ def per_token_group_quant_fp8_triton(x: torch.Tensor, group_size: int = 128) -> 
     groups_per_prog = 16
     grid = (triton.cdiv(m * num_groups, groups_per_prog),)
     _group_quant_kernel[grid](x, q, s, m, k, num_groups, x.stride(0), q.stride(0), s.stride(0),
-                              GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX, num_warps=4)
+                              GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX,
+                              FAST=x.is_cuda, num_warps=4)
     return q, s
 
 
 def block_fp8_matmul_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                             block: tuple[int, int] = (128, 128), config: dict | None = None) -> torch.Tensor:
+    """config: BLOCK_M/N/K, GROUP_SIZE_M, num_warps, num_stages, and optionally SPLIT_K (K ranges
+    summed by a second, fixed-order pass) and FUSE_QUANT (quantize x inside the GEMM, no separate
+    quant launch); moe_config.dense_fp8_config picks them per shape."""
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    xq, xs = per_token_group_quant_fp8_triton(x, block[1])
     w = w if w.stride(-1) == 1 else w.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = dict(config or moe_config.dense_fp8_config(m, n, k, x.device))
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], block[1])
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _block_fp8_matmul_kernel[grid](xq, xs, w, w_scale, out, m, n, k,
-                                   xq.stride(0), xs.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
-                                   GROUP_N=block[0], GROUP_K=block[1], **cfg)
+    split = max(1, int(cfg.pop("SPLIT_K", 1)))
+    fuse = bool(cfg.pop("FUSE_QUANT", False)) and block[1] <= 256
+    # A fused K step quantizes one whole scale group per row, so it is exactly one group wide.
+    cfg["BLOCK_K"] = block[1] if fuse else min(cfg["BLOCK_K"], block[1])
+    num_groups = triton.cdiv(k, block[1])
+    groups_per_split = triton.cdiv(num_groups, min(split, num_groups))
+    split = triton.cdiv(num_groups, groups_per_split)  # no empty K ranges
+    if fuse:
+        a, a_s = x, x  # the scale pointer is not read
+    else:
+        a, a_s = per_token_group_quant_fp8_triton(x, block[1])
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _block_fp8_matmul_kernel[(tiles, split)](
+        a, a_s, w, w_scale, c, m, n, k, groups_per_split,
+        a.stride(0), a_s.stride(0), w.stride(0), w_scale.stride(0), c.stride(-2), m * n,
+        GROUP_N=block[0], GROUP_K=block[1], FUSE_QUANT=fuse, PARTIALS=split > 1, FP8_MAX_C=FP8_MAX,
+        FAST=x.is_cuda, **cfg)
+    if split > 1:
+        reduce_block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, reduce_block),)](c, out, m * n, n, split, out.stride(0),
+                                                                   BLOCK=reduce_block, num_warps=4)
     return out
 
 

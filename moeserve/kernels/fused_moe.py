@@ -10,7 +10,9 @@ The Triton path (`fused_moe_triton`):
   4. sum over each token's top-k pairs, skipping pairs of experts < 0 -> [T, H].
 With FP8 weights (block scales given) the activations entering each GEMM are quantized per
 1 x block[1] group (W8A8, DeepSeek's recipe; `fp8_activations=False` keeps them in x.dtype and
-converts weight tiles instead, W8A16, which is what fused_moe_ref computes).
+converts weight tiles instead, W8A16, which is what fused_moe_ref computes). A config's
+FUSE_QUANT (default: moe_config.moe_fuse_quant, off after the H200 measurements) quantizes those
+activations inside the GEMMs instead of in two separate launches, bit-identically.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels import moe_config
-from moeserve.kernels.fp8 import (FP8_DTYPE, dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
+from moeserve.kernels.fp8 import (FP8_DTYPE, FP8_MAX, dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton, triton_runs_on)
 from moeserve.kernels.moe_align import moe_align_block_size_triton
 
@@ -27,7 +29,7 @@ try:
     import triton
     import triton.language as tl
 
-    from moeserve.kernels.fp8 import _grouped_pid
+    from moeserve.kernels.fp8 import _grouped_pid, _quant_group_tile
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -99,11 +101,14 @@ if triton is not None:
                          GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_SIZE_M: tl.constexpr, GATE_UP: tl.constexpr, W_FP8: tl.constexpr,
-                         A_FP8: tl.constexpr):
+                         A_FP8: tl.constexpr, A_QUANT: tl.constexpr = False, FP8_MAX_C: tl.constexpr = 448.0,
+                         FAST: tl.constexpr = False):
         """One program: BLOCK_M sorted pairs (all of one expert) x BLOCK_N output columns.
 
         GATE_UP: out[pair, j] = silu(a @ w[e, j].T) * (a @ w[e, n + j].T), a row = pair // a_row_div.
         else:    out[pair, j] = route_w[pair] * (a[pair] @ w[e, j].T).
+        A_QUANT (FP8 weights, BLOCK_K == GROUP_K): a is unquantized; each K step quantizes its A tile
+        per row and group exactly as the separate quant kernel would (W8A8 without its launch).
         """
         pid = tl.program_id(0)
         pid_m, pid_n = _grouped_pid(pid, max_padded // BLOCK_M, tl.cdiv(n, BLOCK_N), GROUP_SIZE_M)
@@ -138,7 +143,14 @@ if triton is not None:
                 s_gate = tl.load(ws_gate + kg, mask=mask_n, other=0.0)
                 if GATE_UP:
                     s_up = tl.load(ws_up + kg, mask=mask_n, other=0.0)
-                if A_FP8:
+                if A_QUANT:
+                    aq, a_s = _quant_group_tile(a.to(tl.float32), FP8_MAX_C, FAST)
+                    a = aq.to(w_ptr.dtype.element_ty)
+                    a_s = a_s[:, None]
+                    acc += tl.dot(a, b) * a_s * s_gate[None, :]
+                    if GATE_UP:
+                        acc_up += tl.dot(a, b_up) * a_s * s_up[None, :]
+                elif A_FP8:
                     a_s = tl.load(as_ptr + a_row * stride_asm + kg, mask=mask_m, other=0.0)[:, None]
                     acc += tl.dot(a, b) * a_s * s_gate[None, :]
                     if GATE_UP:
@@ -172,7 +184,8 @@ if triton is not None:
         tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < h)
 
 
-def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_row_div, gate_up, cfg, block):
+def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_row_div, gate_up, cfg, block,
+                     a_quant=False):
     sorted_ids, block_expert, num_padded = align
     n = w.shape[1] // 2 if gate_up else w.shape[1]
     k = w.shape[2]
@@ -187,7 +200,7 @@ def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_r
         w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0),
         GROUP_N=block[0], GROUP_K=block[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=min(cfg["BLOCK_K"], block[1]) if w_fp8 else cfg["BLOCK_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
-        GATE_UP=gate_up, W_FP8=w_fp8, A_FP8=a.dtype == FP8_DTYPE,
+        GATE_UP=gate_up, W_FP8=w_fp8, A_FP8=a.dtype == FP8_DTYPE, A_QUANT=a_quant, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -219,14 +232,18 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     route_w = topk_weights.to(torch.float32).contiguous()
     align = moe_align_block_size_triton(topk_ids, cfg["BLOCK_M"], num_experts)
     quant = w_fp8 and fp8_activations
+    # Quantize the activations inside the GEMMs (no quant launches) where a K step is one scale
+    # group; the config (or moe_config's default: decode sizes only) says whether it pays.
+    fuse = quant and cfg.get("FUSE_QUANT", moe_config.moe_fuse_quant(tokens, num_experts, top_k)) \
+        and min(cfg["BLOCK_K"], block[1]) == block[1]
 
-    a, a_scale = per_token_group_quant_fp8_triton(x, block[1]) if quant else (x, None)
+    a, a_scale = per_token_group_quant_fp8_triton(x, block[1]) if quant and not fuse else (x, None)
     act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
-    _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block)
+    _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block, fuse)
 
-    a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant else (act, None)
+    a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant and not fuse else (act, None)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, cfg, block)
+    _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, cfg, block, fuse)
     return moe_sum(y, topk_ids, out)
 
 

@@ -1,6 +1,6 @@
 """Block sizes for the MoE and FP8 GEMM kernels: tuned per shape in configs/*.json, else a default.
 
-Files are per GPU architecture (`fused_moe_sm90.json`, `block_fp8_sm90.json`): tuning on an H100
+Files are per GPU architecture (`fused_moe_sm90.json`, `dense_fp8_sm90.json`): tuning on an H100
 holds well enough on an H200 of the same architecture. Each file maps a shape key to
 {"<tokens>": config}; a lookup takes the entry whose token count is nearest the actual one.
 benchmarks/kernel_bench_moe.py --tune writes these files.
@@ -60,6 +60,21 @@ def default_moe_config(tokens: int, num_experts: int, top_k: int, on_cpu: bool) 
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
 
 
+# Off: on an H200 the in-GEMM quant was slower than the two separate quant launches at every
+# V2-Lite size measured (T=1: 37.8 vs 33.5 us, T=8: 149 vs 104, T=64: 187 vs 168, T=256: 396 vs
+# 208; docs/perf/kernels_moe.md). The path stays (FUSE_QUANT=True in a config) for later tuning.
+MOE_FUSE_MAX_ROWS_PER_EXPERT = 0
+
+
+def moe_fuse_quant(tokens: int, num_experts: int, top_k: int) -> bool:
+    """W8A8 fused MoE: quantize activations inside the two GEMMs (no quant launches) at decode sizes.
+
+    Each N-tile program of a GEMM re-quantizes its rows (I/BLOCK_N or H/BLOCK_N times per row): noise
+    next to the weight stream while each expert gets a few rows, a real cost once the GEMMs are
+    compute-bound (prefill), where the two separate quant passes are cheap by comparison."""
+    return tokens * top_k / max(num_experts, 1) <= MOE_FUSE_MAX_ROWS_PER_EXPERT
+
+
 def moe_config(tokens: int, num_experts: int, hidden: int, intermediate: int, top_k: int, wdtype: str,
                device: torch.device) -> dict:
     table = load_configs("fused_moe", arch_tag(device)).get(
@@ -73,18 +88,60 @@ def moe_config(tokens: int, num_experts: int, hidden: int, intermediate: int, to
     return cfg
 
 
-def default_dense_fp8_config(m: int, on_cpu: bool) -> dict:
-    if on_cpu:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1)
-    if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
-    if m <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a pretend GPU of 4 SMs, so CPU tests take the split-K path too
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Dense FP8 block GEMM (fp8.block_fp8_matmul_triton), decode (M <= DECODE_MAX_M) vs prefill.
+#
+# Decode is a stream of the weight matrix (N x K bytes in e4m3) with almost no math, so what counts
+# is how many bytes are in flight at once: every SM needs a few programs each streaming its own
+# slice. One program per (BLOCK_M x BLOCK_N) output tile gives M=64, N=2048 only 32 programs for
+# 132 SMs (measured 8.5 us per call on an H200, ~6x the bytes' time). So:
+#  - BLOCK_M just covers M (16/32/64: tl.dot needs >= 16), BLOCK_N = 64;
+#  - split K into SPLIT_K ranges of whole 128-groups until there are ~PROGRAMS_PER_SM programs
+#    per SM, keeping >= MIN_GROUPS_PER_SPLIT groups per range and the fp32 partials (splits x M x N
+#    x 4 bytes, written and read back through L2 by the fixed-order reduce pass) under a quarter of
+#    the weight bytes; each split range then streams ~BLOCK_N x K / SPLIT_K weight bytes;
+#  - FUSE_QUANT for M <= FUSE_MAX_M: quantizing the A tile inside the GEMM saves the separate quant
+#    launch (1.4-1.8 us measured) but every N-tile program redoes its rows' quantization: it won
+#    only at M <= 8 in the H200 sweep (never at M >= 32).
+# Prefill (M > DECODE_MAX_M) keeps one program per tile, no split (enough tiles already).
+# Measured (H200 sweep, docs/perf/kernels_moe.md "FP8 block GEMM at decode shapes"): every call
+# costs ~5-9 us whatever its bytes (0.3-3 us of them), so splitting pays only where K is long
+# (K >= 2816: 1.4-2.8x faster than one program per tile) and is neutral to slightly worse at K=2048.
+# The per-shape table `dense_fp8_<arch>.json` (the sweep's best, kernel_bench_moe.py --fp8-gemm
+# --tune) overrides this heuristic for the V2-Lite and V3 shapes; the heuristic covers the rest
+# (tensor-parallel shards, other models).
+DECODE_MAX_M = 256
+PROGRAMS_PER_SM = 2
+MIN_GROUPS_PER_SPLIT = 2
+FUSE_MAX_M = 16
+
+
+def default_dense_fp8_config(m: int, n: int, k: int, sms: int, on_cpu: bool, group_k: int = 128) -> dict:
+    if on_cpu:  # the interpreter: tiny blocks keep tests fast
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1)
+    elif m > DECODE_MAX_M:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_SIZE_M=8, num_warps=8, num_stages=3,
+                    SPLIT_K=1, FUSE_QUANT=False)
+    else:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
+    if m > DECODE_MAX_M:
+        return dict(cfg, SPLIT_K=1, FUSE_QUANT=False)
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+    groups = -(-k // group_k)
+    split = -(-PROGRAMS_PER_SM * sms // tiles)
+    split = min(split, max(1, groups // MIN_GROUPS_PER_SPLIT), max(1, k // (16 * m)))
+    return dict(cfg, SPLIT_K=max(1, split), FUSE_QUANT=m <= FUSE_MAX_M)
 
 
 def dense_fp8_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    table = load_configs("block_fp8", arch_tag(device)).get(dense_shape_key(n, k))
+    table = load_configs("dense_fp8", arch_tag(device)).get(dense_shape_key(n, k))
     if table:
         return _nearest(table, m)
-    return default_dense_fp8_config(m, device.type == "cpu")
+    return default_dense_fp8_config(m, n, k, num_sms(device), device.type == "cpu")
