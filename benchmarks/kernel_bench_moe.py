@@ -11,6 +11,17 @@ Roofline of a case = max(bytes / copy bandwidth, FLOPs / matmul rate), with
 all measured in this run. Times are medians of CUDA-graph replays (decode runs in graphs);
 inputs rotate over several routings / weight copies so that repeats do not hit in L2.
 --smoke runs tiny shapes on CPU under TRITON_INTERPRET=1 to check the script itself.
+
+--fp8-gemm: the dense FP8 block GEMM at decode and prefill shapes instead (V2-Lite's and V3's
+projections, M in 1, 8, 32, 64, 128, 4096): the previous kernel (separate quant launch + one program
+per tile, with its configs), the current one (split-K + fused quant, configs from moe_config),
+bf16 cuBLAS (F.linear) on the same shapes and the bytes roofline; checks every case against the bf16
+reference on the GPU (rel. err < 3e-2), that it repeats bit for bit, and that fusing the quant
+changes no bit; sums V2-Lite's 162 calls of one decode step; times the fused MoE's in-GEMM quant
+against separate quant launches (V2-Lite FP8). Writes kernels_fp8_gemm.json (and with --tune
+dense_fp8_<arch>.json) to --out.
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench_moe.py --fp8-gemm --out $OUT
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imp
     os.environ["TRITON_INTERPRET"] = "1"
 
 from moeserve.kernels import moe_config  # noqa: E402
-from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_ref,  # noqa: E402
+from moeserve.kernels.fp8 import (FP8_DTYPE, FP8_MAX, block_fp8_matmul, block_fp8_matmul_ref,  # noqa: E402
                                   block_fp8_matmul_triton,
                                   dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton)
@@ -293,6 +304,307 @@ def quant_check(timer, ceil, device, smoke):
             "err_vs_ref": rel_err(q.float() * s.repeat_interleave(128, 1), x.float())}
 
 
+# ---- dense FP8 GEMM at decode shapes (--fp8-gemm) -------------------------------------------------
+
+V2LITE_DENSE = [  # (name, N, K, calls per decode step: 27 layers, the first dense, 26 MoE with 2 shared experts)
+    ("q_proj", 3072, 2048, 27), ("kv_a_proj", 576, 2048, 27), ("kv_b_proj", 4096, 512, 27),
+    ("o_proj", 2048, 2048, 27), ("shared gate_up", 5632, 2048, 26), ("shared down", 2048, 2816, 26),
+    ("dense gate_up", 21888, 2048, 1), ("dense down", 2048, 10944, 1)]
+V3_DENSE = [("q_a+kv_a", 2112, 7168, 0), ("q_b", 24576, 1536, 0), ("shared gate_up", 4096, 7168, 0),
+            ("shared down", 7168, 2048, 0), ("o_proj", 7168, 16384, 0)]
+GEMM_M = [1, 8, 32, 64, 128, 4096]
+
+try:
+    import triton as _triton
+    import triton.language as tl
+
+    from moeserve.kernels.fp8 import _grouped_pid
+
+    @_triton.jit(do_not_specialize=["stride_asm", "stride_bsn"])  # as the new kernel: fewer compiles
+    def _old_block_fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, m, n, k,
+                                     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+                                     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                     GROUP_SIZE_M: tl.constexpr):
+        # The kernel as of commit 44b8295, kept here as the baseline: one program per output tile.
+        pid = tl.program_id(0)
+        num_pid_m, num_pid_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
+        pid_m, pid_n = _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_SIZE_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = offs_m < m, offs_n < n
+        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+        b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
+        as_rows = as_ptr + offs_m.to(tl.int64) * stride_asm
+        bs_cols = bs_ptr + (offs_n // GROUP_N).to(tl.int64) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            kk = k0 + offs_k
+            a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < k), other=0.0)
+            b = tl.load(b_cols + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < k), other=0.0)
+            a_s = tl.load(as_rows + k0 // GROUP_K, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_cols + k0 // GROUP_K, mask=mask_n, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+except ImportError:  # pragma: no cover
+    _triton = None
+
+
+def legacy_dense_config(m, n, k, device) -> dict:
+    """The configs the previous kernel used: its H100-tuned table (V3 shapes), else its default."""
+    table = moe_config.load_configs("block_fp8_legacy", moe_config.arch_tag(device)).get(
+        moe_config.dense_shape_key(n, k))
+    if table:
+        return moe_config._nearest(table, m)
+    if device.type == "cpu":
+        return cfg(16, 32, 32, 1, 4, 1)
+    if m <= 16:
+        return cfg(16, 64, 128, 1, 4, 4)
+    if m <= 128:
+        return cfg(64, 64, 128, 1, 4, 4)
+    return cfg(128, 128, 128, 8, 8, 3)
+
+
+def old_block_fp8_matmul(x, w, w_scale, config):
+    m, k = x.shape
+    n = w.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    xq, xs = per_token_group_quant_fp8_triton(x, BLOCK[1])
+    c = dict(config)
+    c["BLOCK_K"] = min(c["BLOCK_K"], BLOCK[1])
+    grid = (_triton.cdiv(m, c["BLOCK_M"]) * _triton.cdiv(n, c["BLOCK_N"]),)
+    _old_block_fp8_matmul_kernel[grid](xq, xs, w, w_scale, out, m, n, k, xq.stride(0), xs.stride(0), w.stride(0),
+                                       w_scale.stride(0), out.stride(0), GROUP_N=BLOCK[0], GROUP_K=BLOCK[1], **c)
+    return out
+
+
+def splitk_candidates(m, n, k, default) -> list[dict]:
+    """Decode sweep: BLOCK_N x SPLIT_K at the default's BLOCK_M and fusion; the caller then flips
+    the fusion (and tries 8 warps) on the best two."""
+    if m > moe_config.DECODE_MAX_M:
+        return [default, cfg(128, 128, 128, 8, 8, 4) | dict(SPLIT_K=1, FUSE_QUANT=False)]
+    groups = -(-k // BLOCK[1])
+    out = [default]
+    bms = [default["BLOCK_M"]] + ([128] if m > 64 else [])
+    for bm in bms:
+        for bn in (32, 64, 128):
+            for split in (1, 2, 4, 8, 16):
+                if split > groups:
+                    continue
+                c = dict(default, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split)
+                if c not in out:
+                    out.append(c)
+    return out
+
+
+def _rotating_inputs(n, k, device, smoke):
+    l2 = 1 << 20 if smoke else torch.cuda.get_device_properties(device).L2_cache_size
+    copies = 1 if smoke else max(2, min(96, math.ceil(3 * l2 / (n * k))))
+    ws, ss, wbs = [], [], []
+    for _ in range(copies):
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16).to(FP8_DTYPE)
+        s = torch.rand(-(-n // BLOCK[0]), -(-k // BLOCK[1]), device=device).add_(0.5).mul_(k ** -0.5)
+        ws.append(w)
+        ss.append(s)
+        wbs.append(dequant_block_fp8_ref(w, s, BLOCK, torch.bfloat16))
+    return ws, ss, wbs, l2
+
+
+def gemm_case(model, name, n, k, m, inputs, timer, ceil, tune, tuned, device, smoke) -> dict:
+    ws, ss, wbs, l2 = inputs
+    copies = len(ws)
+    x_copies = 1 if smoke else max(1, min(copies, math.ceil(3 * l2 / (m * k * 2))))
+    xs = [torch.randn(m, k, device=device, dtype=torch.bfloat16 if not smoke else torch.float32)
+          * torch.rand(m, 1, device=device).add_(0.1).to(torch.bfloat16 if not smoke else torch.float32)
+          for _ in range(x_copies)]
+    wbs = wbs if not smoke else [w.float() for w in wbs]
+    new_cfg = moe_config.dense_fp8_config(m, n, k, device)
+    old_cfg = legacy_dense_config(m, n, k, device)
+    row = {"model": model, "name": name, "N": n, "K": k, "M": m, "copies": copies, "new_config": new_cfg,
+           "old_config": old_cfg}
+
+    # correctness on the GPU: fresh inputs, against the bf16 reference and the W8A8 emulation
+    x, w, s = xs[0], ws[0], ss[0]
+    ref = x.float() @ dequant_block_fp8_ref(w, s, BLOCK).t()
+    out = block_fp8_matmul_triton(x, w, s, BLOCK, new_cfg)
+    row["err_new_vs_bf16_ref"] = rel_err(out, ref)
+    row["err_old_vs_bf16_ref"] = rel_err(old_block_fp8_matmul(x, w, s, old_cfg), ref)
+    row["err_new_vs_w8a8_ref"] = rel_err(out, block_fp8_matmul_ref(x, w, s, BLOCK))
+    row["repeat_mismatch"] = int((block_fp8_matmul_triton(x, w, s, BLOCK, new_cfg) != out).sum())
+    row["dispatch_mismatch"] = int((block_fp8_matmul(x, w, s, BLOCK) != out).sum())
+    flipped = dict(new_cfg, FUSE_QUANT=not new_cfg.get("FUSE_QUANT", False), BLOCK_K=BLOCK[1])
+    same = block_fp8_matmul_triton(x, w, s, BLOCK, dict(new_cfg, BLOCK_K=BLOCK[1]))
+    row["fuse_flip_maxdiff"] = float((block_fp8_matmul_triton(x, w, s, BLOCK, flipped).float() - same.float())
+                                     .abs().max())
+    q, qs = per_token_group_quant_fp8_triton(x, BLOCK[1])
+    q_ref, qs_ref = per_token_group_quant_fp8_ref(x, BLOCK[1])
+    row["quant_value_mismatch"] = int((q.float() != q_ref.float()).sum())  # the separate quant vs torch
+    row["quant_scale_err"] = rel_err(qs, qs_ref)
+    row["ok"] = (row["err_new_vs_bf16_ref"] < 3e-2 and row["repeat_mismatch"] == 0 and row["fuse_flip_maxdiff"] == 0
+                 and row["dispatch_mismatch"] == 0)
+    del ref, out, same
+
+    def run_new(c):
+        return lambda j: block_fp8_matmul_triton(xs[j % x_copies], ws[j], ss[j], BLOCK, c)
+
+    row["t_old_us"] = timer(lambda j: old_block_fp8_matmul(xs[j % x_copies], ws[j], ss[j], old_cfg), copies)
+    row["t_quant_us"] = timer(lambda j: per_token_group_quant_fp8_triton(xs[j % x_copies], BLOCK[1]), copies)
+    row["t_bf16_us"] = timer(lambda j: torch.nn.functional.linear(xs[j % x_copies], wbs[j]), copies)
+    row["t_new_us"] = timer(run_new(new_cfg), copies)
+    if tune:
+        trials = []
+
+        def trial(c):
+            try:
+                t = timer(run_new(c), copies)
+            except Exception as ex:  # a config that does not compile or fit is skipped, not fatal
+                print(f"  config {c} failed: {type(ex).__name__}: {str(ex)[:120]}")
+                return
+            trials.append((t, c))
+
+        for c in splitk_candidates(m, n, k, new_cfg):
+            trial(c)
+        if m <= moe_config.DECODE_MAX_M:
+            for _, c in sorted(trials, key=lambda tc: tc[0])[:2]:
+                trial(dict(c, FUSE_QUANT=not c["FUSE_QUANT"]))
+                trial(dict(c, num_warps=8))
+        row["trials"] = [{"t_us": t, **c} for t, c in trials]
+        t_best, c_best = min(trials, key=lambda tc: tc[0])
+        row["t_best_us"], row["best_config"] = t_best, c_best
+        tuned.setdefault(moe_config.dense_shape_key(n, k), {})[str(m)] = c_best
+    nbytes = n * k + s.numel() * 4 + m * k * 2 + m * n * 2
+    row["roof_us"], row["bound"] = roofline_us(nbytes, 2 * m * n * k, ceil, fp8_rate=True)
+    row["roof_bf16_us"], _ = roofline_us(2 * n * k + m * k * 2 + m * n * 2, 2 * m * n * k, ceil, fp8_rate=False)
+    row["new_over_old"] = row["t_new_us"] / row["t_old_us"]
+    row["new_over_bf16"] = row["t_new_us"] / row["t_bf16_us"]
+    row["new_over_roof"] = row["t_new_us"] / row["roof_us"]
+    return row
+
+
+def moe_quant_case(tokens, weights, timer, device, smoke) -> dict:
+    """V2-Lite FP8 fused MoE: activation quant inside the GEMMs vs two separate quant launches."""
+    e, h, i, k, e_routed = MODELS["V2-Lite"]
+    w13, w2, s13, s2 = weights
+    n_inputs = 1 if smoke else 4
+    dt = torch.float32 if smoke else torch.bfloat16
+    xs = [torch.randn(tokens, h, device=device, dtype=dt) for _ in range(n_inputs)]
+    routes = [routing(tokens, e, e_routed, k, device) for _ in range(n_inputs)]
+    base = moe_config.moe_config(tokens, e, h, i, k, "fp8", device)
+    row = {"model": "V2-Lite MoE fp8", "M": tokens, "config": base,
+           "default_fuse": bool(base.get("FUSE_QUANT", moe_config.moe_fuse_quant(tokens, e, k)))}
+    x, (rw, ids) = xs[0], routes[0]
+    fused = fused_moe_triton(x, w13, w2, rw, ids, s13, s2, BLOCK, True, dict(base, FUSE_QUANT=True))
+    unfused = fused_moe_triton(x, w13, w2, rw, ids, s13, s2, BLOCK, True, dict(base, FUSE_QUANT=False))
+    row["fused_vs_unfused_maxdiff"] = float((fused.float() - unfused.float()).abs().max())
+    row["err_fused_vs_w8a8_ref"] = rel_err(fused, fused_moe_w8a8_ref(x, w13, w2, rw, ids, s13, s2, BLOCK))
+    for tag, fuse in (("fused", True), ("separate", False)):
+        c = dict(base, FUSE_QUANT=fuse)
+        row[f"t_{tag}_us"] = timer(lambda j: fused_moe_triton(xs[j], w13, w2, routes[j][0], routes[j][1], s13, s2,
+                                                              BLOCK, True, c), n_inputs)
+    row["fused_over_separate"] = row["t_fused_us"] / row["t_separate_us"]
+    return row
+
+
+def fmt_gemm_row(r) -> str:
+    c = r["new_config"]
+    cs = f"{c['BLOCK_M']}x{c['BLOCK_N']} s{c.get('SPLIT_K', 1)}{' fq' if c.get('FUSE_QUANT') else ''}"
+    best = f" (best {r['t_best_us']:.1f})" if "t_best_us" in r else ""
+    return (f"| {r['model']} {r['name']} {r['N']}x{r['K']} | {r['M']} | {r['t_old_us']:.1f} | {r['t_new_us']:.1f}{best} "
+            f"| {r['t_bf16_us']:.1f} | {r['roof_us']:.1f} | {r['new_over_old']:.2f} | {r['new_over_bf16']:.2f} | "
+            f"{r['new_over_roof']:.2f} | {cs} | {r['err_new_vs_bf16_ref']:.1e}{'' if r['ok'] else ' FAIL'} |")
+
+
+def fp8_gemm_main(args, timer, device, t_start):
+    ceil = ceilings(timer, device)
+    meta = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
+            "arch": moe_config.arch_tag(device) if not args.smoke else "cpu",
+            "sms": moe_config.num_sms(device),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
+            "triton": _triton.__version__ if _triton else None, "ceilings": ceil}
+    print(json.dumps(meta))
+    groups = [("V2-Lite", V2LITE_DENSE), ("V3", V3_DENSE)]
+    ms = [int(t) for t in args.tokens.split(",")] if args.tokens != ",".join(map(str, TOKENS)) else GEMM_M
+    if args.smoke:
+        groups = [("tiny", [("a", 96, 160, 2)])]
+        ms = [1, 3]
+        MODELS["V2-Lite"] = (4, 128, 128, 2, 4)
+    rows, moe_rows, tuned = [], [], {}
+
+    def dump():
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels_fp8_gemm.json"), "w") as f:
+            json.dump({**meta, "cases": rows, "moe_quant": moe_rows}, f, indent=1)
+        if tuned:
+            with open(os.path.join(args.out, f"dense_fp8_{meta['arch']}.json"), "w") as f:
+                json.dump(tuned, f, indent=1, sort_keys=True)
+
+    for model, shapes in groups:
+        for name, n, k, calls in shapes:
+            try:
+                inputs = _rotating_inputs(n, k, device, args.smoke)
+            except Exception as ex:
+                print(f"FAILED inputs {model} {name}: {type(ex).__name__}: {str(ex)[:300]}")
+                continue
+            for m in ms:
+                tune = args.tune and time.time() - t_start < args.budget_s
+                try:
+                    r = gemm_case(model, name, n, k, m, inputs, timer, ceil, tune, tuned, device, args.smoke)
+                except Exception as ex:  # one failing case must not cost the rest of the run
+                    print(f"FAILED {model} {name} M={m}: {type(ex).__name__}: {str(ex)[:300]}")
+                    continue
+                r["calls_per_step"] = calls
+                rows.append(r)
+                print(fmt_gemm_row(r), json.dumps({kk: r[kk] for kk in ("err_new_vs_w8a8_ref", "t_quant_us",
+                                                                        "fuse_flip_maxdiff", "repeat_mismatch",
+                                                                        "quant_value_mismatch")}))
+                dump()
+            del inputs
+            if not args.smoke:
+                torch.cuda.empty_cache()
+    if not args.no_moe_quant:
+        try:
+            weights = make_experts(*MODELS["V2-Lite"][:3], True, device, args.smoke)
+            for t in ([2] if args.smoke else [1, 8, 64, 256]):
+                r = moe_quant_case(t, weights, timer, device, args.smoke)
+                moe_rows.append(r)
+                print(json.dumps(r))
+                dump()
+            del weights
+        except Exception as ex:
+            print(f"FAILED moe quant: {type(ex).__name__}: {str(ex)[:300]}")
+    meta["wall_s"] = time.time() - t_start
+    dump()
+
+    lines = [f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s, fp8 "
+             f"{ceil['fp8_TFLOPs']:.0f} TFLOP/s; {meta['device']}, {meta['sms']} SMs; {meta['wall_s']:.0f} s", "",
+             "| shape N x K | M | old us (quant+GEMM) | new us | bf16 mm us | roofline us | new/old | new/bf16 | "
+             "new/roof | new config | rel err vs bf16 ref |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [fmt_gemm_row(r) for r in rows]
+    for m in ms:  # V2-Lite's dense GEMMs of one decode step
+        step = [r for r in rows if r["model"] == "V2-Lite" and r["M"] == m]
+        if len(step) == len(V2LITE_DENSE):
+            tot = {key: sum(r[key] * r["calls_per_step"] for r in step) for key in
+                   ("t_old_us", "t_new_us", "t_bf16_us", "roof_us")}
+            lines.append(f"V2-Lite decode step at batch {m}, {sum(r['calls_per_step'] for r in step)} dense GEMM "
+                         f"calls: old {tot['t_old_us']:.0f} us, new {tot['t_new_us']:.0f} us, bf16 "
+                         f"{tot['t_bf16_us']:.0f} us, FP8 roofline {tot['roof_us']:.0f} us")
+    for r in moe_rows:
+        lines.append(f"V2-Lite fused MoE fp8 T={r['M']}: in-GEMM quant {r['t_fused_us']:.1f} us, separate "
+                     f"{r['t_separate_us']:.1f} us (x{r['fused_over_separate']:.2f}), max diff "
+                     f"{r['fused_vs_unfused_maxdiff']:g}, err vs W8A8 ref {r['err_fused_vs_w8a8_ref']:.1e}, "
+                     f"default fuse {r['default_fuse']}")
+    bad = [r for r in rows if not r["ok"]]
+    lines.append(f"correctness: {len(rows) - len(bad)}/{len(rows)} GEMM cases ok"
+                 + (": FAILED " + ", ".join(f"{r['name']} M={r['M']}" for r in bad) if bad else ""))
+    with open(os.path.join(args.out, "kernels_fp8_gemm.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 def git_commit() -> str:
@@ -337,8 +649,13 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--fp8-gemm", action="store_true", help="dense FP8 GEMM old/new/bf16 at decode shapes (only)")
+    ap.add_argument("--no-moe-quant", action="store_true", help="--fp8-gemm without the fused-MoE quant rows")
     args = ap.parse_args()
     t_start = time.time()
+    if args.fp8_gemm:
+        device = torch.device("cpu" if args.smoke else "cuda")
+        return fp8_gemm_main(args, Timer(args.smoke), device, t_start)
     if args.smoke:
         MODELS.update({"V2-Lite": (4, 64, 32, 2, 4), "V3": (8, 64, 64, 3, 8), "V3-EP8-local": (2, 64, 64, 3, 8)})
         DENSE_NK[:] = [(96, 128)]
