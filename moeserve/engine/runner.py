@@ -234,6 +234,12 @@ class ModelRunner:
             num_logprobs=[r.params.logprobs for r in requests],
         )
 
+    @staticmethod
+    def _plain_greedy(r: Request) -> bool:
+        """Greedy, no logprobs, and no token banned (eos before min_tokens): sampling is an argmax."""
+        p = r.params
+        return p.greedy and p.logprobs is None and len(r.output_token_ids) >= p.min_tokens
+
     def can_graph(self, sched: SchedulerOutput) -> bool:
         """Could this rank run the step from a CUDA graph (decodes only, few enough)?"""
         return self.graphs is not None and self.graphs.can_run([s.num_new_tokens for s in sched.scheduled])
@@ -279,7 +285,12 @@ class ModelRunner:
         logits = self.forward_step(batch)
         if logits is None:
             return {}
-        tokens, logprobs = sample(logits, self._sampling_batch(sample_reqs))
+        if all(self._plain_greedy(r) for r in sample_reqs):
+            # The common serving case: no per-row parameter tensors to build and copy (each such
+            # copy from pageable memory waits for the step's GPU work), one argmax.
+            tokens, logprobs = logits.argmax(dim=-1), [None] * len(sample_reqs)
+        else:
+            tokens, logprobs = sample(logits, self._sampling_batch(sample_reqs))
         return {r.request_id: (t, lp) for r, t, lp in zip(sample_reqs, tokens.tolist(), logprobs)}
 
     @torch.inference_mode()
