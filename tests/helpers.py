@@ -1,6 +1,8 @@
-"""A real `moeserve serve` subprocess on a free port, over a tiny checkpoint (used by the
-`server` fixture in conftest.py and by tests that need a server of their own)."""
+"""Test helpers: a real `moeserve serve` subprocess on a free port, over a tiny checkpoint (used by
+the `server` fixture in conftest.py and by tests that need a server of their own); running a
+kernel test module under the Triton interpreter."""
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +11,19 @@ import sys
 import time
 
 import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def interpreter_results(test_file: str, timeout_s: float = 120) -> dict:
+    """Run a kernel test module as a script with TRITON_INTERPRET=1 (the interpreter must be chosen
+    before triton is imported, hence a fresh process) and return the JSON its last line prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(test_file)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 SERVE_ARGS = ["--device", "cpu", "--dtype", "float32", "--block-size", "4", "--num-blocks", "512",
               "--max-model-len", "512"]

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from tests.helpers import interpreter_results as run_interpreted
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KINDS = ("none", "fp8", "mxfp4")
@@ -215,11 +216,7 @@ def _interpreter_cases() -> dict[str, bool]:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout_s=600)
 
 
 def test_triton_row_kernels_match_the_torch_references(interpreter_results):

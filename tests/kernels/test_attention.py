@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from moeserve.kernels.attention_triton import MAX_SPLITS, choose_num_splits
+from tests.helpers import interpreter_results as run_interpreted
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
@@ -207,11 +208,7 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", list(MLA_CASES) + list(GQA_CASES) + list(PAGED_PREFILL_CASES)

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from moeserve.kernels.fp8 import (FP8_MAX, block_fp8_matmul, block_fp8_matmul_ref, dequant_block_fp8_ref,
                                   per_token_group_quant_fp8_ref, quant_block_fp8_ref)
+from tests.helpers import interpreter_results as run_interpreted
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -61,11 +59,7 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 CASES = ["quant_fp32", "quant_fp16_ragged_k", "quant_one_row_wide_range", "gemm_fp32", "gemm_fp16_ragged",

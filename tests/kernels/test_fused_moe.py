@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +17,8 @@ import torch
 from moeserve.kernels.fp8 import quant_block_fp8_ref
 from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref
 from moeserve.kernels.moe_align import max_padded_size, moe_align_block_size_ref
+from tests.helpers import interpreter_results as run_interpreted
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -98,11 +96,7 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from tests.helpers import interpreter_results as run_interpreted
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -112,11 +113,7 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", ["norm_" + n for n in NORM_CASES] + ["rotary_" + n for n in ROTARY_CASES])
