@@ -12,6 +12,8 @@ import time
 
 import httpx
 
+from moeserve import SamplingParams
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,6 +25,20 @@ def interpreter_results(test_file: str, timeout_s: float = 120) -> dict:
                           text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Parallel engines (dp/ep, tp) are checked against one process on these prompts and parameters.
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+ENGINE = dict(dtype="float32", device="cpu", block_size=4, num_blocks=256)
+
+
+def prompts_for(n: int) -> list[list[int]]:
+    """Mixed lengths, so the two ranks are at different points (prefill on one, decode on the other)."""
+    return [[5 + i, 7, 9, 11 + i, 3] * (1 + i % 3) for i in range(n)]
+
+
+def greedy(llm, prompts):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
 
 
 SERVE_ARGS = ["--device", "cpu", "--dtype", "float32", "--block-size", "4", "--num-blocks", "512",

@@ -9,20 +9,8 @@ import sys
 import pytest
 from openai import OpenAI
 
-from moeserve import LLM, SamplingParams
-from tests.helpers import SERVE_ARGS, ServerProcess, free_port
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-ENGINE = dict(dtype="float32", device="cpu", block_size=4, num_blocks=256)
-
-
-def prompts_for(n: int) -> list[list[int]]:
-    """Mixed lengths, so the two ranks are at different points (prefill on one, decode on the other)."""
-    return [[5 + i, 7, 9, 11 + i, 3] * (1 + i % 3) for i in range(n)]
-
-
-def greedy(llm, prompts):
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+from moeserve import LLM
+from tests.helpers import ENGINE, SERVE_ARGS, ServerProcess, free_port, greedy, prompts_for
 
 
 @pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])

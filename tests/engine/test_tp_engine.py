@@ -11,18 +11,7 @@ import pytest
 from openai import OpenAI
 
 from moeserve import LLM, SamplingParams
-from tests.helpers import ServerProcess
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-ENGINE = dict(dtype="float32", device="cpu", block_size=4, num_blocks=256)
-
-
-def prompts_for(n: int) -> list[list[int]]:
-    return [[5 + i, 7, 9, 11 + i, 3] * (1 + i % 3) for i in range(n)]
-
-
-def greedy(llm, prompts):
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+from tests.helpers import ENGINE, GREEDY, ServerProcess, greedy, prompts_for
 
 
 def check_tp2_equals_single(path: str, **extra) -> None:
