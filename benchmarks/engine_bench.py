@@ -226,6 +226,16 @@ def profile_decode(engine: EngineCore, batch: int, isl: int) -> dict:
         for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
             phases[name].append(1e3 * dt)
     out = {k: statistics.median(v) for k, v in phases.items()}
+    out["batch"] = batch
+    if engine.runner.graphs is not None:  # the GPU time of the step alone: its graph replayed back to back
+        graph = engine.runner.graphs.graphs[engine.runner.graphs.size_for(batch)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        out["graph_replay"] = 1e3 * (time.perf_counter() - t0) / 20
+        out["host_outside_graph"] = out["schedule"] + out["execute"] + out["update"] - out["graph_replay"]
     print(f"decode step phases at batch {batch} (ms, graphs): {out}", flush=True)
     graphs = engine.runner.graphs
     engine.runner.graphs = None
@@ -258,7 +268,7 @@ def main() -> int:
     p.add_argument("--fp8", action="store_true", help="also FP8 weights at --fp8-batches")
     p.add_argument("--fp8-batches", default="1,64")
     p.add_argument("--commit", default="unknown")
-    p.add_argument("--profile-batch", type=int, default=0, help="print where a decode step's time goes")
+    p.add_argument("--profile-batch", default="", help="batch sizes (comma-separated): print where a decode step's time goes")
     p.add_argument("--profile-prefill", type=int, default=0, help="profile one prefill step of N x 128 tokens")
     p.add_argument("--out", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = p.parse_args()
@@ -299,8 +309,9 @@ def main() -> int:
         print(f"  batch {b}: {r['output_tok_s']:.0f} tok/s, step {r['decode_step_ms']:.2f} ms, "
               f"roofline {roof['ms']:.2f} ms, ratio {r['ratio']:.2f}", flush=True)
     report["bf16"] = cases
-    if args.profile_batch:
-        report["profile"] = profile_decode(engine, args.profile_batch, args.isl)
+    profile_batches = [int(x) for x in args.profile_batch.split(",") if x]
+    if profile_batches:
+        report["profiles"] = [profile_decode(engine, b, args.isl) for b in profile_batches]
     if args.profile_prefill:
         report["profile_prefill"] = profile_prefill(engine, args.profile_prefill, 128)
     free(engine)
@@ -320,8 +331,7 @@ def main() -> int:
             print(f"  fp8 batch {b}: step {r['decode_step_ms']:.2f} ms, roofline {roof['ms']:.2f} ms, "
                   f"vs bf16 {r['vs_bf16_step']}", flush=True)
         report["fp8"] = fp8_cases
-        if args.profile_batch and args.profile_batch <= max(fp8_batches):
-            report["fp8_profile"] = profile_decode(engine, args.profile_batch, args.isl)
+        report["fp8_profiles"] = [profile_decode(engine, b, args.isl) for b in profile_batches if b <= max(fp8_batches)]
         free(engine)
         engine = None
 
@@ -357,6 +367,13 @@ def markdown(r: dict) -> str:
         for c in r["fp8"]:
             vs = f"{c['vs_bf16_step']:.2f}" if c["vs_bf16_step"] else "-"
             lines.append(f"| {c['batch']} | {c['decode_step_ms']:.2f} | {c['roofline_ms']:.2f} | {c['ratio']:.2f} | {vs} |")
+    for name, profs in (("bf16", r.get("profiles", [])), ("FP8", r.get("fp8_profiles", []))):
+        for p in profs:
+            if "graph_replay" in p:
+                lines.append(f"\n{name} batch {p['batch']}: step {p['schedule'] + p['execute'] + p['update']:.2f} ms "
+                             f"(schedule {p['schedule']:.2f}, execute {p['execute']:.2f}, update {p['update']:.2f}); "
+                             f"its graph replayed alone {p['graph_replay']:.2f} ms; host time outside the graph "
+                             f"{p['host_outside_graph']:.2f} ms")
     return "\n".join(lines) + "\n"
 
 
