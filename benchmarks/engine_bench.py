@@ -92,19 +92,38 @@ def run_batch(engine: EngineCore, batch: int, isl: int, osl: int, seed: int) -> 
         engine.add_request(f"b{batch}-{seed}-{i}", ids, params)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    decode_steps, tokens = [], 0
+    decode_steps, tokens, per_request = [], 0, {}
     while engine.has_unfinished():
         t0 = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t0
         tokens += sum(len(o.new_token_ids) for o in outs)
+        for o in outs:
+            per_request.setdefault(o.request_id, []).extend(o.new_token_ids)
         s = engine.stats
         if s.num_scheduled_tokens == batch and s.num_running == batch:
             decode_steps.append(dt)
     total = time.perf_counter() - start
     return {"batch": batch, "output_tokens": tokens, "seconds": total, "output_tok_s": tokens / total,
             "decode_step_ms": 1e3 * statistics.median(decode_steps) if decode_steps else None,
-            "num_decode_steps": len(decode_steps), "preemptions": engine.stats.num_preemptions}
+            "num_decode_steps": len(decode_steps), "preemptions": engine.stats.num_preemptions,
+            "tokens": [per_request[k] for k in sorted(per_request)]}
+
+
+def sync_vs_async(engine: EngineCore, batch: int, isl: int, osl: int) -> dict:
+    """The same batch with the next step scheduled only after this one finished, then overlapped
+    (asynchronous scheduling): decode step times and whether the greedy tokens are the same."""
+    out = {"batch": batch}
+    for mode in ("sync", "async"):
+        engine.async_scheduling = mode == "async"
+        r = run_batch(engine, batch, isl, osl, seed=21)
+        out[mode + "_ms"], out[mode + "_tokens"] = r["decode_step_ms"], r.pop("tokens")
+    engine.async_scheduling = True
+    out["ratio"] = out["async_ms"] / out["sync_ms"]
+    out["tokens_equal"] = out.pop("async_tokens") == out.pop("sync_tokens")
+    print(f"batch {batch}: sync step {out['sync_ms']:.2f} ms, async {out['async_ms']:.2f} ms "
+          f"(ratio {out['ratio']:.2f}), tokens equal: {out['tokens_equal']}", flush=True)
+    return out
 
 
 def roofline_ms(engine: EngineCore, batch: int, context: int, bw: float) -> dict:
@@ -214,6 +233,8 @@ def profile_decode(engine: EngineCore, batch: int, isl: int) -> dict:
         engine.add_request(f"prof-{i}", ids, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
     while engine.stats.num_scheduled_tokens != batch or engine.stats.num_running != batch:
         engine.step()
+    engine.finish_in_flight()  # the phases below are timed one step at a time (synchronous)
+    overlapped, engine.async_scheduling = engine.async_scheduling, False
     phases = {"schedule": [], "execute": [], "update": []}
     for _ in range(10):
         t0 = time.perf_counter()
@@ -244,6 +265,7 @@ def profile_decode(engine: EngineCore, batch: int, isl: int) -> dict:
             engine.step()
         torch.cuda.synchronize()
     engine.runner.graphs = graphs
+    engine.async_scheduling = overlapped
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
     print(table, flush=True)
     engine.abort_requests([f"prof-{i}" for i in range(batch)])
@@ -269,6 +291,7 @@ def main() -> int:
     p.add_argument("--fp8-batches", default="1,64")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--profile-batch", default="", help="batch sizes (comma-separated): print where a decode step's time goes")
+    p.add_argument("--sync-batches", default="1,64", help="compare synchronous with asynchronous scheduling")
     p.add_argument("--profile-prefill", type=int, default=0, help="profile one prefill step of N x 128 tokens")
     p.add_argument("--out", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = p.parse_args()
@@ -294,6 +317,8 @@ def main() -> int:
         for b in hf_b:  # warm-up, as transformers got one: Triton compiles for new shapes on first use
             run_batch(engine, b, 128, 32, seed=10)
         report["engine_same_workload_as_hf"] = [run_batch(engine, b, 128, 32, seed=11) for b in hf_b]
+        for r in report["engine_same_workload_as_hf"]:
+            r.pop("tokens")
         for ours, hf in zip(report["engine_same_workload_as_hf"], report["hf_generate"]):
             ours["speedup_vs_hf"] = ours["output_tok_s"] / hf["output_tok_s"]
             print(f"  engine batch {ours['batch']} (128/32): {ours['output_tok_s']:.1f} tok/s, "
@@ -301,6 +326,7 @@ def main() -> int:
     cases = []
     for b in batches:
         r = run_batch(engine, b, args.isl, args.osl, seed=b)
+        r.pop("tokens")
         roof = roofline_ms(engine, b, args.isl + args.osl // 2, bw)
         r["roofline_ms"] = roof["ms"]
         r["roofline_bytes"] = roof["bytes"]
@@ -309,6 +335,8 @@ def main() -> int:
         print(f"  batch {b}: {r['output_tok_s']:.0f} tok/s, step {r['decode_step_ms']:.2f} ms, "
               f"roofline {roof['ms']:.2f} ms, ratio {r['ratio']:.2f}", flush=True)
     report["bf16"] = cases
+    report["sync_vs_async"] = [sync_vs_async(engine, b, args.isl, 128) for b in
+                               (int(x) for x in args.sync_batches.split(",") if x)]
     profile_batches = [int(x) for x in args.profile_batch.split(",") if x]
     if profile_batches:
         report["profiles"] = [profile_decode(engine, b, args.isl) for b in profile_batches]
@@ -323,6 +351,7 @@ def main() -> int:
         fp8_cases = []
         for b in fp8_batches:
             r = run_batch(engine, b, args.isl, min(args.osl, 256), seed=b)
+            r.pop("tokens")
             roof = roofline_ms(engine, b, args.isl + min(args.osl, 256) // 2, bw)
             r["roofline_ms"], r["ratio"] = roof["ms"], r["decode_step_ms"] / roof["ms"]
             bf16 = next((c for c in cases if c["batch"] == b), None)
@@ -367,6 +396,12 @@ def markdown(r: dict) -> str:
         for c in r["fp8"]:
             vs = f"{c['vs_bf16_step']:.2f}" if c["vs_bf16_step"] else "-"
             lines.append(f"| {c['batch']} | {c['decode_step_ms']:.2f} | {c['roofline_ms']:.2f} | {c['ratio']:.2f} | {vs} |")
+    if r.get("sync_vs_async"):
+        lines += ["", "| batch (1024 in / 128 out) | synchronous step ms | asynchronous step ms | ratio | same tokens |",
+                  "|---|---|---|---|---|"]
+        for c in r["sync_vs_async"]:
+            lines.append(f"| {c['batch']} | {c['sync_ms']:.2f} | {c['async_ms']:.2f} | {c['ratio']:.2f} | "
+                         f"{c['tokens_equal']} |")
     for name, profs in (("bf16", r.get("profiles", [])), ("FP8", r.get("fp8_profiles", []))):
         for p in profs:
             if "graph_replay" in p:

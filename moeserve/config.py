@@ -328,6 +328,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
+    # Schedule step n+1 while step n runs on the GPU (one process per instance only: data and
+    # tensor parallel ranks step synchronously).
+    async_scheduling: bool = True
 
 
 @dataclass

@@ -73,6 +73,9 @@ class EngineCore:
         self.global_tokens = 0  # under DP: the most tokens any rank ran in the last step
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.model_config, tp_channel=self.tp)
+        # Data- and tensor-parallel ranks step in lockstep with their peers: synchronous.
+        self.async_scheduling = config.scheduler.async_scheduling and self.dp is None and self.tp is None
+        self.in_flight = None  # (SchedulerOutput, SampledStep) launched and not yet reported
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self.max_model_len = model_len
@@ -105,6 +108,8 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
+        if self.async_scheduling:
+            return self._step_overlapped()
         sched = self.scheduler.schedule()
         if self.dp is not None:
             # Every rank forwards together (the MoE layers exchange tokens): agree first.
@@ -134,6 +139,29 @@ class EngineCore:
             sampled = self.runner.execute(sched)
         if self.ep_runtime is not None:
             self.ep_runtime.after_step()
+        return self._finish_step(sched, sampled)
+
+    def _step_overlapped(self) -> list[EngineOutput]:
+        """Asynchronous scheduling: schedule and launch step n+1, then wait for step n and report
+        it. The host's work (scheduling, building inputs, appending tokens, output messages) runs
+        while the GPU computes, instead of between steps. Step n+1 reads the tokens step n samples
+        from the device; a request that step n ends (eos, a stop token) costs one wasted row in
+        step n+1, whose output is dropped."""
+        sched = self.scheduler.schedule()
+        launched = (sched, self.runner.launch(sched)) if not sched.is_empty else None
+        done, self.in_flight = self.in_flight, launched
+        if done is None:
+            if launched is None:
+                self._update_stats(0)
+            return []
+        return self._finish_step(done[0], done[1].result())
+
+    def finish_in_flight(self) -> list[EngineOutput]:
+        """Wait for the step launched and not yet reported (asynchronous scheduling) and report it."""
+        done, self.in_flight = self.in_flight, None
+        return [] if done is None else self._finish_step(done[0], done[1].result())
+
+    def _finish_step(self, sched, sampled: dict[str, tuple[int, object]]) -> list[EngineOutput]:
         touched = self.scheduler.update(sched, sampled)
         self._update_stats(sched.num_tokens)
         outputs = []

@@ -116,7 +116,8 @@ class KVCacheManager:
         """Register the request's blocks that are now full of computed tokens."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        # A block holding a pending token (its id still on the GPU) has no key yet.
+        num_full = min(request.num_computed_tokens, request.num_known_tokens) // self.block_size
         start = request.num_cached_blocks_registered
         keys = self._keys(request, num_full)
         for key, block_id in zip(keys[start:], request.block_ids[start:num_full]):

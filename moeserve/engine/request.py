@@ -2,6 +2,10 @@
 
 A preempted request goes back to WAITING with its generated tokens kept; when it runs again
 its whole sequence (prompt + output so far) is recomputed, mostly from the prefix cache.
+
+With asynchronous scheduling the next step is scheduled while the current one still runs on the
+GPU, so a request may have a *pending* token: sampled by a step in flight, not yet seen by the
+host. It counts in num_tokens (the next step feeds it to the model straight from the device).
 """
 
 from __future__ import annotations
@@ -46,10 +50,25 @@ class Request:
     generator: object | None = None  # torch.Generator for seeded sampling, made by the runner
     block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, grown as it goes
     num_cached_blocks_registered: int = 0  # of its blocks, how many the prefix cache has seen
+    num_pending_tokens: int = 0  # sampled by a step in flight, not yet appended (0 or 1)
 
     @property
     def num_tokens(self) -> int:
+        """Known tokens plus the pending one: the sequence length the scheduler plans for."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def ends_with_pending_token(self) -> bool:
+        """Its pending token will end it by length (max_tokens or the context window) whatever the
+        token is, so there is no point scheduling another step for it."""
+        if not self.num_pending_tokens:
+            return False
+        num_out = len(self.output_token_ids) + self.num_pending_tokens
+        return (self.params.max_tokens is not None and num_out >= self.params.max_tokens) or \
+            self.num_tokens >= self.max_total_tokens
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -80,7 +99,7 @@ class Request:
                 self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
                 return True
         if (self.params.max_tokens is not None and num_out >= self.params.max_tokens) or \
-                self.num_tokens >= self.max_total_tokens:
+                self.num_known_tokens >= self.max_total_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
         return False

@@ -22,7 +22,8 @@ from moeserve.engine.request import Request
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.engine.tp import StepBatch, TPChannel
 from moeserve.layers.attention import AttentionMetadata
-from moeserve.layers.sampler import SamplingBatch, sample
+from moeserve.host_copy import pack_int64, to_device, to_host
+from moeserve.layers.sampler import LogprobTensors, SamplingBatch, format_logprobs, sample_tokens
 from moeserve.models.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -85,25 +86,71 @@ class CudaGraphs:
         return next(s for s in self.sizes if s >= max(num_seqs, 1))
 
     def run(self, ids: list[int], positions: list[int], seq_lens: list[int], tables: list[list[int]],
-            bs: int | None = None) -> torch.Tensor:
+            bs: int | None = None, fixup: TokenFixup | None = None) -> torch.Tensor:
         """Replay the graph of size bs (default: the smallest that fits); rows past len(ids) are padding
-        (under expert parallelism every rank replays the size the ranks agreed on, possibly all padding)."""
+        (under expert parallelism every rank replays the size the ranks agreed on, possibly all padding).
+        The inputs go up in one pinned copy, so nothing here waits for a step still in flight."""
         b = len(ids)
         bs = bs or self.size_for(b)
         width = self.block_tables.shape[1]
-        bt = np.zeros((bs, width), dtype=np.int32)
-        slots = np.zeros(bs, dtype=np.int64)
+        packed = np.zeros((4 + width) * bs, dtype=np.int64)  # ids, positions, seq lens, slots, tables
+        packed[:b] = ids
+        packed[bs:bs + b] = positions
+        packed[2 * bs:3 * bs] = 1
+        packed[2 * bs:2 * bs + b] = seq_lens
+        bt = packed[4 * bs:].reshape(bs, width)
         for i, (table, n) in enumerate(zip(tables, seq_lens)):
             bt[i, :len(table)] = table
-            slots[i] = table[(n - 1) // self.block_size] * self.block_size + (n - 1) % self.block_size
-        pad = bs - b
-        self.input_ids[:bs].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.seq_lens[:bs].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        self.slot_mapping[:bs].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.block_tables[:bs].copy_(torch.from_numpy(bt), non_blocking=True)
+            packed[3 * bs + i] = table[(n - 1) // self.block_size] * self.block_size + (n - 1) % self.block_size
+        up = to_device(packed, torch.int64, self.device)
+        self.input_ids[:bs].copy_(up[:bs])
+        self.positions[:bs].copy_(up[bs:2 * bs])
+        self.seq_lens[:bs].copy_(up[2 * bs:3 * bs])
+        self.slot_mapping[:bs].copy_(up[3 * bs:4 * bs])
+        self.block_tables[:bs].copy_(up[4 * bs:].view(bs, width))
+        if fixup is not None:
+            fixup.apply(self.input_ids)
         self.graphs[bs].replay()
         return self.outputs[bs][:b]
+
+
+class TokenFixup:
+    """Input ids that are still on the GPU (asynchronous scheduling): the tokens the step in
+    flight samples. The batch carries a placeholder at `rows`; apply() writes them there."""
+
+    def __init__(self, rows: list[int], source: torch.Tensor, source_rows: list[int]):
+        idx = to_device(pack_int64(rows, source_rows), torch.int64, source.device)
+        self.rows, self.values = idx[:len(rows)], source[idx[len(rows):]]
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        input_ids.index_copy_(0, self.rows, self.values)
+
+
+class SampledStep:
+    """One step's sampled tokens on their way to the host. `launch` returns it as soon as the
+    step's GPU work is queued and the copy to pinned memory is started; result() waits for it.
+    The next step, scheduled while this one runs, reads its inputs from `tokens` on the device."""
+
+    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None, logprobs: LogprobTensors | None,
+                 num_logprobs: list[int | None]):
+        self.request_ids, self.tokens, self.num_logprobs = request_ids, tokens, num_logprobs
+        self.row_of = {rid: i for i, rid in enumerate(request_ids)}
+        self._tokens = to_host(tokens) if tokens is not None else None
+        self._logprobs = None if logprobs is None else LogprobTensors(
+            to_host(logprobs.chosen), to_host(logprobs.top_values), to_host(logprobs.top_ids))
+        self._event = None
+        if tokens is not None and tokens.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> dict[str, tuple[int, object]]:
+        """request id -> (sampled token, logprobs or None); waits for this step's GPU work."""
+        if self._tokens is None:
+            return {}
+        if self._event is not None:
+            self._event.synchronize()
+        logprobs = format_logprobs(self._logprobs, self.num_logprobs)
+        return {rid: (t, lp) for rid, t, lp in zip(self.request_ids, self._tokens.tolist(), logprobs)}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -144,6 +191,7 @@ class ModelRunner:
             self.num_blocks = tp_channel.min_over_ranks(self.num_blocks)
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: CudaGraphs | None = None
+        self.last_step: SampledStep | None = None  # the latest launched step (its tokens may be pending)
         state = get_parallel_state()
         ep_runtime = state.ep_runtime if state is not None else None
         if ep_runtime is not None:
@@ -220,25 +268,28 @@ class ModelRunner:
                 r.generator = torch.Generator(device=self.device).manual_seed(p.seed)
             gens.append(r.generator if p.seed is not None else None)
             ban = []
-            if len(r.output_token_ids) < p.min_tokens:
+            if len(r.output_token_ids) + r.num_pending_tokens - 1 < p.min_tokens:
                 ban = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
             banned.append(ban)
+        params = [r.params for r in requests]
         f32 = dict(dtype=torch.float32, device=self.device)
         return SamplingBatch(
-            temperature=torch.tensor([0.0 if r.params.greedy else r.params.temperature for r in requests], **f32),
-            top_k=[r.params.top_k for r in requests],
-            top_p=torch.tensor([r.params.top_p for r in requests], **f32),
-            min_p=torch.tensor([r.params.min_p for r in requests], **f32),
+            temperature=to_device([0.0 if p.greedy else p.temperature for p in params], **f32),
+            top_k=[p.top_k for p in params],
+            top_p=to_device([p.top_p for p in params], **f32),
+            min_p=to_device([p.min_p for p in params], **f32),
             generators=gens,
             banned=banned,
-            num_logprobs=[r.params.logprobs for r in requests],
+            num_logprobs=[p.logprobs for p in params],
+            all_greedy=all(p.greedy for p in params),
+            filters_p=any(p.top_p < 1.0 or p.min_p > 0 for p in params if not p.greedy),
         )
 
     @staticmethod
     def _plain_greedy(r: Request) -> bool:
         """Greedy, no logprobs, and no token banned (eos before min_tokens): sampling is an argmax."""
         p = r.params
-        return p.greedy and p.logprobs is None and len(r.output_token_ids) >= p.min_tokens
+        return p.greedy and p.logprobs is None and len(r.output_token_ids) + r.num_pending_tokens - 1 >= p.min_tokens
 
     def can_graph(self, sched: SchedulerOutput) -> bool:
         """Could this rank run the step from a CUDA graph (decodes only, few enough)?"""
@@ -255,21 +306,38 @@ class ModelRunner:
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
         self.model(zero, zero, meta)
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, graph_size: int | None = None,
                 local_graph_choice: bool = True) -> dict[str, tuple[int, object]]:
-        """Forward the scheduled tokens; returns request id -> (sampled token, logprobs) for the
-        requests whose sequence this step completes (mid-prompt chunks sample nothing).
+        """launch() and wait: request id -> (sampled token, logprobs) for the requests whose
+        sequence this step completes (mid-prompt chunks sample nothing)."""
+        return self.launch(sched, graph_size, local_graph_choice).result()
 
-        Under expert parallelism the ranks decide together: graph_size (or eager when None),
-        with local_graph_choice=False. Under tensor parallelism (rank 0) the batch goes to the
-        workers first."""
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, graph_size: int | None = None,
+               local_graph_choice: bool = True) -> SampledStep:
+        """Queue the forward and sampling of the scheduled tokens on the device and start
+        copying the sampled tokens (and logprobs) back; nothing here waits for the GPU.
+
+        A decode whose input token is still pending (sampled by the step in flight, see
+        Scheduler) takes it from that step's device tensor. Under expert parallelism the ranks
+        decide together: graph_size (or eager when None), with local_graph_choice=False. Under
+        tensor parallelism (rank 0) the batch goes to the workers first."""
         ids: list[int] = []
         positions: list[int] = []
         query_lens, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
+        fix_rows, fix_sources = [], []
         for s in sched.scheduled:
             r, start, n = s.request, s.start, s.num_new_tokens
-            ids += r.token_slice(start, start + n)
+            known = r.num_known_tokens
+            ids += r.token_slice(start, min(start + n, known))
+            if start + n > known:  # its last input is the token the step in flight samples
+                prev = self.last_step
+                if start + n != known + 1 or prev is None or r.request_id not in prev.row_of:
+                    raise RuntimeError(f"request {r.request_id}: input token {known} is pending, but the "
+                                       f"previous step did not sample it")
+                fix_rows.append(len(ids))
+                fix_sources.append(prev.row_of[r.request_id])
+                ids.append(0)
             positions += range(start, start + n)
             query_lens.append(n)
             seq_lens.append(start + n)
@@ -277,33 +345,44 @@ class ModelRunner:
             if s.completes_sequence:
                 sample_rows.append(len(ids) - 1)
                 sample_reqs.append(r)
+        fixup = TokenFixup(fix_rows, self.last_step.tokens, fix_sources) if fix_rows else None
+        if fixup is not None and self.tp_channel is not None:
+            raise RuntimeError("tensor-parallel workers cannot read pending tokens: schedule synchronously")
         if not graph_size and local_graph_choice and self.graphs is not None and self.graphs.can_run(query_lens):
             graph_size = self.graphs.size_for(len(query_lens))
         batch = StepBatch(ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size)
         if self.tp_channel is not None:
             self.tp_channel.send_step(batch)
-        logits = self.forward_step(batch)
+        logits = self.forward_step(batch, fixup)
+        request_ids = [r.request_id for r in sample_reqs]
         if logits is None:
-            return {}
-        if all(self._plain_greedy(r) for r in sample_reqs):
-            # The common serving case: no per-row parameter tensors to build and copy (each such
-            # copy from pageable memory waits for the step's GPU work), one argmax.
-            tokens, logprobs = logits.argmax(dim=-1), [None] * len(sample_reqs)
+            step = SampledStep([], None, None, [])
+        elif all(self._plain_greedy(r) for r in sample_reqs):
+            # The common serving case: no per-row parameter tensors, one argmax.
+            step = SampledStep(request_ids, logits.argmax(dim=-1), None, [None] * len(sample_reqs))
         else:
-            tokens, logprobs = sample(logits, self._sampling_batch(sample_reqs))
-        return {r.request_id: (t, lp) for r, t, lp in zip(sample_reqs, tokens.tolist(), logprobs)}
+            batch = self._sampling_batch(sample_reqs)
+            tokens, logprobs = sample_tokens(logits, batch)
+            step = SampledStep(request_ids, tokens, logprobs, batch.num_logprobs)
+        self.last_step = step
+        return step
 
     @torch.inference_mode()
-    def forward_step(self, b: StepBatch) -> torch.Tensor | None:
+    def forward_step(self, b: StepBatch, fixup: TokenFixup | None = None) -> torch.Tensor | None:
         """The forward of one flat batch (from a CUDA graph when b.graph_size) -> fp32 logits of
         the rows to sample, or None when there are none. Tensor-parallel workers call this with
         the batch rank 0 broadcast."""
         if b.graph_size:
-            hidden = self.graphs.run(b.ids, b.positions, b.seq_lens, b.tables, bs=b.graph_size)
+            hidden = self.graphs.run(b.ids, b.positions, b.seq_lens, b.tables, bs=b.graph_size, fixup=fixup)
         else:
             meta = AttentionMetadata.build(b.query_lens, b.seq_lens, b.tables, self.block_size, self.device)
-            hidden = self.model(torch.tensor(b.ids, device=self.device),
-                                torch.tensor(b.positions, device=self.device), meta)
+            up = to_device(pack_int64(b.ids, b.positions), torch.int64, self.device)
+            ids, positions = up[:len(b.ids)], up[len(b.ids):]
+            if fixup is not None:
+                fixup.apply(ids)
+            hidden = self.model(ids, positions, meta)
         if not b.sample_rows:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(b.sample_rows, device=self.device)])
+        if len(b.sample_rows) != hidden.shape[0]:  # not every row samples (prefill chunks)
+            hidden = hidden[to_device(b.sample_rows, torch.int64, self.device)]
+        return self.model.compute_logits(hidden)

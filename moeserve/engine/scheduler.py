@@ -21,15 +21,8 @@ from moeserve.engine.request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-
-    @property
-    def start(self) -> int:  # position of the first new token
-        return self.request.num_computed_tokens
-
-    @property
-    def completes_sequence(self) -> bool:
-        """This chunk reaches the end of the known tokens, so its last logits give a new token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    start: int = 0  # position of the first new token
+    completes_sequence: bool = False  # reaches the sequence's end, so its last logits give a new token
 
 
 @dataclass
@@ -94,6 +87,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.ends_with_pending_token():
+                i += 1  # the step in flight gives its last token
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate(request, num_new):
                 victim = self.running.pop()  # the newest arrival gives way
@@ -130,7 +126,18 @@ class Scheduler:
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
-        self.num_partial_prefills += sum(1 for s in scheduled if not s.completes_sequence)
+        # The scheduled tokens count as computed from now on (their KV is written before any later
+        # step reads it: steps run in order on one stream); a chunk that reaches the sequence's
+        # end will sample a token, pending until update() appends it.
+        for s in scheduled:
+            r = s.request
+            s.start = r.num_computed_tokens
+            s.completes_sequence = s.start + s.num_new_tokens == r.num_tokens
+            r.num_computed_tokens += s.num_new_tokens
+            if s.completes_sequence:
+                r.num_pending_tokens += 1
+            else:
+                self.num_partial_prefills += 1
         # Decodes (one new token) first, as attention metadata expects.
         out.scheduled = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
         return out
@@ -139,30 +146,39 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
+        request.num_pending_tokens = 0  # a step in flight may still give it: update() appends it
         request.num_cached_blocks_registered = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, tuple[int, object]]) -> list[Request]:
-        """Advance the scheduled requests by their new tokens, append the sampled ones (request id
-        -> (token, logprobs or None)) and free the finished. Returns the requests that got a token
-        or finished."""
+        """After the step `out` ran: append its sampled tokens (request id -> (token, logprobs or
+        None)), register newly full blocks in the prefix cache and free the finished. Returns the
+        requests that got a token or finished.
+
+        With asynchronous scheduling the next step was already scheduled: a request preempted
+        there (WAITING again) still gets this step's token, which its recompute then includes."""
         touched = []
         for s in out.scheduled:
             request = s.request
-            if request.status != RequestStatus.RUNNING:  # aborted during the step
+            if request.status.finished:  # aborted, or ended by the step before (async scheduling)
                 continue
-            request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(request)
-            if request.request_id not in sampled:
-                continue  # a prefill chunk in the middle of the prompt
-            token, logprobs = sampled[request.request_id]
-            request.output_token_ids.append(token)
-            if logprobs is not None:
-                request.output_logprobs.append(logprobs)
+            running = request.status == RequestStatus.RUNNING
+            got = sampled.get(request.request_id)  # None: a prefill chunk in the middle of the prompt
+            if got is not None:
+                token, logprobs = got
+                if request.num_pending_tokens:
+                    request.num_pending_tokens -= 1
+                request.output_token_ids.append(token)
+                if logprobs is not None:
+                    request.output_logprobs.append(logprobs)
+            if running:
+                self.kv.cache_full_blocks(request)
+            if got is None:
+                continue
             touched.append(request)
             if request.check_stop():
-                self.running.remove(request)
+                (self.running if running else self.waiting).remove(request)
                 self._finish(request)
         return touched

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moeserve.config import ModelConfig
+from moeserve.host_copy import to_device
 from moeserve.kernels.attention import gather_sequences, mla_decode, paged_decode, paged_prefill, varlen_attention
 from moeserve.layers.linear import Linear, column_parallel, row_parallel, tp_world
 from moeserve.layers.norm import RMSNorm
@@ -57,9 +58,9 @@ class AttentionMetadata:
         width = max((len(t) for t in block_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(block_tables), width),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            slot_mapping=to_device(slots, torch.int64, device),
+            block_tables=to_device(padded, torch.int32, device).reshape(len(block_tables), width),
+            seq_lens=to_device(seq_lens, torch.int32, device),
             query_lens=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             num_decodes=num_decodes,

@@ -1,0 +1,35 @@
+"""Host -> device uploads that do not make the host wait for the GPU.
+
+A copy from pageable host memory first waits for the work already queued on the stream, so
+with a step in flight every small `torch.tensor(..., device="cuda")` would stall the host
+until that step is done. Staging through pinned memory (torch's caching host allocator keeps
+the buffer alive until the copy has run) lets the copy queue behind the step instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """values: a list, numpy array or CPU tensor."""
+    t = torch.as_tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying a device tensor to pinned host memory (record an event to know when it is there)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def pack_int64(*arrays) -> np.ndarray:
+    """Concatenate int sequences into one int64 array (one upload instead of several)."""
+    return np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays])
