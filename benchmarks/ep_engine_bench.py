@@ -135,6 +135,7 @@ def main() -> int:
     p.add_argument("--osl", type=int, default=64)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: smoke run on the tiny model (gloo), not a measurement")
+    p.add_argument("--no-eager", action="store_true", help="throughput with CUDA graphs only")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -161,18 +162,27 @@ def main() -> int:
         for name in ("tokenizer.json", "tokenizer_config.json"):  # prompts are token ids; LLM wants a tokenizer
             shutil.copy(os.path.join(tiny, name), path)
     runs = []
-    for eager in ((True,) if cpu else (True, False)):
+    report["throughput"] = runs
+
+    def save():  # after every row, so a run cut short by its time limit still leaves its numbers
+        with open(args.out + ".json", "w") as f:
+            json.dump(report, f, indent=2)
+
+    save()
+    for eager in ((True,) if cpu else (False,) if args.no_eager else (True, False)):
         runs.append(throughput(path, {}, args.batch, args.isl, args.osl, 1, eager, args.device))
         print("single GPU:", runs[-1], flush=True)
+        save()
         if "ep" in modes:
             for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
                 par = dict(dp=args.nproc, ep=args.nproc, dispatch_dtype=dispatch, combine_dtype=combine)
                 runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager, args.device))
                 print(f"dp{args.nproc}/ep{args.nproc} {dispatch}+{combine}:", runs[-1], flush=True)
+                save()
         if "tp" in modes:
             runs.append(throughput(path, dict(tp=tp), args.batch, args.isl, args.osl, tp, eager, args.device))
             print(f"tp{tp}:", runs[-1], flush=True)
-    report["throughput"] = runs
+            save()
     base = {r["eager"]: r["output_tok_s_per_gpu"] for r in runs if r["gpus"] == 1}
     lines = [f"# EP and TP in the engine: {report['device']}", "",
              f"date {report['date']}, commit {args.commit}, command `{report['command']}`", "",
@@ -189,8 +199,7 @@ def main() -> int:
         lines.append(f"| {run_name(r)} | {mode} | {r['gpus']} | {r['output_tok_s_per_gpu']:.0f} | "
                      f"{r['output_tok_s_per_gpu'] / base[r['eager']]:.2f} |")
     md = "\n".join(lines) + "\n"
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
+    save()
     with open(args.out + ".md", "w") as f:
         f.write(md)
     print(md)
