@@ -118,7 +118,7 @@ def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int
 
 def run_name(r: dict) -> str:
     if r["gpus"] == 1:
-        return "one GPU, all experts"
+        return "one GPU, all experts" + (", synchronous scheduling" if r.get("async_scheduling") is False else "")
     if r.get("tp", 1) > 1:
         return f"tp{r['tp']} (layers split, all_reduce)"
     return f"dp{r['dp']}/ep{r['ep']} {r['dispatch_dtype']}+{r['combine_dtype']}"
@@ -172,6 +172,10 @@ def main() -> int:
     for eager in ((True,) if cpu else (False,) if args.no_eager else (True, False)):
         runs.append(throughput(path, {}, args.batch, args.isl, args.osl, 1, eager, args.device))
         print("single GPU:", runs[-1], flush=True)
+        # dp and tp ranks step synchronously; one GPU so too, to see what asynchronous scheduling gives
+        runs.append(throughput(path, {"async_scheduling": False}, args.batch, args.isl, args.osl, 1, eager,
+                               args.device))
+        print("single GPU, synchronous scheduling:", runs[-1], flush=True)
         save()
         if "ep" in modes:
             for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
@@ -183,7 +187,7 @@ def main() -> int:
             runs.append(throughput(path, dict(tp=tp), args.batch, args.isl, args.osl, tp, eager, args.device))
             print(f"tp{tp}:", runs[-1], flush=True)
             save()
-    base = {r["eager"]: r["output_tok_s_per_gpu"] for r in runs if r["gpus"] == 1}
+    base = {r["eager"]: r["output_tok_s_per_gpu"] for r in runs if r["gpus"] == 1 and "async_scheduling" not in r}
     lines = [f"# EP and TP in the engine: {report['device']}", "",
              f"date {report['date']}, commit {args.commit}, command `{report['command']}`", "",
              "| correctness (tiny V3, fp32) | backend | greedy sequences equal to one GPU |", "|---|---|---|"]
