@@ -269,9 +269,11 @@ class CacheConfig:
 
 @dataclass
 class ParallelConfig:
-    """One instance's ranks: dp attention ranks (each schedules its own requests) whose MoE
-    layers form one expert-parallel group of ep = dp ranks; or tp tensor-parallel ranks (one
-    engine core on rank 0, tp - 1 workers) sharding every layer. One process per rank."""
+    """One instance's ranks, one process each: dp data-parallel attention groups (each schedules
+    its own requests) of tp tensor-parallel ranks (the group's rank 0 is its engine core, the
+    other tp - 1 are workers; attention and dense MLPs are sharded over them). With ep = dp * tp
+    the MoE layers form one expert-parallel group over every rank; with ep = 1 the experts are
+    tensor-parallel inside each group and the dp groups are independent replicas."""
 
     tp: int = 1
     dp: int = 1
@@ -294,16 +296,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if min(self.tp, self.dp, self.ep, self.nnodes) < 1:
             raise ValueError("tp, dp, ep and nnodes must be >= 1")
-        if self.tp > 1:
-            if self.dp > 1:
-                raise ValueError("tp with dp is not supported yet: use --tp N alone, or --dp N --ep N")
-            if self.ep > 1:
-                raise ValueError("tp with ep is not supported yet: with tp the experts are split by their "
-                                 "intermediate dimension; for expert parallelism use --dp N --ep N")
-            if self.nnodes > 1:
-                raise ValueError("tensor parallelism over several nodes is not supported; tp ranks share one node")
         if self.ep not in (1, self.world_size):
-            raise ValueError(f"ep must be 1 or dp * tp = {self.world_size} (one EP group over the instance)")
+            raise ValueError(f"ep must be 1 or dp * tp = {self.dp} * {self.tp} = {self.world_size} (one "
+                             f"expert-parallel group over the instance), got {self.ep}")
         if self.world_size % self.nnodes:
             raise ValueError(f"{self.world_size} ranks do not split evenly over {self.nnodes} nodes")
         if not 0 <= self.node_rank < self.nnodes:

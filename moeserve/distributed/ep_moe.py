@@ -8,6 +8,12 @@ fused_moe over all experts would. Shared experts are not communicated: the calle
 Each forward also adds its per-expert token counts (logical ids, (token, expert) pairs) to the
 balancer if one is attached; apply_placement moves expert weights to a new placement.
 
+Inside a tensor-parallel group (tp > 1 with ep = dp * tp) all tp ranks hold the same hidden
+states after attention; so that no token travels tp times, each rank takes only its share of
+the rows (`row_share`: consecutive rows, the remainder to the first ranks, possibly none) through
+the MoE block, and `gather_shares` (one all_gather over the TP group) rebuilds every row on every
+rank. Each token is then dispatched, computed and counted by the balancer exactly once.
+
 Under the engine, rows past the step's real token count (the padding of a CUDA-graph batch, the
 one-token dummy batch of a rank with no requests) route to no expert: they are not sent, not
 computed and not counted, so they neither cost wire bytes in the high-throughput path nor skew
@@ -17,6 +23,7 @@ the balancer towards the experts that token id 0 happens to pick.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from moeserve.distributed.dispatch import Dispatcher, Placement, RoutingTable
 from moeserve.distributed.eplb import Balancer, move_expert_weights
 from moeserve.kernels.fused_moe import fused_moe
@@ -28,6 +35,31 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_ids.device)
     counts.scatter_add_(0, ids, torch.ones_like(ids))
     return counts[:num_experts]
+
+
+def row_share(num_rows: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    """(first row, rows) of TP rank tp_rank's share of num_rows: num_rows // tp each, the first
+    num_rows % tp ranks one more."""
+    base, extra = divmod(num_rows, tp)
+    return tp_rank * base + min(tp_rank, extra), base + (tp_rank < extra)
+
+
+def gather_shares(share: torch.Tensor, num_rows: int, tp: int, group) -> torch.Tensor:
+    """Every TP rank's share [rows_r, H] -> all num_rows rows [num_rows, H] on every rank (one
+    equal-size all_gather: shares are padded to the largest, ceil(num_rows / tp) rows)."""
+    if tp == 1:
+        return share
+    if num_rows == 0:  # every rank of the group knows the row count: all skip alike
+        return share.new_empty(0, *share.shape[1:])
+    most = -(-num_rows // tp)
+    if share.shape[0] < most:
+        share = torch.cat([share, share.new_zeros(most - share.shape[0], *share.shape[1:])])
+    full = share.new_empty(tp * most, *share.shape[1:])
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(full, share.contiguous(), group=group)
+    if num_rows % tp == 0:
+        return full
+    return torch.cat([full[r * most:r * most + row_share(num_rows, tp, r)[1]] for r in range(tp)])
 
 
 class ExpertParallelMoE:
@@ -52,12 +84,15 @@ class ExpertParallelMoE:
     def rank(self) -> int:
         return self.dispatcher.rank
 
-    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        return self.forward(x, topk_ids, topk_weights)
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 row_offset: int = 0) -> torch.Tensor:
+        return self.forward(x, topk_ids, topk_weights, row_offset)
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                row_offset: int = 0) -> torch.Tensor:
+        """row_offset: where x's rows start in the step's batch (a TP rank's share starts past row 0)."""
         if self.valid_tokens is not None:  # a device-side compare: no host sync, graph-capturable
-            rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
+            rows = torch.arange(row_offset, row_offset + topk_ids.shape[0], device=topk_ids.device)
             topk_ids = torch.where((rows < self.valid_tokens)[:, None], topk_ids, -1)
         if self.balancer is not None:
             self.balancer.record(expert_counts(topk_ids, self.placement.num_experts), self.layer)
@@ -83,20 +118,21 @@ class EPRuntime:
     format and one backend choice per step), each layer's ExpertParallelMoE, and the balancer.
 
     Layers call `register` while the model is built; the engine calls `begin_step` before every
-    forward (with the max tokens per rank it already agreed on) and `after_step` after it.
+    forward (with the max tokens per data-parallel group it already agreed on) and `after_step`
+    after it. tp: ranks per tensor-parallel group, each of which dispatches 1/tp of the group's rows.
     """
 
     def __init__(self, group, num_ranks: int, num_experts: int, hidden: int, dtype: torch.dtype,
                  device: torch.device, dispatch_codec: str = "none", combine_codec: str = "none",
                  mode: str | None = None, threshold: int = 128, ll_capacity: int | None = None,
-                 num_redundant: int = 0, eplb_interval: int = 0, eplb_window: int = 1000):
+                 num_redundant: int = 0, eplb_interval: int = 0, eplb_window: int = 1000, tp: int = 1):
         if (num_experts + num_redundant) % num_ranks:
             raise ValueError(f"{num_experts} experts + {num_redundant} redundant slots do not split evenly over "
                              f"{num_ranks} expert-parallel ranks; choose --num-redundant-experts to make them")
         self.placement = Placement.contiguous(num_experts, num_ranks, num_redundant)
         self.dispatcher = Dispatcher(group, self.placement, hidden, dtype, dispatch_codec, combine_codec, mode,
                                      threshold, ll_capacity, device)
-        self.group, self.device = group, device
+        self.group, self.device, self.tp = group, device, tp
         self.eplb_interval, self.eplb_window = eplb_interval, eplb_window
         self.layers: list[ExpertParallelMoE] = []
         self.balancer: Balancer | None = None
@@ -132,14 +168,17 @@ class EPRuntime:
 
     def graph_capacity(self) -> int:
         """Largest decode batch a CUDA graph may hold: graphs run the low-latency kernel, whose
-        fixed buffers hold ll_capacity tokens per rank. 0: graphs impossible (forced ht)."""
-        return 0 if self.dispatcher.mode == "ht" else self.dispatcher.ll_capacity
+        fixed buffers hold ll_capacity tokens per rank, and each of a TP group's ranks dispatches
+        1/tp of the batch. 0: graphs impossible (forced ht)."""
+        return 0 if self.dispatcher.mode == "ht" else self.dispatcher.ll_capacity * self.tp
 
     def begin_step(self, num_tokens: int, global_max: int) -> str:
-        """num_tokens: this rank's real tokens this step (0 for a dummy batch); rows past it are padding."""
+        """num_tokens: this group's real tokens this step (0 for a dummy batch); rows past it are
+        padding. global_max: the most tokens any group runs; the backend follows the most rows
+        any rank dispatches, its share of that: ceil(global_max / tp)."""
         self.start()
         self.valid_tokens.fill_(num_tokens)
-        return self.dispatcher.begin_step(num_tokens, global_max)
+        return self.dispatcher.begin_step(-(-num_tokens // self.tp), -(-global_max // self.tp))
 
     @torch.no_grad()
     def after_step(self) -> bool:

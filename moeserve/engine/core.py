@@ -20,7 +20,6 @@ from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.scheduler import Scheduler
-from moeserve.engine.tp import setup_tp_rank
 
 
 @dataclass
@@ -58,19 +57,22 @@ def check_prompt_length(num_prompt_tokens: int, max_model_len: int, kv_capacity_
 
 
 class EngineCore:
-    """rank: this engine's rank (one process per data-parallel rank when dp > 1, see engine/dp.py;
-    under tensor parallelism this is TP rank 0 and the other TP ranks are workers, engine/tp.py)."""
+    """rank: this engine's rank (one process per data-parallel group when dp > 1, see engine/dp.py;
+    under tensor parallelism this is the group's TP rank 0 and its other TP ranks are workers,
+    engine/tp.py)."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None, rank: int = 0):
         self.config = config
         self.model_config = model_config or ModelConfig.from_pretrained(config.model)
         self.rank = rank
-        self.dp = setup_rank(config, self.model_config, rank)
-        self.tp = setup_tp_rank(config, rank) if config.parallel.tp > 1 else None
-        self.ep_runtime = get_parallel_state().ep_runtime if self.dp is not None else None
+        links = setup_rank(config, self.model_config, rank)
+        self.dp = links.coordinator  # the data-parallel groups step in lockstep (ep > 1)
+        self.tp = links.tp_channel
+        state = get_parallel_state()
+        self.ep_runtime = state.ep_runtime if state is not None else None
         self.stop_requested = False  # set by the caller; under DP every rank stops at the same step
         self.stopped = False
-        self.global_tokens = 0  # under DP: the most tokens any rank ran in the last step
+        self.global_tokens = 0  # under DP: the most tokens any group ran in the last step
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.model_config, tp_channel=self.tp)
         # Data- and tensor-parallel ranks step in lockstep with their peers: synchronous.
@@ -120,25 +122,23 @@ class EngineCore:
                 self.stopped = True
                 return []
             if global_tokens == 0:
+                self.heartbeat()
                 self._update_stats(0)
                 return []
-            self.ep_runtime.begin_step(sched.num_tokens, global_tokens)
-            # Decode-only on every rank: all replay the graph sized for the largest batch.
+            # Decode-only on every rank: all replay the graph sized for the largest batch (the
+            # TP workers get the size with the step).
             graph_size = self.runner.graphs.size_for(global_tokens) if graphable else None
             if sched.is_empty:
-                self.runner.execute_dummy(graph_size)
-                self.ep_runtime.after_step()
+                self.runner.execute_dummy(graph_size, ep_max=global_tokens)
                 self._update_stats(0)
                 return []
-            sampled = self.runner.execute(sched, graph_size, local_graph_choice=False)
+            sampled = self.runner.execute(sched, graph_size, local_graph_choice=False, ep_max=global_tokens)
         elif sched.is_empty:
             self.heartbeat()
             self._update_stats(0)
             return []
         else:
             sampled = self.runner.execute(sched)
-        if self.ep_runtime is not None:
-            self.ep_runtime.after_step()
         return self._finish_step(sched, sampled)
 
     def _step_overlapped(self) -> list[EngineOutput]:

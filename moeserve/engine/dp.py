@@ -1,13 +1,18 @@
-"""Data-parallel attention with expert-parallel MoE: one engine-core process per rank.
+"""Data-parallel attention with expert-parallel MoE: one engine core per data-parallel group.
 
-Each rank has its own scheduler, KV cache and requests (attention is data parallel), while
-its MoE layers hold only its share of the experts and exchange tokens with every other rank
-(expert parallel). So every rank must run every forward together: before each step the ranks
-agree, in one all_reduce over a CPU (gloo) group, on the largest number of tokens any rank
-scheduled and on whether to stop. A rank with nothing scheduled while others work runs a
-one-token dummy batch (into the scratch KV block), so the MoE collectives always match.
+Each data-parallel group has its own scheduler, KV cache and requests (attention is data
+parallel), while its MoE layers hold only their share of the experts and exchange tokens with
+every other rank (expert parallel). So every group must run every forward together: before each
+step the groups' engine cores agree, in one all_reduce over a CPU (gloo) group, on the largest
+number of tokens any group scheduled and on whether to stop. A group with nothing scheduled
+while others work runs a one-token dummy batch (into the scratch KV block), so the MoE
+collectives always match.
 
-Ranks are numbered node_rank * ranks_per_node + local rank; on GPU a rank uses cuda:local rank.
+A group is one rank, or tp ranks: the group's rank 0 runs the engine core and sends each step,
+dummy batches included, to its tp - 1 workers (engine/tp.py), which join the forward.
+
+Ranks are numbered node_rank * ranks_per_node + local rank (= dp_rank * tp + tp_rank); on GPU a
+rank uses cuda:local rank. `setup_rank` joins every rank, engine core or worker, to its groups.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch.distributed as dist
 from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
 from moeserve.distributed.dispatch import resolve_mode
 from moeserve.distributed.ep_moe import EPRuntime
-from moeserve.distributed.groups import (ParallelState, build_parallel_state, default_backend, init_distributed,
-                                         set_parallel_state)
+from moeserve.distributed.groups import (ParallelState, build_parallel_state, default_backend, group_ranks,
+                                         init_distributed, set_parallel_state)
+from moeserve.engine.tp import TPChannel
 from moeserve.models.loader import check_tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,7 @@ def validate_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
     """Clear errors up front, before any rank process starts."""
     p = config.parallel
     if p.tp > 1:
-        check_tensor_parallel(model_config, p.tp)
+        check_tensor_parallel(model_config, p.tp, expert_parallel=p.ep > 1)
     if p.ep == 1:
         return
     if not model_config.n_routed_experts:
@@ -58,26 +64,51 @@ def validate_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
 
 @dataclass
 class DPCoordinator:
-    """The per-step agreement between ranks (one small all_reduce on a CPU group)."""
+    """The per-step agreement between the data-parallel groups' engine cores (one small all_reduce
+    on a CPU group of them; none when there is one group)."""
 
     group: dist.ProcessGroup | None
-    rank: int
-    world_size: int
+    size: int
 
     def sync(self, num_tokens: int, stop: bool, graphable: bool = False) -> tuple[int, bool, bool]:
-        """-> (max tokens scheduled on any rank, whether any rank asked to stop, whether every rank
-        can run this step from a CUDA graph)."""
+        """-> (max tokens scheduled on any group, whether any group asked to stop, whether every
+        group can run this step from a CUDA graph)."""
+        if self.size == 1:
+            return num_tokens, stop, graphable
         t = torch.tensor([num_tokens, int(stop), int(not graphable)], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t[0]), bool(t[1]), not bool(t[2])
 
 
-def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> DPCoordinator | None:
-    """Join the instance's process groups and set up this rank's expert parallelism; call before
-    the model is built. Returns None for a single-rank engine (or ep == 1: independent replicas)."""
+@dataclass
+class RankLinks:
+    """How a rank's engine talks to the other ranks: `coordinator` on each data-parallel group's
+    engine core when the groups step in lockstep (ep > 1); `tp_channel` inside a TP group."""
+
+    coordinator: DPCoordinator | None = None
+    tp_channel: TPChannel | None = None
+
+
+def _control_groups(lists: list[list[int]], rank: int, backend: str, data_group, timeout: timedelta):
+    """This rank's group among `lists` for host-valued control messages: the data group itself on
+    gloo, else a gloo group (every rank creates every one, in the same order)."""
+    if backend == "gloo":
+        return data_group
+    mine = None
+    for ranks in lists:
+        group = dist.new_group(ranks, backend="gloo", timeout=timeout)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> RankLinks:
+    """Join the instance's process groups, set up this rank's expert parallelism and its control
+    channels; call before the model is built (every rank: engine cores and TP workers alike).
+    Nothing to join for a single rank, or for independent replicas (dp > 1, tp = ep = 1)."""
     p = config.parallel
-    if p.world_size == 1 or p.ep == 1:
-        return None
+    if p.tp == 1 and p.ep == 1:
+        return RankLinks()
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,19 +120,35 @@ def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> DP
     state: ParallelState = build_parallel_state(tp=p.tp, dp=p.dp, ep=p.ep, device=dev, local_rank=local_rank,
                                                 timeout_s=p.dist_timeout_s)
     # Control messages go over gloo even when the data goes over NCCL: they are host values.
-    ctrl = dist.new_group(backend="gloo", timeout=timedelta(seconds=p.dist_timeout_s)) if backend == "nccl" else None
-    dispatch, combine = wire_codecs(config, model_config)
-    mode = None if p.dispatch_backend == "auto" else p.dispatch_backend
-    # Forced low-latency: its fixed buffers must hold the largest step (prefill chunks included).
-    capacity = p.ll_capacity or (config.scheduler.max_num_batched_tokens if resolve_mode(mode) == "ll" else None)
-    state.ep_runtime = EPRuntime(
-        state.ep_group, p.ep, model_config.n_routed_experts, model_config.hidden_size,
-        resolve_dtype(config.dtype, model_config), dev, dispatch, combine, mode, p.ll_threshold, capacity,
-        p.num_redundant_experts, p.eplb_interval, p.eplb_window)
+    timeout = timedelta(seconds=p.dist_timeout_s)
+    lists = group_ranks(p.world_size, p.tp, p.dp, p.ep)
+    links = RankLinks()
+    if p.tp > 1:
+        group = _control_groups(lists["tp"], rank, backend, state.tp_group, timeout)
+        links.tp_channel = TPChannel(group, state.tp_rank, p.tp)
+    if p.ep > 1:
+        # The groups' engine cores (TP rank 0 of each) agree on every step; with one group alone
+        # there is nobody to agree with (tp > 1, dp = 1: the TP ranks follow their rank 0 anyway).
+        leaders = lists["dp"][0]
+        group = _control_groups([leaders], rank, backend, state.dp_group, timeout) if p.dp > 1 else None
+        if state.tp_rank == 0:
+            links.coordinator = DPCoordinator(group, p.dp)
+        dispatch, combine = wire_codecs(config, model_config)
+        mode = None if p.dispatch_backend == "auto" else p.dispatch_backend
+        # Forced low-latency: its fixed buffers must hold the largest step's share per rank
+        # (prefill chunks included).
+        forced = -(-config.scheduler.max_num_batched_tokens // p.tp) if resolve_mode(mode) == "ll" else None
+        state.ep_runtime = EPRuntime(
+            state.ep_group, p.ep, model_config.n_routed_experts, model_config.hidden_size,
+            resolve_dtype(config.dtype, model_config), dev, dispatch, combine, mode, p.ll_threshold,
+            p.ll_capacity or forced, p.num_redundant_experts, p.eplb_interval, p.eplb_window, tp=p.tp)
     set_parallel_state(state)
-    log.info("rank %d/%d on %s: ep %d, dispatch %s, combine %s, %d expert slots here", rank, p.world_size, dev,
-             p.ep, dispatch, combine, state.ep_runtime.placement.slots_per_rank)
-    return DPCoordinator(ctrl, rank, p.world_size)
+    log.info("rank %d/%d on %s: dp rank %d, tp rank %d/%d, ep %d%s", rank, p.world_size, dev, state.dp_rank,
+             state.tp_rank, p.tp, p.ep, "" if state.ep_runtime is None else
+             f" (dispatch {state.ep_runtime.dispatcher.dispatch_codec.name}, combine "
+             f"{state.ep_runtime.dispatcher.combine_codec.name}, {state.ep_runtime.placement.slots_per_rank} "
+             f"expert slots here)")
+    return links
 
 
 def teardown_rank() -> None:

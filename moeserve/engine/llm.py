@@ -120,10 +120,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (default: overlap them)")
     par = parser.add_argument_group("parallelism (one process per rank; gloo on CPU, NCCL on GPU)")
-    par.add_argument("--dp", type=int, default=1, help="data-parallel attention ranks")
-    par.add_argument("--ep", type=int, default=1, help="expert-parallel ranks: 1 or dp * tp")
+    par.add_argument("--dp", type=int, default=1, help="data-parallel attention groups (each schedules its own)")
+    par.add_argument("--ep", type=int, default=1,
+                     help="expert-parallel ranks: 1 (experts split like the other layers) or dp * tp")
     par.add_argument("--tp", type=int, default=1,
-                     help="tensor-parallel ranks: every layer split over them (one node; not with --dp/--ep yet)")
+                     help="tensor-parallel ranks per data-parallel group: attention and dense layers split over them")
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0, help="nodes > 0 run their ranks headless")
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (rendezvous; ZMQ on the next ports)")

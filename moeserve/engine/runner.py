@@ -6,7 +6,7 @@ step (`gpu_memory_utilization`); on CPU from `num_blocks` or `cpu_kv_cache_mb`.
 
 Under tensor parallelism (engine/tp.py) every TP rank has a runner over its shard of the model;
 rank 0's `execute` broadcasts each step's flat batch and the workers run `forward_step` on it.
-All ranks size the KV cache alike: the fewest blocks any rank has room for.
+All ranks of a TP group size the KV cache alike: the fewest blocks any of them has room for.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class ModelRunner:
         self.graphs: CudaGraphs | None = None
         self.last_step: SampledStep | None = None  # the latest launched step (its tokens may be pending)
         state = get_parallel_state()
-        ep_runtime = state.ep_runtime if state is not None else None
+        self.ep_runtime = ep_runtime = state.ep_runtime if state is not None else None
         if ep_runtime is not None:
             ep_runtime.start()
         if self.device.type == "cuda" and not config.enforce_eager and (ep_runtime is None or
@@ -296,32 +296,32 @@ class ModelRunner:
         return self.graphs is not None and self.graphs.can_run([s.num_new_tokens for s in sched.scheduled])
 
     @torch.inference_mode()
-    def execute_dummy(self, graph_size: int | None = None) -> None:
+    def execute_dummy(self, graph_size: int | None = None, ep_max: int = 0) -> None:
         """Padding only (KV written to scratch block 0, nothing sampled): the forward a
-        data-parallel rank with no requests runs so that its MoE layers join the others'."""
-        if graph_size:
-            self.graphs.run([], [], [], [], bs=graph_size)
-            return
-        meta = AttentionMetadata.build([1], [1], [[0]], self.block_size, self.device)
-        zero = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.model(zero, zero, meta)
+        data-parallel group with no requests runs so that its MoE layers join the others'
+        (its tensor-parallel workers too)."""
+        batch = StepBatch.dummy(graph_size, ep_max)
+        if self.tp_channel is not None:
+            self.tp_channel.send_step(batch)
+        self.forward_step(batch)
 
     def execute(self, sched: SchedulerOutput, graph_size: int | None = None,
-                local_graph_choice: bool = True) -> dict[str, tuple[int, object]]:
+                local_graph_choice: bool = True, ep_max: int = 0) -> dict[str, tuple[int, object]]:
         """launch() and wait: request id -> (sampled token, logprobs) for the requests whose
         sequence this step completes (mid-prompt chunks sample nothing)."""
-        return self.launch(sched, graph_size, local_graph_choice).result()
+        return self.launch(sched, graph_size, local_graph_choice, ep_max).result()
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, graph_size: int | None = None,
-               local_graph_choice: bool = True) -> SampledStep:
+               local_graph_choice: bool = True, ep_max: int = 0) -> SampledStep:
         """Queue the forward and sampling of the scheduled tokens on the device and start
         copying the sampled tokens (and logprobs) back; nothing here waits for the GPU.
 
         A decode whose input token is still pending (sampled by the step in flight, see
-        Scheduler) takes it from that step's device tensor. Under expert parallelism the ranks
-        decide together: graph_size (or eager when None), with local_graph_choice=False. Under
-        tensor parallelism (rank 0) the batch goes to the workers first."""
+        Scheduler) takes it from that step's device tensor. Under expert parallelism the
+        data-parallel groups decide together: graph_size (or eager when None), with
+        local_graph_choice=False, and ep_max, the most tokens any group runs. Under tensor
+        parallelism (rank 0) the batch goes to the workers first."""
         ids: list[int] = []
         positions: list[int] = []
         query_lens, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [], []
@@ -350,7 +350,7 @@ class ModelRunner:
             raise RuntimeError("tensor-parallel workers cannot read pending tokens: schedule synchronously")
         if not graph_size and local_graph_choice and self.graphs is not None and self.graphs.can_run(query_lens):
             graph_size = self.graphs.size_for(len(query_lens))
-        batch = StepBatch(ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size)
+        batch = StepBatch(ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size, ep_max)
         if self.tp_channel is not None:
             self.tp_channel.send_step(batch)
         logits = self.forward_step(batch, fixup)
@@ -369,11 +369,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_step(self, b: StepBatch, fixup: TokenFixup | None = None) -> torch.Tensor | None:
-        """The forward of one flat batch (from a CUDA graph when b.graph_size) -> fp32 logits of
-        the rows to sample, or None when there are none. Tensor-parallel workers call this with
-        the batch rank 0 broadcast."""
+        """The forward of one flat batch (from a CUDA graph when b.graph_size; a one-token dummy
+        into scratch block 0 when it has no ids) -> fp32 logits of the rows to sample, or None
+        when there are none. Tensor-parallel workers call this with the batch rank 0 broadcast.
+        Under expert parallelism every rank brackets the forward alike: begin_step (the real
+        rows and the dispatch kernel), after_step (the balancer; a collective)."""
+        if self.ep_runtime is not None:
+            self.ep_runtime.begin_step(len(b.ids), b.ep_max)
         if b.graph_size:
             hidden = self.graphs.run(b.ids, b.positions, b.seq_lens, b.tables, bs=b.graph_size, fixup=fixup)
+        elif not b.ids:
+            meta = AttentionMetadata.build([1], [1], [[0]], self.block_size, self.device)
+            zero = torch.zeros(1, dtype=torch.long, device=self.device)
+            hidden = self.model(zero, zero, meta)
         else:
             meta = AttentionMetadata.build(b.query_lens, b.seq_lens, b.tables, self.block_size, self.device)
             up = to_device(pack_int64(b.ids, b.positions), torch.int64, self.device)
@@ -381,8 +389,11 @@ class ModelRunner:
             if fixup is not None:
                 fixup.apply(ids)
             hidden = self.model(ids, positions, meta)
-        if not b.sample_rows:
-            return None
-        if len(b.sample_rows) != hidden.shape[0]:  # not every row samples (prefill chunks)
-            hidden = hidden[to_device(b.sample_rows, torch.int64, self.device)]
-        return self.model.compute_logits(hidden)
+        logits = None
+        if b.sample_rows:
+            if len(b.sample_rows) != hidden.shape[0]:  # not every row samples (prefill chunks)
+                hidden = hidden[to_device(b.sample_rows, torch.int64, self.device)]
+            logits = self.model.compute_logits(hidden)
+        if self.ep_runtime is not None:
+            self.ep_runtime.after_step()
+        return logits

@@ -2,10 +2,13 @@
 
 Rank 0 owns the scheduler and the KV block manager. Each step it packs the flat batch it built
 (input ids, positions, query and sequence lengths, block tables, rows to sample, the CUDA graph
-size) into one int64 tensor and broadcasts it over a CPU (gloo) group: a fixed 8-value header,
-then the payload. Every rank runs the same forward on its shard of the weights (the layers'
-all_reduces and the logits' all_gather run over the TP group, NCCL on GPU); rank 0 alone
-samples. The workers hold no scheduler state at all.
+size, and under expert parallelism the most tokens any data-parallel group runs this step) into
+one int64 tensor and broadcasts it over a CPU (gloo) group: a fixed 8-value header, then the
+payload. Every rank runs the same forward on its shard of the weights (the layers' all_reduces
+and the logits' all_gather run over the TP group, NCCL on GPU); rank 0 alone samples. The
+workers hold no scheduler state at all. Under data parallelism there is one such TP group per
+data-parallel rank (engine/dp.py); an idle group's rank 0 sends its workers the empty batch
+(the dummy forward that joins the other groups' MoE collectives).
 
 When rank 0 is idle it sends a heartbeat at least every HEARTBEAT_S, so a worker's wait has a
 deadline (the group's timeout, dist_timeout_s) and still never fires while the instance is
@@ -21,34 +24,40 @@ import os
 import signal
 import time
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from moeserve.config import EngineConfig, ModelConfig
-from moeserve.distributed.groups import build_parallel_state, default_backend, init_distributed, set_parallel_state
 
 log = logging.getLogger(__name__)
 
 STEP, NOOP, STOP = 1, 2, 3
-HEADER = 8  # kind, tokens, sequences, block-table width, sampled rows, graph size, 0, 0
+HEADER = 8  # kind, tokens, sequences, block-table width, sampled rows, graph size, EP max tokens, 0
 HEARTBEAT_S = 1.0
 
 
 class StepBatch:
-    """The flat batch of one step, as the runner forwards it (host lists)."""
+    """The flat batch of one step, as the runner forwards it (host lists). No ids: the dummy
+    forward of an idle data-parallel group. ep_max: under expert parallelism, the most tokens
+    any data-parallel group runs this step (it picks the dispatch kernel on every rank alike)."""
 
-    __slots__ = ("ids", "positions", "query_lens", "seq_lens", "tables", "sample_rows", "graph_size")
+    __slots__ = ("ids", "positions", "query_lens", "seq_lens", "tables", "sample_rows", "graph_size", "ep_max")
 
-    def __init__(self, ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size=None):
+    def __init__(self, ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size=None, ep_max=0):
         self.ids, self.positions, self.query_lens, self.seq_lens = ids, positions, query_lens, seq_lens
-        self.tables, self.sample_rows, self.graph_size = tables, sample_rows, graph_size
+        self.tables, self.sample_rows, self.graph_size, self.ep_max = tables, sample_rows, graph_size, ep_max
+
+    @classmethod
+    def dummy(cls, graph_size: int | None = None, ep_max: int = 0) -> "StepBatch":
+        return cls([], [], [], [], [], [], graph_size, ep_max)
 
 
 class TPChannel:
-    """Rank 0 -> workers, one broadcast of a header and one of a payload per step."""
+    """Rank 0 -> workers, one broadcast of a header and one of a payload per step. `group` is the
+    TP group's control group; ranks are the group's own (rank 0 is the data-parallel group's
+    engine core, whatever its global rank)."""
 
     def __init__(self, group, rank: int, tp: int):
         self.group, self.rank, self.tp = group, rank, tp
@@ -63,14 +72,14 @@ class TPChannel:
         header = self._header
         header.zero_()
         header[: len(values)] = torch.tensor(values, dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self.group)
+        dist.broadcast(header, group=self.group, group_src=0)
         self.last_send = time.monotonic()
 
     def send_step(self, b: StepBatch) -> None:
         t, n = len(b.ids), len(b.query_lens)
         width = max((len(x) for x in b.tables), default=0)
         s = len(b.sample_rows)
-        self._send_header(STEP, t, n, width, s, b.graph_size or 0)
+        self._send_header(STEP, t, n, width, s, b.graph_size or 0, b.ep_max)
         payload = np.zeros(2 * t + 2 * n + n * width + s, dtype=np.int64)
         payload[:t] = b.ids
         payload[t:2 * t] = b.positions
@@ -80,7 +89,8 @@ class TPChannel:
         for i, table in enumerate(b.tables):
             tables[i, :len(table)] = table
         payload[len(payload) - s:] = b.sample_rows
-        dist.broadcast(torch.from_numpy(payload), src=0, group=self.group)
+        if len(payload):  # a dummy batch is the header alone
+            dist.broadcast(torch.from_numpy(payload), group=self.group, group_src=0)
 
     def heartbeat(self) -> None:
         if time.monotonic() - self.last_send >= HEARTBEAT_S:
@@ -91,43 +101,23 @@ class TPChannel:
 
     def recv(self) -> tuple[int, StepBatch | None]:
         header = self._header
-        dist.broadcast(header, src=0, group=self.group)
-        kind, t, n, width, s, graph_size = header[:6].tolist()
+        dist.broadcast(header, group=self.group, group_src=0)
+        kind, t, n, width, s, graph_size, ep_max = header[:7].tolist()
         if kind != STEP:
             return kind, None
         payload = torch.empty(2 * t + 2 * n + n * width + s, dtype=torch.int64)
-        dist.broadcast(payload, src=0, group=self.group)
+        if len(payload):
+            dist.broadcast(payload, group=self.group, group_src=0)
         p = payload.numpy()
         tables = p[2 * t + 2 * n:2 * t + 2 * n + n * width].reshape(n, width).tolist()
         return STEP, StepBatch(p[:t].tolist(), p[t:2 * t].tolist(), p[2 * t:2 * t + n].tolist(),
                                p[2 * t + n:2 * t + 2 * n].tolist(), tables, p[len(p) - s:].tolist(),
-                               graph_size or None)
+                               graph_size or None, ep_max)
 
     def min_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t[0])
-
-
-def setup_tp_rank(config: EngineConfig, rank: int) -> TPChannel:
-    """Join the instance's process groups as TP rank `rank` (before the model is built: the
-    layers read their TP group from the parallel state)."""
-    p = config.parallel
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    local_rank, node_rank = rank % p.ranks_per_node, rank // p.ranks_per_node
-    backend = default_backend(device)
-    dev = init_distributed(p.dist_init_addr, local_rank, p.ranks_per_node, p.nnodes, node_rank, device,
-                           p.dist_timeout_s)
-    state = build_parallel_state(tp=p.tp, dp=p.dp, ep=p.ep, device=dev, local_rank=local_rank,
-                                 timeout_s=p.dist_timeout_s)
-    set_parallel_state(state)
-    # Step messages are host values: a gloo group even when the model's collectives use NCCL.
-    ctrl = (dist.new_group(backend="gloo", timeout=timedelta(seconds=p.dist_timeout_s)) if backend == "nccl"
-            else state.tp_group)
-    log.info("tensor-parallel rank %d/%d on %s", state.tp_rank, p.tp, dev)
-    return TPChannel(ctrl, state.tp_rank, p.tp)
 
 
 def run_tp_worker(config: EngineConfig, output_addr: str, parent_pid: int, rank: int) -> None:
@@ -137,7 +127,7 @@ def run_tp_worker(config: EngineConfig, output_addr: str, parent_pid: int, rank:
     import zmq
 
     from moeserve.engine.core_proc import _set_parent_death_signal
-    from moeserve.engine.dp import teardown_rank
+    from moeserve.engine.dp import setup_rank, teardown_rank
     from moeserve.engine.runner import ModelRunner
 
     _set_parent_death_signal()
@@ -149,7 +139,7 @@ def run_tp_worker(config: EngineConfig, output_addr: str, parent_pid: int, rank:
     out.connect(output_addr)
     try:
         model_config = ModelConfig.from_pretrained(config.model)
-        channel = setup_tp_rank(config, rank)
+        channel = setup_rank(config, model_config, rank).tp_channel
         torch.manual_seed(config.seed)
         runner = ModelRunner(config, model_config, tp_channel=channel)
         steps = 0

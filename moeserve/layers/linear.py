@@ -218,18 +218,21 @@ class ParallelLMHead(nn.Module):
 
 
 def column_parallel(in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
-                    block: tuple[int, int] = (128, 128), name: str = "linear", segments=None) -> Linear:
-    """A Linear whose output features are split over the TP ranks (a plain Linear at tp == 1)."""
-    if tp_world()[0] == 1:
+                    block: tuple[int, int] = (128, 128), name: str = "linear", segments=None,
+                    parallel: bool = True) -> Linear:
+    """A Linear whose output features are split over the TP ranks (a plain Linear at tp == 1, or
+    when not parallel: replicated on every rank)."""
+    if tp_world()[0] == 1 or not parallel:
         return Linear(in_features, out_features, bias, quant, block)
     return ColumnParallelLinear(in_features, out_features, bias, quant, block, name, segments)
 
 
 def row_parallel(in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
-                 block: tuple[int, int] = (128, 128), name: str = "linear", reduce: bool = True) -> Linear:
+                 block: tuple[int, int] = (128, 128), name: str = "linear", reduce: bool = True,
+                 parallel: bool = True) -> Linear:
     """A Linear whose input features are split over the TP ranks, summed over them when reduce
-    (a plain Linear at tp == 1)."""
-    if tp_world()[0] == 1:
+    (a plain Linear at tp == 1, or when not parallel: replicated on every rank)."""
+    if tp_world()[0] == 1 or not parallel:
         return Linear(in_features, out_features, bias, quant, block)
     return RowParallelLinear(in_features, out_features, bias, quant, block, name, reduce)
 

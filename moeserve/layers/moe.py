@@ -13,6 +13,9 @@ the router and the shared experts always run on the token's own rank.
 Under tensor parallelism (ep == 1) every rank holds every expert's slice of the intermediate
 dimension (w13 [E, 2I/tp, H], w2 [E, H, I/tp]) and the shared experts likewise; the routed and
 shared partial sums are added and summed over the TP group in one all_reduce.
+Under both (tp > 1 inside ep = dp * tp) experts are whole and spread over all ranks; each TP rank
+runs the whole block (router, routed and shared experts) on its share of the rows only, and one
+all_gather over the TP group gives every rank every row (distributed/ep_moe.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
+from moeserve.distributed.ep_moe import gather_shares, row_share
 from moeserve.distributed.groups import get_parallel_state
 from moeserve.kernels.fp8 import FP8_DTYPE
 from moeserve.kernels.fused_moe import fused_moe
@@ -31,15 +35,16 @@ from moeserve.layers.linear import _ceil_div, _shard, column_parallel, row_paral
 
 class MLP(nn.Module):
     """SiLU-gated MLP (dense layers and shared experts). Tensor parallel: gate/up column-parallel,
-    down row-parallel (summed over the TP group unless reduce=False: the caller sums)."""
+    down row-parallel (summed over the TP group unless reduce=False: the caller sums); with
+    parallel=False whole on every rank."""
 
     def __init__(self, hidden: int, intermediate: int, quant: str | None = None, block=(128, 128),
-                 name: str = "mlp", reduce: bool = True):
+                 name: str = "mlp", reduce: bool = True, parallel: bool = True):
         super().__init__()
-        self.gate_proj = column_parallel(hidden, intermediate, quant=quant, block=block, name=f"{name}.gate_proj")
-        self.up_proj = column_parallel(hidden, intermediate, quant=quant, block=block, name=f"{name}.up_proj")
-        self.down_proj = row_parallel(intermediate, hidden, quant=quant, block=block, name=f"{name}.down_proj",
-                                      reduce=reduce)
+        tp = dict(quant=quant, block=block, parallel=parallel)
+        self.gate_proj = column_parallel(hidden, intermediate, name=f"{name}.gate_proj", **tp)
+        self.up_proj = column_parallel(hidden, intermediate, name=f"{name}.up_proj", **tp)
+        self.down_proj = row_parallel(intermediate, hidden, name=f"{name}.down_proj", reduce=reduce, **tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -115,10 +120,10 @@ class Experts(nn.Module):
         # FP8 gate|up stacking keeps each half's blocks aligned only if I is a multiple of the block.
         self.quant = quant if quant == "fp8" and intermediate % block[0] == 0 else None
         tp, tp_rank, _ = tp_world()
+        if self.ep_runtime is not None:  # expert parallel: whole experts, whatever tp is
+            tp, tp_rank = 1, 0
         full = intermediate
         if tp > 1:  # this rank's slice of every expert's intermediate dimension
-            if self.ep_runtime is not None:
-                raise ValueError("tensor parallelism with expert parallelism is not supported yet")
             if intermediate % tp:
                 raise ValueError(f"experts: moe_intermediate_size {intermediate} does not split over tp={tp}")
             intermediate //= tp
@@ -151,9 +156,10 @@ class Experts(nn.Module):
         if self.ep_runtime is not None:
             self.ep = self.ep_runtime.register(self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                row_offset: int = 0) -> torch.Tensor:
         if self.ep is not None:
-            return self.ep(x, topk_ids, topk_weights)
+            return self.ep(x, topk_ids, topk_weights, row_offset)
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block)
 
 
@@ -163,16 +169,33 @@ class MoE(nn.Module):
         block = cfg.weight_block_size
         self.gate = Router(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant, block)
-        self.tp_group = tp_world()[2]  # None unless tensor parallel
+        self.tp, self.tp_rank, tp_group = tp_world()
+        # TP inside EP: this rank takes its share of the rows through the block, then all_gather.
+        self.token_shares = self.tp > 1 and self.experts.ep_runtime is not None
+        self.tp_group = tp_group if self.tp > 1 else None
+        # Shared experts under token shares: replicated (whole weights on every TP rank), run on
+        # the rank's own share. Sharding them instead would need every row on every rank and one
+        # more all_reduce per layer; replicated they cost no communication (the gather of the routed
+        # output carries them) and 1/tp of the FLOPs, for tp copies of small weights (one or two
+        # experts' worth per layer against E / (dp * tp) routed experts per rank).
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, quant, block,
-                                   name="shared_experts", reduce=self.tp_group is None)
+                                   name="shared_experts", reduce=self.tp_group is None, parallel=not self.token_shares)
                                if cfg.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = self.gate(x)
-        out = self.experts(x, topk_weights, topk_ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if self.token_shares:
+            num_rows = x.shape[0]
+            start, rows = row_share(num_rows, self.tp, self.tp_rank)
+            out = self._block(x[start:start + rows], start)
+            return gather_shares(out, num_rows, self.tp, self.tp_group)
+        out = self._block(x)
         if self.tp_group is not None:  # routed + shared partial sums, one all_reduce
             dist.all_reduce(out, group=self.tp_group)
+        return out
+
+    def _block(self, x: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
+        topk_weights, topk_ids = self.gate(x)
+        out = self.experts(x, topk_weights, topk_ids, row_offset)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
         return out

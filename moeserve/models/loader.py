@@ -110,11 +110,22 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     return model.eval()
 
 
-def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+class _WholeExperts:
+    """Stands for an EPRuntime in check_tensor_parallel: under expert parallelism the routed
+    experts are whole (never split over tp) and the shared experts are replicated."""
+
+    def local_slot_experts(self) -> list[int]:
+        return []
+
+    def register(self, *args, **kwargs) -> None:
+        return None
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
     """ValueError, naming the layer and sizes, if the model does not split over tp ranks (heads,
     intermediate sizes, FP8 128-block alignment of every shard). Builds each rank's layers on the
     meta device (no memory; one dense and one MoE layer stand for all), so the check is exactly
-    what the ranks will build."""
+    what the ranks will build. expert_parallel: the experts are spread whole over ranks instead."""
     if tp == 1:
         return
     from moeserve.models.base import DecoderLayer
@@ -125,7 +136,8 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
         for rank in range(tp):
             set_parallel_state(ParallelState(
                 rank=rank, world_size=tp, local_rank=rank, backend="gloo", device=torch.device("meta"), tp=tp, dp=1,
-                ep=1, tp_rank=rank, dp_rank=0, ep_rank=0, tp_group=None, dp_group=None, ep_group=None, timeout=None))
+                ep=1, tp_rank=rank, dp_rank=0, ep_rank=0, tp_group=None, dp_group=None, ep_group=None, timeout=None,
+                ep_runtime=_WholeExperts() if expert_parallel else None))
             try:
                 with default_dtype(torch.bfloat16), torch.device("meta"):
                     for layer_idx in kinds.values():

@@ -67,8 +67,6 @@ def test_fp8_wire_stays_close(deepseek_v3_dir):
 def test_bad_parallel_config(deepseek_v3_dir):
     with pytest.raises(ValueError, match="ep must be 1 or"):
         LLM(deepseek_v3_dir, dp=2, ep=3, **ENGINE)
-    with pytest.raises(ValueError, match="tp with dp is not supported yet"):
-        LLM(deepseek_v3_dir, tp=2, dp=2, ep=4, **ENGINE)
     with pytest.raises(ValueError, match="do not split evenly"):  # 16 experts + 1 over 2 ranks
         LLM(deepseek_v3_dir, dp=2, ep=2, num_redundant_experts=1, **ENGINE).shutdown()
 

@@ -74,10 +74,6 @@ def test_tp2_idle_heartbeat_and_rank_death(deepseek_v3_dir):
 def test_bad_tp_configs(deepseek_v3_dir):
     with pytest.raises(ValueError, match="num_attention_heads 4 does not split over tp=3"):
         LLM(deepseek_v3_dir, tp=3, **ENGINE)
-    with pytest.raises(ValueError, match="tp with dp is not supported yet"):
-        LLM(deepseek_v3_dir, tp=2, dp=2, ep=4, **ENGINE)
-    with pytest.raises(ValueError, match="tp with ep is not supported yet"):
-        LLM(deepseek_v3_dir, tp=2, ep=2, **ENGINE)
 
 
 def test_server_tp2_same_text_as_offline(deepseek_v3_dir):
