@@ -10,9 +10,10 @@ engine never outlives the server.
 
 With tensor parallelism this process is TP rank 0 and drives the other TP ranks (worker
 processes, engine/tp.py) itself; the front end talks to it alone.
-With data parallelism there is one such process per rank, each with its own input socket,
-all pushing to the one output socket; the ranks step in lockstep (engine/dp.py), so a rank
-keeps stepping (and syncing) while any rank has work, and all stop together.
+With data parallelism there is one such process per data-parallel group, each with its own
+input socket, all pushing to the one output socket; under expert parallelism the groups step in
+lockstep (engine/dp.py), so a group keeps stepping (and syncing) while any group has work, and
+all stop together.
 """
 
 from __future__ import annotations

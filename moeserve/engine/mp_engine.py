@@ -1,6 +1,6 @@
 """The engine interface LLM uses (add_request, abort_requests, step, ...) over one engine-core
-process per data-parallel rank (and its tensor-parallel workers): what `LLM(model, dp=N, ep=N)`
-and `LLM(model, tp=N)` run on."""
+process per data-parallel group (and its tensor-parallel workers): what `LLM(model, dp=N, ep=N)`,
+`LLM(model, tp=N)` and `LLM(model, dp=D, tp=T, ep=D*T)` run on."""
 
 from __future__ import annotations
 

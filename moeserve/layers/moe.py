@@ -196,6 +196,6 @@ class MoE(nn.Module):
     def _block(self, x: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
         out = self.experts(x, topk_weights, topk_ids, row_offset)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and x.shape[0]:  # a TP rank's share may be empty (FP8 GEMMs need rows)
             out = out + self.shared_experts(x)
         return out

@@ -1,8 +1,9 @@
 """The MoE block with tensor parallelism inside data-parallel attention + expert parallelism
-(4 gloo ranks: dp 2 x tp 2, ep 4) equals the single-process block (fp32), for both dispatch
-backends, with skewed routing (ranks 2 and 3 hold no chosen expert), uneven row shares (a TP
-rank with no rows), a data-parallel group with no tokens at all and a padding-only (dummy) row;
-both TP ranks of a group end with the same rows, and the balancer counts each token once."""
+(4 gloo ranks: dp 2 x tp 2, ep 4) equals the single-process block (fp32 activations), for both
+dispatch backends and FP8 block-scaled weights, with skewed routing (ranks 2 and 3 hold no
+chosen expert), uneven row shares (a TP rank with no rows), a data-parallel group with no tokens
+at all and a padding-only (dummy) row; both TP ranks of a group end with the same rows, and the
+balancer counts each token once."""
 
 from __future__ import annotations
 
@@ -22,19 +23,28 @@ DP, TP = 2, 2
 # token (its TP rank 1 gets no row), group 1 runs one padding row (the engine's dummy batch);
 # step 3: group 1 has no rows at all; step 4: shares 2+2 and 4+3.
 STEPS = [((5, 5), (2, 3)), ((1, 1), (0, 1)), ((2, 2), (0, 0)), ((4, 4), (7, 7))]
+# (dispatch backend, weight format): FP8 is DeepSeek's block format with 16x16 blocks (the tiny
+# shapes are 64 and 32 wide), for routed and shared experts alike.
+VARIANTS = [("ht", None), ("ll", None), ("ht", "fp8")]
 
 
 def _config() -> ModelConfig:
     # DeepSeek-V3 routing: sigmoid + correction bias, 4 groups (keep 2), top-4 of 16, one shared expert.
-    return ModelConfig.from_dict({"architectures": ["DeepseekV3ForCausalLM"], **TINY_CONFIGS["deepseek_v3"]})
+    cfg = ModelConfig.from_dict({"architectures": ["DeepseekV3ForCausalLM"], **TINY_CONFIGS["deepseek_v3"]})
+    cfg.weight_block_size = (16, 16)
+    return cfg
 
 
-def _reference(cfg: ModelConfig) -> MoE:
+def _reference(cfg: ModelConfig, quant: str | None) -> MoE:
     torch.manual_seed(0)
-    layer = MoE(cfg)
+    layer = MoE(cfg, quant)
     with torch.no_grad():
         for name, p in layer.named_parameters():
-            p.copy_(torch.randn(p.shape) * (0.1 if name != "gate.e_score_correction_bias" else 0.0))
+            if "scale" in name.rsplit(".", 1)[-1]:
+                p.copy_(0.05 + 0.05 * torch.rand(p.shape))  # times e4m3 values of magnitude ~1
+            else:
+                p.copy_(torch.randn(p.shape) * (0.1 if p.dtype == torch.float32 else 1.0))
+        layer.gate.e_score_correction_bias.zero_()
         # Skew: the bias picks experts 0-7 (groups 0 and 1) for every token, so the experts of
         # ranks 2 and 3 (8-15 of 16) receive nothing.
         layer.gate.e_score_correction_bias[:8] = 5.0
@@ -42,20 +52,20 @@ def _reference(cfg: ModelConfig) -> MoE:
 
 
 def _rank(rank, world):
-    torch.manual_seed(0)
     cfg = _config()
-    set_parallel_state(None)
-    ref = _reference(cfg)
-    params = dict(ref.named_parameters())
     state = build_parallel_state(tp=TP, dp=DP, ep=DP * TP)
     out = {}
-    for backend in ("ht", "ll"):
+    for backend, quant in VARIANTS:
+        set_parallel_state(None)
+        ref = _reference(cfg, quant)
+        params = dict(ref.named_parameters())
         rt = EPRuntime(state.ep_group, world, cfg.n_routed_experts, cfg.hidden_size, torch.float32,
                        torch.device("cpu"), mode=backend, ll_capacity=4, eplb_interval=1000, eplb_window=8, tp=TP)
         state.ep_runtime = rt
         set_parallel_state(state)
-        layer = MoE(cfg)
+        layer = MoE(cfg, quant)
         set_parallel_state(None)
+        assert layer.experts.quant == quant and layer.token_shares
         with torch.no_grad():
             for name, p in layer.named_parameters():
                 full = params[name]
@@ -76,7 +86,7 @@ def _rank(rank, world):
             if state.tp_rank == 0 and real:  # each of the group's tokens once
                 expected += expert_counts(ref.gate(x[:real])[1], cfg.n_routed_experts)
         dist.all_reduce(expected)
-        out[backend] = {"steps": steps, "counted": rt.balancer.window_load()[0].tolist(),
+        out[(backend, quant)] = {"steps": steps, "counted": rt.balancer.window_load()[0].tolist(),
                         "expected": expected.tolist(), "slots": layer.experts.slot_experts}
     return out
 
@@ -97,18 +107,18 @@ def test_row_shares_and_gather():
 
 def test_tp2_inside_dp2_ep4_equals_single_process():
     results = run_ranks(_rank, DP * TP, timeout_s=90)
-    for backend in ("ht", "ll"):
-        per_rank = [r[backend] for r in results]
+    for variant in VARIANTS:
+        per_rank = [r[variant] for r in results]
         assert [r["slots"] for r in per_rank] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
         for i, groups in enumerate(STEPS):
             for rank, r in enumerate(per_rank):
-                assert r["steps"][i]["rows"] == (groups[rank // TP][1], 64), (backend, i, rank)
+                assert r["steps"][i]["rows"] == (groups[rank // TP][1], 64), (variant, i, rank)
             # Both TP ranks of a group hold the very same rows after the gather.
             for group in range(DP):
                 a, b = (per_rank[group * TP + t]["steps"][i]["y"] for t in range(TP))
-                assert a == b, (backend, i, group)
+                assert a == b, (variant, i, group)
         pairs = [(s["y"], s["ref"]) for r in per_rank for s in r["steps"]]
-        assert _rel(pairs) < 1e-5, (backend, _rel(pairs))
+        assert _rel(pairs) < 1e-5, (variant, _rel(pairs))
         # The balancer saw each real token's K experts once (not once per TP rank, no padding),
         # all of them on ranks 0 and 1.
         counted, expected = per_rank[0]["counted"], per_rank[0]["expected"]
