@@ -2,8 +2,9 @@
 (gloo, CPU, fp32): `LLM(dp=2, tp=2, ep=4)` gives the greedy tokens of a single process on tiny
 DeepSeek-V3 and Qwen3-MoE, with the high-throughput dispatch kernel (and the balancer moving
 experts) and the low-latency one (forced by MOESERVE_DISPATCH), also when one data-parallel group
-has no requests at all; tp over two "nodes" (separate launches on localhost, TCP rendezvous),
-alone and inside dp/ep, does too; bad combinations fail before any process starts."""
+has no requests at all; so do tp with ep in one group and independent TP replicas (ep 1); tp
+over two "nodes" (separate launches on localhost, TCP rendezvous), alone and inside dp/ep, does
+too; bad combinations fail before any process starts."""
 
 import subprocess
 import sys
@@ -60,6 +61,20 @@ def test_dp2_tp2_ep4_equals_single_process(refs, monkeypatch, case):
     finally:
         llm.shutdown()
     assert [p.exitcode for p in llm.engine.procs] == [0, 0, 0, 0]  # workers stopped with their rank 0
+
+
+@pytest.mark.parametrize("arch,parallel", [("deepseek_v3", {"tp": 2, "ep": 2}), ("qwen3_moe", {"dp": 2, "tp": 2})],
+                         ids=["tp2-ep2", "dp2-tp2-ep1"])
+def test_one_tp_group_with_ep_and_tp_replicas(refs, arch, parallel):
+    """tp 2 with ep 2: one group, nobody to agree with, its two ranks split the experts and the
+    rows; dp 2 x tp 2 with ep 1: two independent TP engines, experts split by tp in each."""
+    path, ref = refs(arch)
+    llm = LLM(path, **parallel, **ENGINE)
+    try:
+        assert greedy(llm, prompts_for(7)) == ref[7]
+    finally:
+        llm.shutdown()
+    assert all(p.exitcode == 0 for p in llm.engine.procs)
 
 
 @pytest.mark.parametrize("parallel", [["--tp", "2"], ["--dp", "2", "--tp", "2", "--ep", "4"]],
