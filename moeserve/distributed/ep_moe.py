@@ -55,8 +55,7 @@ def gather_shares(share: torch.Tensor, num_rows: int, tp: int, group) -> torch.T
     if share.shape[0] < most:
         share = torch.cat([share, share.new_zeros(most - share.shape[0], *share.shape[1:])])
     full = share.new_empty(tp * most, *share.shape[1:])
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(full, share.contiguous(), group=group)
+    dist.all_gather_into_tensor(full, share.contiguous(), group=group)
     if num_rows % tp == 0:
         return full
     return torch.cat([full[r * most:r * most + row_share(num_rows, tp, r)[1]] for r in range(tp)])
