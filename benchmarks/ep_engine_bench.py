@@ -72,6 +72,10 @@ def check_correctness(nproc: int, path: str, modes: list[str], device: str = "cu
     if "ep" in modes:
         cases += [(f"dp{nproc}/ep{nproc}", dict(dp=nproc, ep=nproc, dispatch_backend=b), b, eager)
                   for b, eager in (("ht", True), ("ll", True), ("auto", False)) if eager or device == "cuda"]
+    if "tpep" in modes:  # TP attention inside each DP group, experts spread over all ranks
+        t = min(tp or nproc, 4)
+        dp = nproc // t
+        cases += [(f"dp{dp}/tp{t}/ep{nproc}", dict(dp=dp, tp=t, ep=nproc), "token shares", eager) for eager in graphs]
     if "tp" in modes:
         # the tiny model has 4 attention heads: tp 8 does not split it
         t = min(tp or nproc, 4)
@@ -121,6 +125,8 @@ def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int
 def run_name(r: dict) -> str:
     if r["gpus"] == 1:
         return "one GPU, all experts" + (", synchronous scheduling" if r.get("async_scheduling") is False else "")
+    if r.get("tp", 1) > 1 and r.get("ep", 1) > 1:
+        return f"dp{r['dp']}/tp{r['tp']}/ep{r['ep']} (attention TP, experts EP)"
     if r.get("tp", 1) > 1:
         return f"tp{r['tp']} (layers split, all_reduce)"
     return f"dp{r['dp']}/ep{r['ep']} {r['dispatch_dtype']}+{r['combine_dtype']}"
@@ -130,7 +136,8 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--nproc", type=int, default=None, help="GPUs (ranks) of the EP runs (default: all visible)")
     p.add_argument("--tp", type=int, default=None, help="TP size of the tensor-parallel runs (default: --nproc)")
-    p.add_argument("--modes", default="ep,tp", help="comma list of ep, tp: which parallel runs to compare")
+    p.add_argument("--modes", default="ep,tp", help="comma list of ep, tp, tpep (dp x tp attention, ep over all "
+                                                   "ranks): which parallel runs to compare")
     p.add_argument("--moe-layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64, help="requests per GPU")
     p.add_argument("--isl", type=int, default=512)
@@ -142,8 +149,8 @@ def main() -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
-    if set(modes) - {"ep", "tp"}:
-        p.error(f"--modes takes ep and/or tp, got {args.modes!r}")
+    if set(modes) - {"ep", "tp", "tpep"}:
+        p.error(f"--modes takes ep, tp and/or tpep, got {args.modes!r}")
     cpu = args.device == "cpu"
     if args.nproc is None:
         args.nproc = 2 if cpu else torch.cuda.device_count()
@@ -185,6 +192,11 @@ def main() -> int:
                 runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager, args.device))
                 print(f"dp{args.nproc}/ep{args.nproc} {dispatch}+{combine}:", runs[-1], flush=True)
                 save()
+        if "tpep" in modes:
+            par = dict(dp=args.nproc // tp, tp=tp, ep=args.nproc)
+            runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager, args.device))
+            print(f"dp{par['dp']}/tp{tp}/ep{args.nproc}:", runs[-1], flush=True)
+            save()
         if "tp" in modes:
             runs.append(throughput(path, dict(tp=tp), args.batch, args.isl, args.osl, tp, eager, args.device))
             print(f"tp{tp}:", runs[-1], flush=True)
