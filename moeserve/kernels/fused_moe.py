@@ -36,15 +36,19 @@ except ImportError:  # pragma: no cover
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                  w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+                  w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
+                  addend: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H], topk_weights [T, k] (fp32), topk_ids [T, k] -> [T, H] in x.dtype.
 
     With w13_scale/w2_scale the weights are e4m3 with one scale per `block` (DeepSeek's format).
-    Computes in fp32 per expert, looping only over experts that received tokens.
+    Computes in fp32 per expert, looping only over experts that received tokens. `addend` [T, H]
+    (the shared experts' output) is added to the routed sum after it is rounded to x.dtype.
     """
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
         return out.to(x.dtype)
+    if addend is not None:
+        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block) + addend
     flat_ids = topk_ids.reshape(-1)
     token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
     weight_of = topk_weights.reshape(-1).to(torch.float32)
@@ -171,9 +175,10 @@ if triton is not None:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, top_k, h, stride_ym, stride_om, BLOCK_H: tl.constexpr):
+    def _moe_sum_kernel(y_ptr, ids_ptr, add_ptr, out_ptr, top_k, h, stride_ym, stride_am, stride_om,
+                        HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
         # out[t] = sum of y[t * top_k + j] over the j whose expert id is >= 0 (rows of the others
-        # were never written)
+        # were never written), plus add[t] when given (the shared experts: one launch less)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -181,6 +186,9 @@ if triton is not None:
             width = tl.where(tl.load(ids_ptr + t * top_k + j) >= 0, h, 0)  # nothing from uncomputed pairs
             row = y_ptr + (t * top_k + j) * stride_ym
             acc += tl.load(row + offs, mask=offs < width, other=0.0).to(tl.float32)
+        if HAS_ADD:  # as the reference: the routed sum rounded first, then one rounded add
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.load(add_ptr + t * stride_am + offs, mask=offs < h, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < h)
 
 
@@ -204,19 +212,24 @@ def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_r
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
     t, top_k = topk_ids.shape
     h = y.shape[1]
     block_h = min(1024, triton.next_power_of_2(h))
-    _moe_sum_kernel[(t, triton.cdiv(h, block_h))](y, topk_ids, out, top_k, h, y.stride(0), out.stride(0),
-                                                  BLOCK_H=block_h, num_warps=4)
+    if addend is not None and addend.stride(-1) != 1:
+        addend = addend.contiguous()
+    _moe_sum_kernel[(t, triton.cdiv(h, block_h))](
+        y, topk_ids, addend if addend is not None else out, out, top_k, h, y.stride(0),
+        addend.stride(0) if addend is not None else 0, out.stride(0), HAS_ADD=addend is not None,
+        BLOCK_H=block_h, num_warps=4)
     return out
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-                     fp8_activations: bool = True, config: dict | None = None) -> torch.Tensor:
+                     fp8_activations: bool = True, config: dict | None = None,
+                     addend: torch.Tensor | None = None) -> torch.Tensor:
     tokens, hidden = x.shape
     num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
@@ -244,7 +257,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant and not fuse else (act, None)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, cfg, block, fuse)
-    return moe_sum(y, topk_ids, out)
+    return moe_sum(y, topk_ids, out, addend)
 
 
 def _triton_supports(x, w13, w2, w13_scale, w2_scale, block) -> bool:
@@ -259,9 +272,11 @@ def _triton_supports(x, w13, w2, w13_scale, w2_scale, block) -> bool:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block: tuple[int, int] = (128, 128), fp8_activations: bool = True) -> torch.Tensor:
-    """Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1), else fused_moe_ref."""
+              block: tuple[int, int] = (128, 128), fp8_activations: bool = True,
+              addend: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1), else fused_moe_ref. The
+    result plus `addend` [T, H] when given (added in the final sum kernel)."""
     if triton_runs_on(x, w13, w2, topk_ids) and _triton_supports(x, w13, w2, w13_scale, w2_scale, block):
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block),
-                                fp8_activations)
-    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block)
+                                fp8_activations, addend=addend)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block, addend)

@@ -21,7 +21,7 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.host_copy import to_device
 from moeserve.kernels.attention import gather_sequences, mla_decode, paged_decode, paged_prefill, varlen_attention
-from moeserve.layers.linear import Linear, column_parallel, row_parallel, tp_world
+from moeserve.layers.linear import LinearPart, MergedColumnLinear, column_parallel, row_parallel, tp_world
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 
@@ -111,15 +111,18 @@ class MLAAttention(nn.Module):
         self.q_lora_rank = cfg.q_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
         block = cfg.weight_block_size
+        # Both projections of the layer input, the query's (q_proj, split by heads; or q_a_proj,
+        # replicated) and the latent KV's (kv_a_proj_with_mqa, replicated), in one GEMM.
         if cfg.q_lora_rank is None:
-            self.q_proj = column_parallel(cfg.hidden_size, heads * qk_dim, quant=quant, block=block, name="q_proj")
+            q_part = LinearPart("q_proj", heads * qk_dim, split=True)
         else:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias, quant=quant, block=block)
+            q_part = LinearPart("q_a_proj", cfg.q_lora_rank, split=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
             self.q_b_proj = column_parallel(cfg.q_lora_rank, heads * qk_dim, quant=quant, block=block,
                                             name="q_b_proj")
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.kv_lora_rank + self.rope_dim,
-                                         bias=cfg.attention_bias, quant=quant, block=block)
+        kv_part = LinearPart("kv_a_proj_with_mqa", self.kv_lora_rank + self.rope_dim, split=False)
+        self.q_kv_a_proj = MergedColumnLinear(cfg.hidden_size, [q_part, kv_part], bias=cfg.attention_bias,
+                                              quant=quant, block=block, name="q_kv_a_proj")
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = column_parallel(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), quant=quant,
                                          block=block, name="kv_b_proj")
@@ -142,14 +145,13 @@ class MLAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
+        q, kv_a = self.q_kv_a_proj.split(self.q_kv_a_proj(x))
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = q.reshape(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)  # a view: rows of unit stride
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent.contiguous())
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # the norm kernel reads the strided view in place
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe.unsqueeze(1))
         write_cache(self.kv_cache, meta.slot_mapping, torch.cat((latent, k_pe.squeeze(1)), dim=-1))
 
@@ -159,7 +161,8 @@ class MLAAttention(nn.Module):
             q_latent = torch.einsum("thd,hdl->thl", q_nope[:nd], self.w_uk)
             o_latent = mla_decode(q_latent, q_pe[:nd].contiguous(), self.kv_cache, meta.block_tables[:nd],
                                   meta.seq_lens[:nd], self.scale)
-            out[:nd] = torch.einsum("thl,hvl->thv", o_latent, self.w_uv)
+            # per head [nd, L] x [L, v], written straight into out's rows (no copy kernel)
+            torch.bmm(o_latent.transpose(0, 1), self.w_uv.transpose(1, 2), out=out[:nd].transpose(0, 1))
         if meta.num_prefills:
             out[nd:] = self._prefill(q_nope[nd:], q_pe[nd:], meta)
         return self.o_proj(out.view(num_tokens, self.num_heads * self.v_dim))

@@ -167,6 +167,97 @@ class RowParallelLinear(Linear):
         return y if self.bias is None else y + self.bias
 
 
+@dataclass(frozen=True)
+class LinearPart:
+    """One projection inside a MergedColumnLinear: its checkpoint name relative to the merged
+    module's parent (e.g. "gate_proj"), its full output size, and whether tensor parallelism splits
+    it over the ranks (column-parallel) or every rank holds all of it (replicated)."""
+
+    name: str
+    out_features: int
+    split: bool = True
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return _ceil_div(n, multiple) * multiple
+
+
+class MergedColumnLinear(Linear):
+    """Several projections of the same input as one GEMM: the parts' weights stacked along the
+    output dimension ([gate; up] of a SiLU MLP, [q; kv_a] of MLA). `split(y)` returns each part's
+    columns of the output (views).
+
+    The checkpoint keeps the parts apart; the loader writes each into its rows (`part_rows`).
+    With FP8 block scales a part other than the last starts a new block: its rows are padded to
+    the weight block (zero rows, ignored by `split`), so each part keeps its own scales. Under
+    tensor parallelism a rank holds, in part order, its slice of each split part and all of each
+    replicated part: its weight is the concatenation of those row ranges of the full merged
+    tensor (`tp_shard` with one segment per part), so dummy weights match the single process;
+    with parallel=False every rank holds all of every part."""
+
+    def __init__(self, in_features: int, parts: list[LinearPart], bias: bool = False, quant: str | None = None,
+                 block: tuple[int, int] = (128, 128), name: str = "linear", parallel: bool = True):
+        tp, rank, _ = tp_world() if parallel else (1, 0, None)  # not parallel: whole on every rank
+        align = block[0] if quant == "fp8" else 1
+        self.parts = tuple(parts)
+        segments, local_rows, ckpt_shards = [], [], []
+        full_start = local_start = 0
+        for i, part in enumerate(self.parts):
+            last = i == len(self.parts) - 1
+            if part.split and tp > 1:
+                if part.out_features % tp:
+                    raise ValueError(f"{name}: {part.name} output size {part.out_features} does not split over tp={tp}")
+                n = part.out_features // tp
+                if n % align:
+                    raise ValueError(f"{name}: {part.name} output size {part.out_features} split over tp={tp} gives {n} "
+                                     f"per rank, not a multiple of the FP8 weight block {align}; choose a tp that "
+                                     f"keeps shards on {align} boundaries")
+                full_rows, held = part.out_features, (full_start + rank * n, n)
+                ckpt_shards.append(TPShard(0, ((rank * n, n),), (part.out_features, in_features)))
+            else:
+                n = part.out_features
+                full_rows = n if last else _round_up(n, align)
+                held = (full_start, full_rows)
+                ckpt_shards.append(None)
+            segments.append(held)
+            local_rows.append((local_start, n))
+            full_start += full_rows
+            local_start += held[1]
+        super().__init__(in_features, local_start, bias, quant, block)
+        self.part_rows = tuple(local_rows)  # (first local row, rows) of each part
+        self.part_shards = tuple(ckpt_shards)  # each part's slice of its checkpoint tensor (None: all)
+        if sum(n for _, n in local_rows) != local_start:  # padded: the padding rows stay zero
+            for p in (self.weight, self.bias):
+                if p is not None:
+                    p.data.zero_()
+        if tp > 1 and any(part.split for part in self.parts):
+            _shard(self.weight, 0, segments, full_start)
+            _shard(self.bias, 0, segments, full_start)
+            if quant == "fp8":
+                self.weight_scale_inv.tp_shard = self.weight.tp_shard.in_blocks(
+                    block[0], (_ceil_div(full_start, block[0]), _ceil_div(in_features, block[1])))
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        return [y[..., start:start + n] for start, n in self.part_rows]
+
+    def part_target(self, index: int, kind: str) -> tuple[torch.Tensor, TPShard | None]:
+        """Where the loader writes part `index`'s checkpoint tensor `kind` (weight,
+        weight_scale_inv or bias): the rows of the local parameter, and the slice of the
+        checkpoint tensor this rank reads (None: all of it)."""
+        start, n = self.part_rows[index]
+        shard = self.part_shards[index]
+        param = getattr(self, kind)
+        if kind == "weight_scale_inv":
+            bn = self.block[0]
+            start, n = start // bn, _ceil_div(n, bn)
+            if shard is not None:
+                shard = shard.in_blocks(bn, (_ceil_div(shard.full_shape[0], bn),
+                                             _ceil_div(self.in_features, self.block[1])))
+        elif kind == "bias" and shard is not None:
+            shard = TPShard(0, shard.segments, shard.full_shape[:1])
+        return param.data.narrow(0, start, n), shard
+
+
 def _vocab_segments(vocab: int, tp: int, rank: int) -> tuple[int, int, int]:
     """(rows per rank, first id of this rank, ids this rank really holds): contiguous ranges of
     ceil(vocab / tp) ids, the last one padded."""

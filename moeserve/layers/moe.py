@@ -1,11 +1,9 @@
 """DeepSeekMoE / Qwen3-MoE block: router, routed experts, shared experts; and the dense MLP.
 
-Routing (all in fp32):
-- softmax scoring (DeepSeek-V2, Qwen3): greedy top-k, or group_limited_greedy (keep the
-  topk_group groups with the highest max score, then top-k inside them);
-- sigmoid scoring with e_score_correction_bias (DeepSeek-V3 noaux_tc): the bias only chooses
-  experts (groups ranked by the sum of their top-2 biased scores); weights are the unbiased
-  sigmoid scores, optionally renormalised, times routed_scaling_factor.
+Routing (softmax or sigmoid scores, greedy or group-limited top-k, DeepSeek-V3's correction
+bias) is one fused kernel over the router logits: kernels/routing.py, beside its torch reference.
+The dense MLP and the shared experts run gate and up as one GEMM over the merged [gate; up] weight
+(layers/linear.py MergedColumnLinear), then one SiLU-and-mul kernel.
 Routed experts are stacked ([E, 2I, H] gate|up, [E, H, I] down) and run by the fused MoE kernel.
 Under expert parallelism (a rank's ParallelState carries an EPRuntime) a rank stacks only its
 own expert slots, and the routed tokens travel to the ranks that hold their experts and back;
@@ -29,62 +27,47 @@ from moeserve.config import ModelConfig
 from moeserve.distributed.ep_moe import gather_shares, row_share
 from moeserve.distributed.groups import get_parallel_state
 from moeserve.kernels.fp8 import FP8_DTYPE
+from moeserve.kernels.activation import silu_and_mul
 from moeserve.kernels.fused_moe import fused_moe
-from moeserve.layers.linear import _ceil_div, _shard, column_parallel, row_parallel, tp_world
+from moeserve.kernels.routing import RoutingConfig, select_experts
+from moeserve.layers.linear import LinearPart, MergedColumnLinear, _ceil_div, _shard, row_parallel, tp_world
 
 
 class MLP(nn.Module):
-    """SiLU-gated MLP (dense layers and shared experts). Tensor parallel: gate/up column-parallel,
-    down row-parallel (summed over the TP group unless reduce=False: the caller sums); with
+    """SiLU-gated MLP (dense layers and shared experts): one GEMM over the merged [gate; up] weight
+    (checkpoint tensors gate_proj and up_proj), one SiLU-and-mul kernel, down_proj. Tensor
+    parallel: gate/up column-parallel (a rank holds [its gate slice; its up slice]), down
+    row-parallel (summed over the TP group unless reduce=False: the caller sums); with
     parallel=False whole on every rank."""
 
     def __init__(self, hidden: int, intermediate: int, quant: str | None = None, block=(128, 128),
                  name: str = "mlp", reduce: bool = True, parallel: bool = True):
         super().__init__()
-        tp = dict(quant=quant, block=block, parallel=parallel)
-        self.gate_proj = column_parallel(hidden, intermediate, name=f"{name}.gate_proj", **tp)
-        self.up_proj = column_parallel(hidden, intermediate, name=f"{name}.up_proj", **tp)
-        self.down_proj = row_parallel(intermediate, hidden, name=f"{name}.down_proj", reduce=reduce, **tp)
+        self.gate_up_proj = MergedColumnLinear(
+            hidden, [LinearPart("gate_proj", intermediate), LinearPart("up_proj", intermediate)], quant=quant,
+            block=block, name=f"{name}.gate_up_proj", parallel=parallel)
+        (_, self.local_intermediate), (self.up_offset, _) = self.gate_up_proj.part_rows
+        self.down_proj = row_parallel(intermediate, hidden, quant=quant, block=block, name=f"{name}.down_proj",
+                                      reduce=reduce, parallel=parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, topk_method: str, n_group: int,
-                   topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
-                   correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int64)."""
-    logits = router_logits.to(torch.float32)
-    num_experts = logits.shape[-1]
-    if scoring == "sigmoid":
-        scores = logits.sigmoid()
-    else:
-        scores = logits.softmax(dim=-1)
-    choice = scores if correction_bias is None else scores + correction_bias.to(torch.float32)
-    if topk_method in ("group_limited_greedy", "noaux_tc") and n_group > 1:
-        grouped = choice.view(-1, n_group, num_experts // n_group)
-        if topk_method == "noaux_tc":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            group_scores = grouped.max(dim=-1).values
-        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, num_experts).bool()
-        # V3 masks unchosen groups with -inf; V2 with 0 (all its scores are positive softmax values).
-        choice = choice.masked_fill(~expert_mask, float("-inf") if topk_method == "noaux_tc" else 0.0)
-    topk_ids = choice.topk(top_k, dim=-1, sorted=False).indices
-    topk_weights = scores.gather(1, topk_ids)
-    if norm_topk_prob:
-        denom = topk_weights.sum(dim=-1, keepdim=True)
-        topk_weights = topk_weights / (denom + 1e-20 if scoring == "sigmoid" else denom)
-    return topk_weights * routed_scaling_factor, topk_ids
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.local_intermediate, self.up_offset))
 
 
 class Router(nn.Module):
+    """Router logits, then the fused top-k selection (kernels/routing.py).
+
+    DeepSeek's gate runs in fp32 (transformers casts input and weight every call): the weight is
+    kept in fp32 from loading on, so a step casts only the activations. Qwen3's gate runs in the
+    model dtype."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
+        self.routing = RoutingConfig.from_model(cfg)
+        self.fp32 = cfg.arch != "qwen3_moe"
+        dtype = torch.float32 if self.fp32 else None
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype),
+                                   requires_grad=False)
         if cfg.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                                                         requires_grad=False)
@@ -92,14 +75,8 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        if cfg.arch == "qwen3_moe":
-            logits = F.linear(x, self.weight)  # transformers' Qwen3 gate runs in the model dtype
-        else:
-            logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
-        return select_experts(logits, cfg.num_experts_per_tok, cfg.scoring_func, cfg.topk_method, cfg.n_group,
-                              cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor,
-                              self.e_score_correction_bias)
+        logits = F.linear(x.to(torch.float32) if self.fp32 else x, self.weight)
+        return select_experts(logits, self.routing, self.e_score_correction_bias)
 
 
 class Experts(nn.Module):
@@ -157,10 +134,13 @@ class Experts(nn.Module):
             self.ep = self.ep_runtime.register(self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                row_offset: int = 0) -> torch.Tensor:
+                row_offset: int = 0, addend: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts' weighted sum, plus `addend` (the shared experts' output) if given."""
         if self.ep is not None:
-            return self.ep(x, topk_ids, topk_weights, row_offset)
-        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block)
+            out = self.ep(x, topk_ids, topk_weights, row_offset)
+            return out if addend is None else out + addend
+        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block,
+                         addend=addend)
 
 
 class MoE(nn.Module):
@@ -195,7 +175,7 @@ class MoE(nn.Module):
 
     def _block(self, x: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
-        out = self.experts(x, topk_weights, topk_ids, row_offset)
-        if self.shared_experts is not None and x.shape[0]:  # a TP rank's share may be empty (FP8 GEMMs need rows)
-            out = out + self.shared_experts(x)
-        return out
+        shared = None  # a TP rank's share may be empty (FP8 GEMMs need rows)
+        if self.shared_experts is not None and x.shape[0]:
+            shared = self.shared_experts(x)
+        return self.experts(x, topk_weights, topk_ids, row_offset, addend=shared)  # the sum kernel adds it

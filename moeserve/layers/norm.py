@@ -11,7 +11,7 @@ from moeserve.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)  # inference only, as every layer
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):

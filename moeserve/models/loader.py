@@ -4,6 +4,9 @@ format, or dummy random weights of the configured shapes (no file read).
 Checkpoint names map to our modules by name, except:
 - routed experts `...mlp.experts.{e}.{gate,up,down}_proj.weight[_scale_inv]` are stacked into
   `...mlp.experts.w13[e]` (gate rows, then up rows) and `...mlp.experts.w2[e]`;
+- projections merged into one GEMM (layers/linear.py MergedColumnLinear: `mlp.gate_up_proj` from
+  `mlp.gate_proj` + `mlp.up_proj`, `self_attn.q_kv_a_proj` from `self_attn.q_proj` or `q_a_proj` +
+  `kv_a_proj_with_mqa`) are written part by part into their rows, FP8 scales and TP slices included;
 - DeepSeek's MTP layers `model.layers.{num_hidden_layers + i}.*` go to `mtp_layers.{i}`;
 - an FP8 tensor whose module is not kept in FP8 is dequantized with its `_scale_inv`.
 Under tensor parallelism a parameter with a `tp_shard` (layers/linear.py) is read as its slice
@@ -30,7 +33,7 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.distributed.groups import ParallelState, get_parallel_state, set_parallel_state
 from moeserve.kernels.fp8 import FP8_DTYPE, dequant_block_fp8_ref
-from moeserve.layers.linear import TPShard
+from moeserve.layers.linear import MergedColumnLinear, TPShard
 from moeserve.models import MODEL_CLASSES
 from moeserve.models.deepseek_v3 import mtp_param_name, num_mtp_layers_in
 
@@ -153,12 +156,36 @@ def _slot_experts(model: nn.Module) -> dict[str, list[int]]:
     return {name: module.slot_experts for name, module in model.named_modules() if hasattr(module, "slot_experts")}
 
 
+MERGED_KINDS = ("weight", "weight_scale_inv", "bias")
+
+
+def _merged_parts(model: nn.Module) -> tuple[dict[str, tuple[MergedColumnLinear, int, str]], set[str]]:
+    """Checkpoint name of each part of each merged projection -> (module, part index, kind), and
+    the names of the merged parameters themselves (which no checkpoint holds)."""
+    parts, merged_params = {}, set()
+    for prefix, module in model.named_modules():
+        if not isinstance(module, MergedColumnLinear):
+            continue
+        parent = prefix.rsplit(".", 1)[0]
+        for kind in MERGED_KINDS:
+            if getattr(module, kind, None) is None:
+                continue
+            merged_params.add(f"{prefix}.{kind}")
+            for i, part in enumerate(module.parts):
+                parts[f"{parent}.{part.name}.{kind}"] = (module, i, kind)
+    return parts, merged_params
+
+
 def _expected_keys(model: nn.Module) -> set[str]:
-    """Everything a checkpoint must provide: each parameter, and each expert's projections one by one
-    (under expert parallelism only the experts this rank holds)."""
-    keys = set()
+    """Everything a checkpoint must provide: each parameter, each expert's projections one by one
+    (under expert parallelism only the experts this rank holds), and each part of a merged
+    projection."""
+    parts, merged_params = _merged_parts(model)
+    keys = set(parts)
     slots = _slot_experts(model)
     for name, param in model.named_parameters():
+        if name in merged_params:
+            continue
         m = re.match(r"(.*\.mlp\.experts)\.(w13|w2)(_scale)?$", name)
         if m:
             projs = ("gate_proj", "up_proj") if m.group(2) == "w13" else ("down_proj",)
@@ -210,6 +237,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     cfg: ModelConfig = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
     slots = _slot_experts(model)
+    merged, _ = _merged_parts(model)
     expected, loaded = _expected_keys(model), set()
     ckpt = Checkpoint(path)
     # Scale tensors used while dequantizing their weight. Names are visited sorted, so
@@ -227,6 +255,16 @@ def load_weights(model: nn.Module, path: str) -> None:
                     continue
                 target_name = mapped or name
             if _load_expert(ckpt, name, target_name, params, slots, cfg, loaded, consumed):
+                continue
+            if target_name in merged:
+                module, index, kind = merged[target_name]
+                dest, shard = module.part_target(index, kind)
+                tensor = _read(ckpt, name, dest, shard, cfg, consumed)
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model "
+                                             f"{tuple(dest.shape)}")
+                dest.copy_(tensor.to(dest.dtype))
+                loaded.add(target_name)
                 continue
             if target_name not in params:
                 unexpected.append(name)

@@ -78,6 +78,12 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     results["fp32_grouped_order"] = (rel_err(fused_moe_triton(x, w13, w2, w, ids, config=cfg),
                                              fused_moe_ref(x, w13, w2, w, ids)), 1e-5)
     results["all_dropped_is_zero"] = (float(fused_moe(x, w13, w2, w, torch.full_like(ids, -1)).abs().max()), 0.0)
+    # the shared experts' output added in the sum kernel (fp16: rounded as the reference rounds)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        x, w13, w2, w, ids = random_moe(9, 4, 64, 32, 3, dtype)
+        addend = torch.randn(9, 64).to(dtype)
+        results[f"addend_{str(dtype)[6:]}"] = (rel_err(fused_moe(x, w13, w2, w, ids, addend=addend),
+                                                       fused_moe_ref(x, w13, w2, w, ids, addend=addend)), tol)
 
     block = (32, 32)  # small scale blocks keep the shapes tiny; H and I not multiples of 32
     x, w13, w2, w, ids = random_moe(7, 4, 80, 48, 2, torch.float32)
@@ -101,7 +107,7 @@ def interpreter_results():
 
 CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
          "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
-         "fp8_w8a8", "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts"]
+         "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -151,3 +157,13 @@ if __name__ == "__main__":
     out = _interpreter_cases()
     out["seed"] = seed
     print(json.dumps(out))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_shared_addend_on_gpu_bf16():
+    """The sum kernel's shared-expert add in bf16 (V2-Lite's widths) against the fp32 reference."""
+    x, w13, w2, w, ids = random_moe(64, 64, 2048, 1408, 6, torch.bfloat16, drop=0.0)
+    addend = torch.randn(64, 2048).to(torch.bfloat16)
+    args = [t.cuda() for t in (x, w13, w2, w, ids)]
+    out = fused_moe(*args, addend=addend.cuda())
+    assert rel_err(out.cpu(), fused_moe_ref(x, w13, w2, w, ids, addend=addend)) < 1e-2

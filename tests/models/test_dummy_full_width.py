@@ -59,8 +59,10 @@ def test_dummy_deepseek_v3_full_width_builds_on_cpu_without_files():
     assert attn.q_b_proj.weight.shape == (128 * 192, 1536)
     assert attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
     assert attn.q_b_proj.weight_scale_inv.shape == (192, 12)
-    assert attn.kv_a_proj_with_mqa.weight.shape == (576, 7168)
-    assert model.model.layers[1].mlp.gate_proj.weight.shape == (18432, 7168)
+    # q_a_proj (1536 rows) and kv_a_proj_with_mqa (576) as one GEMM; gate and up likewise
+    assert attn.q_kv_a_proj.weight.shape == (1536 + 576, 7168)
+    assert attn.q_kv_a_proj.weight_scale_inv.shape == (12 + 5, 56)
+    assert model.model.layers[1].mlp.gate_up_proj.weight.shape == (2 * 18432, 7168)
     assert model.lm_head.weight.shape == (129280, 7168) and model.lm_head.weight.dtype == torch.bfloat16
     assert len(model.mtp_layers) == 1  # layer index 2 < first_k_dense_replace: a dense MTP block here
     # One decode-sized forward through the full-width layers.

@@ -123,7 +123,7 @@ def test_fp8_block_checkpoint_stays_close_to_unquantized(tiny_model, tmp_path):
     ref_model, fp8_model = PagedModel(src), PagedModel(dst)
     moe = fp8_model.model.model.layers[-1].mlp
     assert moe.experts.w13.dtype == torch.float8_e4m3fn and moe.experts.w13_scale is not None
-    assert fp8_model.model.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.float8_e4m3fn
+    assert fp8_model.model.model.layers[0].self_attn.q_kv_a_proj.weight.dtype == torch.float8_e4m3fn
     vocab = fp8_model.model.config.vocab_size
     tokens = torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     fp8_logits, ref_logits = fp8_model.step({0: tokens})[0], ref_model.step({0: tokens})[0]
