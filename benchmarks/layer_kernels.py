@@ -72,13 +72,14 @@ class KernelLog(TorchDispatchMode):
 def _lift_cpu_dtype_gates() -> None:
     """Let the Triton paths take bf16 CPU tensors as they take bf16 CUDA ones (values are wrong
     under the interpreter in bf16; the launches are the GPU's)."""
-    from moeserve.kernels import activation, attention, rmsnorm, rotary
+    from moeserve.kernels import activation, attention, mla_cache, rmsnorm, rotary
     from moeserve.kernels.fp8 import triton_runs_on
 
     def use_triton(x, *others):
         return triton_runs_on(x, *others)
 
-    rmsnorm._use_triton = rotary._use_triton = attention._use_triton = activation._use_triton = use_triton
+    for module in (rmsnorm, rotary, attention, activation, mla_cache):
+        module._use_triton = use_triton
 
 
 def count(model_name: str, batch: int, dtype: torch.dtype) -> dict[str, list[str]]:

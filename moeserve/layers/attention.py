@@ -21,6 +21,7 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.host_copy import to_device
 from moeserve.kernels.attention import gather_sequences, mla_decode, paged_decode, paged_prefill, varlen_attention
+from moeserve.kernels.mla_cache import mla_kv_write
 from moeserve.layers.linear import LinearPart, MergedColumnLinear, column_parallel, row_parallel, tp_world
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
@@ -150,10 +151,10 @@ class MLAAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.reshape(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)  # a view: rows of unit stride
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # the norm kernel reads the strided view in place
-        q_pe, k_pe = self.rotary(positions, q_pe, k_pe.unsqueeze(1))
-        write_cache(self.kv_cache, meta.slot_mapping, torch.cat((latent, k_pe.squeeze(1)), dim=-1))
+        (q_pe,) = self.rotary(positions, q_pe)
+        # the latent's norm, the rope key's rotation and the cache write: one kernel
+        mla_kv_write(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, positions,
+                     self.rotary.cos_sin_cache, self.rotary.interleaved, self.kv_cache, meta.slot_mapping)
 
         out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
         nd = meta.num_decodes
