@@ -27,6 +27,19 @@ def interpreter_results(test_file: str, timeout_s: float = 120) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def print_interpreter_cases(cases) -> None:
+    """The script side of interpreter_results: run cases() under a fresh random seed on one thread
+    and print its results, with the seed to reproduce a failure, as the last line."""
+    import torch
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    out = cases()
+    out["seed"] = seed
+    print(json.dumps(out))
+
+
 # Parallel engines (dp/ep, tp) are checked against one process on these prompts and parameters.
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 ENGINE = dict(dtype="float32", device="cpu", block_size=4, num_blocks=256)

@@ -21,6 +21,7 @@ import torch
 
 from moeserve.kernels.attention_triton import MAX_SPLITS, choose_num_splits
 from tests.helpers import interpreter_results as run_interpreted
+from tests.helpers import print_interpreter_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
@@ -291,9 +292,4 @@ def test_attention_bench_smoke_prefill(tmp_path):
 
 
 if __name__ == "__main__":
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    out = _interpreter_cases()
-    out["seed"] = seed
-    print(json.dumps(out))
+    print_interpreter_cases(_interpreter_cases)

@@ -4,8 +4,6 @@ process (see test_fused_moe.py for why); fp32/fp16 activations only, bf16 is wro
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ import torch
 from moeserve.kernels.fp8 import (FP8_MAX, block_fp8_matmul, block_fp8_matmul_ref, dequant_block_fp8_ref,
                                   per_token_group_quant_fp8_ref, quant_block_fp8_ref)
 from tests.helpers import interpreter_results as run_interpreted
+from tests.helpers import print_interpreter_cases
 
 
 
@@ -100,9 +99,4 @@ def test_dispatch_on_cpu():
 
 
 if __name__ == "__main__":
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    out = _interpreter_cases()
-    out["seed"] = seed
-    print(json.dumps(out))
+    print_interpreter_cases(_interpreter_cases)

@@ -9,8 +9,6 @@ unfused path bit for bit.
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ import torch
 from moeserve.kernels import moe_config
 from moeserve.kernels.fp8 import quant_block_fp8_ref
 from tests.helpers import interpreter_results as run_interpreted
+from tests.helpers import print_interpreter_cases
 
 
 
@@ -144,9 +143,4 @@ def test_moe_fuse_quant_never_at_prefill_sizes():
 
 
 if __name__ == "__main__":
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    out = _interpreter_cases()
-    out["seed"] = seed
-    print(json.dumps(out))
+    print_interpreter_cases(_interpreter_cases)

@@ -8,8 +8,6 @@ FP8 weights run too: the interpreter does e4m3 loads and dots.
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from moeserve.kernels.fp8 import quant_block_fp8_ref
 from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref
 from moeserve.kernels.moe_align import max_padded_size, moe_align_block_size_ref
 from tests.helpers import interpreter_results as run_interpreted
+from tests.helpers import print_interpreter_cases
 
 
 
@@ -151,12 +150,7 @@ def test_ref_drops_negative_ids():
 
 
 if __name__ == "__main__":
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    out = _interpreter_cases()
-    out["seed"] = seed
-    print(json.dumps(out))
+    print_interpreter_cases(_interpreter_cases)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

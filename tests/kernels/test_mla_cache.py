@@ -6,13 +6,13 @@ inputs every run; the whole cache is compared, so entries the step must not touc
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
 from tests.helpers import interpreter_results as run_interpreted
+from tests.helpers import print_interpreter_cases
 
 CASES = {  # name: (tokens, kv_lora_rank, rope_dim, q columns before kv_a in the GEMM output, interleaved, dtype)
     "v2lite_decode_t1": (1, 512, 64, 3072, True, "fp32"),
@@ -77,9 +77,4 @@ def test_fused_cache_write_on_gpu_bf16(case):
 
 
 if __name__ == "__main__":
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    out = _interpreter_cases()
-    out["seed"] = seed
-    print(json.dumps(out))
+    print_interpreter_cases(_interpreter_cases)

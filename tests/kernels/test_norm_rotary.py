@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from tests.helpers import interpreter_results as run_interpreted
+from tests.helpers import print_interpreter_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -160,9 +161,4 @@ def test_norm_bench_smoke(tmp_path):
 
 
 if __name__ == "__main__":
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    out = _interpreter_cases()
-    out["seed"] = seed
-    print(json.dumps(out))
+    print_interpreter_cases(_interpreter_cases)

@@ -9,7 +9,6 @@ are drawn without ties) with weights within 1e-6; SiLU-and-mul is within roundin
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 
 from moeserve.kernels.routing import RoutingConfig
 from tests.helpers import interpreter_results as run_interpreted
+from tests.helpers import print_interpreter_cases
 
 ROUTING_CASES = {  # name: (tokens, experts, RoutingConfig kwargs, bias?, logits dtype under the interpreter)
     "v2lite_softmax_greedy": (33, 64, dict(top_k=6), False, "fp32"),
@@ -147,9 +147,4 @@ def test_silu_and_mul_kernel_on_gpu_bf16(case):
 
 
 if __name__ == "__main__":
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    out = _interpreter_cases()
-    out["seed"] = seed
-    print(json.dumps(out))
+    print_interpreter_cases(_interpreter_cases)
