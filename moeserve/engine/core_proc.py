@@ -19,9 +19,11 @@ all stop together.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import traceback
 
 import msgspec
@@ -55,9 +57,29 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def start_rank_process() -> None:
+    """First thing in a rank process: a Python traceback of every thread on a fatal signal (an
+    abort inside a C++ library otherwise leaves only its one-line message), and SIGTERM when the
+    parent dies (the parent poll in the loops covers everything else)."""
+    faulthandler.enable()
+    _set_parent_death_signal()
+
+
+def exit_rank_process(code: int) -> None:
+    """Last thing in a rank process, after it left its process groups and closed its sockets (their
+    linger flushed what was queued): end now, without the interpreter's teardown. Our objects still
+    hold the destroyed process groups, and their C++ destructors running during finalization can
+    abort the process ("terminate called without an active exception", exit -6), turning a clean
+    stop into a failed one; there is nothing left that finalization would need to do."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int,
                     rank: int = 0) -> None:
-    _set_parent_death_signal()
+    start_rank_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which shuts us down
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s engine[{rank}] %(levelname)s %(message)s")
     ctx = zmq.Context()
@@ -67,6 +89,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     out.setsockopt(zmq.LINGER, 2000)
     out.connect(output_addr)
     engine = None
+    code = 0
     try:
         from moeserve.engine.core import EngineCore
 
@@ -84,12 +107,14 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         msg = traceback.format_exc()
         log.error("engine core failed:\n%s", msg)
         out.send(ENCODER.encode(("error", msg)))
+        code = 1
     finally:
         if engine is not None:
             engine.shutdown()
         inp.close(linger=0)
         out.close()
         ctx.term()
+    exit_rank_process(code)
 
 
 def _loop(engine, inp, out, parent_pid: int) -> None:

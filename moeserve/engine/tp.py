@@ -126,17 +126,18 @@ def run_tp_worker(config: EngineConfig, output_addr: str, parent_pid: int, rank:
     import msgspec
     import zmq
 
-    from moeserve.engine.core_proc import _set_parent_death_signal
+    from moeserve.engine.core_proc import exit_rank_process, start_rank_process
     from moeserve.engine.dp import setup_rank, teardown_rank
     from moeserve.engine.runner import ModelRunner
 
-    _set_parent_death_signal()
+    start_rank_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-worker[{rank}] %(levelname)s %(message)s")
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.LINGER, 2000)
     out.connect(output_addr)
+    code = 0
     try:
         model_config = ModelConfig.from_pretrained(config.model)
         channel = setup_rank(config, model_config, rank).tp_channel
@@ -158,7 +159,9 @@ def run_tp_worker(config: EngineConfig, output_addr: str, parent_pid: int, rank:
         msg = traceback.format_exc()
         log.error("tensor-parallel worker failed:\n%s", msg)
         out.send(msgspec.msgpack.encode(("error", f"tensor-parallel rank {rank}:\n{msg}")))
+        code = 1
     finally:
         teardown_rank()
         out.close()
         ctx.term()
+    exit_rank_process(code)
