@@ -125,7 +125,8 @@ def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> Ra
     links = RankLinks()
     if p.tp > 1:
         group = _control_groups(lists["tp"], rank, backend, state.tp_group, timeout)
-        links.tp_channel = TPChannel(group, state.tp_rank, p.tp)
+        # Steps go over the control group (host values); sampled tokens over the data group (device).
+        links.tp_channel = TPChannel(group, state.tp_rank, p.tp, data_group=state.tp_group)
     if p.ep > 1:
         # The groups' engine cores (TP rank 0 of each) agree on every step; with one group alone
         # there is nobody to agree with (tp > 1, dp = 1: the TP ranks follow their rank 0 anyway).

@@ -5,7 +5,9 @@ On GPU the KV cache is sized from the memory left after a profiling forward of t
 step (`gpu_memory_utilization`); on CPU from `num_blocks` or `cpu_kv_cache_mb`.
 
 Under tensor parallelism (engine/tp.py) every TP rank has a runner over its shard of the model;
-rank 0's `execute` broadcasts each step's flat batch and the workers run `forward_step` on it.
+rank 0's `launch` broadcasts each step's flat batch and the workers run `worker_step` on it (with
+asynchronous scheduling rank 0 also shares each step's sampled tokens, which the workers' next
+step may read on the device).
 All ranks of a TP group size the KV cache alike: the fewest blocks any of them has room for.
 """
 
@@ -176,6 +178,10 @@ class ModelRunner:
                  tp_channel: TPChannel | None = None):
         self.config = config
         self.tp_channel = tp_channel  # tensor parallel: rank 0 sends each step on it, workers receive
+        # Asynchronous scheduling under TP: rank 0 sends each step's sampled tokens to the workers,
+        # whose next step may read them (a worker keeps the latest in shared_tokens).
+        self.share_tokens = tp_channel is not None and tp_channel.is_leader and config.scheduler.async_scheduling
+        self.shared_tokens: torch.Tensor | None = None
         self.model_config = model_config
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_config)
@@ -192,6 +198,7 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: CudaGraphs | None = None
         self.last_step: SampledStep | None = None  # the latest launched step (its tokens may be pending)
+        self.num_pending_inputs = 0  # input tokens read from the step in flight, in total
         state = get_parallel_state()
         self.ep_runtime = ep_runtime = state.ep_runtime if state is not None else None
         if ep_runtime is not None:
@@ -345,12 +352,15 @@ class ModelRunner:
             if s.completes_sequence:
                 sample_rows.append(len(ids) - 1)
                 sample_reqs.append(r)
+        if fix_rows and self.tp_channel is not None and not self.share_tokens:
+            raise RuntimeError("tensor-parallel workers do not have the pending tokens: enable async_scheduling")
         fixup = TokenFixup(fix_rows, self.last_step.tokens, fix_sources) if fix_rows else None
-        if fixup is not None and self.tp_channel is not None:
-            raise RuntimeError("tensor-parallel workers cannot read pending tokens: schedule synchronously")
+        self.num_pending_inputs += len(fix_rows)
         if not graph_size and local_graph_choice and self.graphs is not None and self.graphs.can_run(query_lens):
             graph_size = self.graphs.size_for(len(query_lens))
-        batch = StepBatch(ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size, ep_max)
+        share = self.share_tokens and bool(sample_rows)
+        batch = StepBatch(ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size, ep_max,
+                          fix_rows, fix_sources, share)
         if self.tp_channel is not None:
             self.tp_channel.send_step(batch)
         logits = self.forward_step(batch, fixup)
@@ -364,8 +374,25 @@ class ModelRunner:
             batch = self._sampling_batch(sample_reqs)
             tokens, logprobs = sample_tokens(logits, batch)
             step = SampledStep(request_ids, tokens, logprobs, batch.num_logprobs)
+        if share:
+            self.tp_channel.share_tokens(step.tokens)
         self.last_step = step
         return step
+
+    @torch.inference_mode()
+    def worker_step(self, b: StepBatch) -> None:
+        """A tensor-parallel worker's step: the forward of the batch rank 0 sent (its placeholder
+        rows filled from the tokens rank 0 shared last), then, if rank 0 shares this step's
+        sampled tokens, receive them (on NCCL queued on the stream: the worker goes on to wait
+        for the next batch while the GPU still computes)."""
+        fixup = None
+        if b.fix_rows:
+            if self.shared_tokens is None:
+                raise RuntimeError("rank 0 sent pending-token rows, but no sampled tokens were shared yet")
+            fixup = TokenFixup(b.fix_rows, self.shared_tokens, b.fix_sources)
+        self.forward_step(b, fixup)
+        if b.share_tokens:
+            self.shared_tokens = self.tp_channel.recv_tokens(len(b.sample_rows), self.device)
 
     @torch.inference_mode()
     def forward_step(self, b: StepBatch, fixup: TokenFixup | None = None) -> torch.Tensor | None:

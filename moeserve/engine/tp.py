@@ -1,14 +1,24 @@
 """Tensor parallelism in the engine: TP rank 0 is the engine core, ranks 1..tp-1 are workers.
 
 Rank 0 owns the scheduler and the KV block manager. Each step it packs the flat batch it built
-(input ids, positions, query and sequence lengths, block tables, rows to sample, the CUDA graph
-size, and under expert parallelism the most tokens any data-parallel group runs this step) into
-one int64 tensor and broadcasts it over a CPU (gloo) group: a fixed 8-value header, then the
-payload. Every rank runs the same forward on its shard of the weights (the layers' all_reduces
-and the logits' all_gather run over the TP group, NCCL on GPU); rank 0 alone samples. The
-workers hold no scheduler state at all. Under data parallelism there is one such TP group per
-data-parallel rank (engine/dp.py); an idle group's rank 0 sends its workers the empty batch
-(the dummy forward that joins the other groups' MoE collectives).
+into one int64 tensor and broadcasts it over a CPU (gloo) group: a fixed header, then the
+payload (both below). Every rank runs the same forward on its shard of the weights (the layers'
+all_reduces and the logits' all_gather run over the TP group, NCCL on GPU); rank 0 alone
+samples. The workers hold no scheduler state at all.
+
+Wire format, all int64 (t tokens, n sequences, w block-table width, s sampled rows, f pending):
+  header  [kind, t, n, w, s, graph size (0: eager), EP max tokens, f, share, 0]   (HEADER values)
+  payload ids[t] positions[t] query_lens[n] seq_lens[n] tables[n*w] sample_rows[s]
+          fix_rows[f] fix_sources[f]                       (none for a dummy batch or NOOP/STOP)
+Asynchronous scheduling (share = 1): right after sampling, rank 0 broadcasts the step's s sampled
+tokens over the TP data group (NCCL on GPU: queued on the stream, no host wait; gloo on CPU) and
+every worker receives them into a device tensor. The next step's ids then hold placeholders at
+fix_rows, filled on the device from rows fix_sources of the latest shared token tensor (a
+decode whose input token was sampled by the step still in flight).
+
+Under data parallelism there is one such TP group per data-parallel rank (engine/dp.py); an idle
+group's rank 0 sends its workers the empty batch (the dummy forward that joins the other groups'
+MoE collectives).
 
 When rank 0 is idle it sends a heartbeat at least every HEARTBEAT_S, so a worker's wait has a
 deadline (the group's timeout, dist_timeout_s) and still never fires while the instance is
@@ -34,24 +44,35 @@ from moeserve.config import EngineConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 STEP, NOOP, STOP = 1, 2, 3
-HEADER = 8  # kind, tokens, sequences, block-table width, sampled rows, graph size, EP max tokens, 0
+HEADER = 10  # kind, tokens, sequences, block-table width, sampled rows, graph size, EP max tokens,
+#              pending-token fixups, share sampled tokens, 0
 HEARTBEAT_S = 1.0
 
 
 class StepBatch:
     """The flat batch of one step, as the runner forwards it (host lists). No ids: the dummy
     forward of an idle data-parallel group. ep_max: under expert parallelism, the most tokens
-    any data-parallel group runs this step (it picks the dispatch kernel on every rank alike)."""
+    any data-parallel group runs this step (it picks the dispatch kernel on every rank alike).
+    fix_rows / fix_sources: placeholder rows of ids and the rows of the previous sampled-token
+    tensor that fill them (asynchronous scheduling); share_tokens: rank 0 broadcasts this step's
+    sampled tokens to the workers after sampling."""
 
-    __slots__ = ("ids", "positions", "query_lens", "seq_lens", "tables", "sample_rows", "graph_size", "ep_max")
+    __slots__ = ("ids", "positions", "query_lens", "seq_lens", "tables", "sample_rows", "graph_size", "ep_max",
+                 "fix_rows", "fix_sources", "share_tokens")
 
-    def __init__(self, ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size=None, ep_max=0):
+    def __init__(self, ids, positions, query_lens, seq_lens, tables, sample_rows, graph_size=None, ep_max=0,
+                 fix_rows=(), fix_sources=(), share_tokens=False):
         self.ids, self.positions, self.query_lens, self.seq_lens = ids, positions, query_lens, seq_lens
         self.tables, self.sample_rows, self.graph_size, self.ep_max = tables, sample_rows, graph_size, ep_max
+        self.fix_rows, self.fix_sources, self.share_tokens = list(fix_rows), list(fix_sources), share_tokens
 
     @classmethod
     def dummy(cls, graph_size: int | None = None, ep_max: int = 0) -> "StepBatch":
         return cls([], [], [], [], [], [], graph_size, ep_max)
+
+
+def _payload_len(t: int, n: int, width: int, s: int, f: int) -> int:
+    return 2 * t + 2 * n + n * width + s + 2 * f
 
 
 class TPChannel:
@@ -59,8 +80,9 @@ class TPChannel:
     TP group's control group; ranks are the group's own (rank 0 is the data-parallel group's
     engine core, whatever its global rank)."""
 
-    def __init__(self, group, rank: int, tp: int):
+    def __init__(self, group, rank: int, tp: int, data_group=None):
         self.group, self.rank, self.tp = group, rank, tp
+        self.data_group = data_group if data_group is not None else group  # sampled tokens go here
         self.last_send = time.monotonic()
         self._header = torch.zeros(HEADER, dtype=torch.int64)
 
@@ -76,11 +98,10 @@ class TPChannel:
         self.last_send = time.monotonic()
 
     def send_step(self, b: StepBatch) -> None:
-        t, n = len(b.ids), len(b.query_lens)
+        t, n, s, f = len(b.ids), len(b.query_lens), len(b.sample_rows), len(b.fix_rows)
         width = max((len(x) for x in b.tables), default=0)
-        s = len(b.sample_rows)
-        self._send_header(STEP, t, n, width, s, b.graph_size or 0, b.ep_max)
-        payload = np.zeros(2 * t + 2 * n + n * width + s, dtype=np.int64)
+        self._send_header(STEP, t, n, width, s, b.graph_size or 0, b.ep_max, f, int(b.share_tokens))
+        payload = np.zeros(_payload_len(t, n, width, s, f), dtype=np.int64)
         payload[:t] = b.ids
         payload[t:2 * t] = b.positions
         payload[2 * t:2 * t + n] = b.query_lens
@@ -88,9 +109,23 @@ class TPChannel:
         tables = payload[2 * t + 2 * n:2 * t + 2 * n + n * width].reshape(n, width)
         for i, table in enumerate(b.tables):
             tables[i, :len(table)] = table
-        payload[len(payload) - s:] = b.sample_rows
+        end = 2 * t + 2 * n + n * width
+        payload[end:end + s] = b.sample_rows
+        payload[end + s:end + s + f] = b.fix_rows
+        payload[end + s + f:] = b.fix_sources
         if len(payload):  # a dummy batch is the header alone
             dist.broadcast(torch.from_numpy(payload), group=self.group, group_src=0)
+
+    def share_tokens(self, tokens: torch.Tensor) -> None:
+        """Rank 0, after sampling a step sent with share_tokens: its sampled tokens (int64, one per
+        sampled row) to every worker. On NCCL this is queued on the stream; the host goes on."""
+        dist.broadcast(tokens, group=self.data_group, group_src=0)
+
+    def recv_tokens(self, num: int, device: torch.device) -> torch.Tensor:
+        """A worker's side of share_tokens."""
+        tokens = torch.empty(num, dtype=torch.int64, device=device)
+        dist.broadcast(tokens, group=self.data_group, group_src=0)
+        return tokens
 
     def heartbeat(self) -> None:
         if time.monotonic() - self.last_send >= HEARTBEAT_S:
@@ -102,17 +137,19 @@ class TPChannel:
     def recv(self) -> tuple[int, StepBatch | None]:
         header = self._header
         dist.broadcast(header, group=self.group, group_src=0)
-        kind, t, n, width, s, graph_size, ep_max = header[:7].tolist()
+        kind, t, n, width, s, graph_size, ep_max, f, share = header[:9].tolist()
         if kind != STEP:
             return kind, None
-        payload = torch.empty(2 * t + 2 * n + n * width + s, dtype=torch.int64)
+        payload = torch.empty(_payload_len(t, n, width, s, f), dtype=torch.int64)
         if len(payload):
             dist.broadcast(payload, group=self.group, group_src=0)
         p = payload.numpy()
-        tables = p[2 * t + 2 * n:2 * t + 2 * n + n * width].reshape(n, width).tolist()
+        end = 2 * t + 2 * n + n * width
+        tables = p[2 * t + 2 * n:end].reshape(n, width).tolist()
         return STEP, StepBatch(p[:t].tolist(), p[t:2 * t].tolist(), p[2 * t:2 * t + n].tolist(),
-                               p[2 * t + n:2 * t + 2 * n].tolist(), tables, p[len(p) - s:].tolist(),
-                               graph_size or None, ep_max)
+                               p[2 * t + n:2 * t + 2 * n].tolist(), tables, p[end:end + s].tolist(),
+                               graph_size or None, ep_max, p[end + s:end + s + f].tolist(),
+                               p[end + s + f:].tolist(), bool(share))
 
     def min_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64)
@@ -152,7 +189,7 @@ def run_tp_worker(config: EngineConfig, output_addr: str, parent_pid: int, rank:
             if kind == STOP:
                 break
             if kind == STEP:
-                runner.forward_step(batch)
+                runner.worker_step(batch)
                 steps += 1
         log.info("tensor-parallel worker %d stops after %d steps", rank, steps)
     except Exception:
