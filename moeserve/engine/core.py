@@ -7,6 +7,7 @@ runs it in its own process (`moeserve.engine.core_proc`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ from moeserve.engine.request import Request
 from moeserve.engine.runner import ModelRunner
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class EngineStats:
     num_tokens_computed: int = 0  # total tokens forwarded (prefill chunks and decodes)
     num_rebalances: int = 0  # expert placements applied by the load balancer
     expert_bytes_moved: int = 0  # expert weight bytes this rank received in those rebalances
+    num_pending_inputs: int = 0  # total input tokens read on the device from the step in flight (async)
     dp_rank: int = 0
 
 
@@ -75,8 +79,9 @@ class EngineCore:
         self.global_tokens = 0  # under DP: the most tokens any group ran in the last step
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.model_config, tp_channel=self.tp)
-        # Data- and tensor-parallel ranks step in lockstep with their peers: synchronous.
-        self.async_scheduling = config.scheduler.async_scheduling and self.dp is None and self.tp is None
+        # Overlap step n+1's host work with step n on the device (TP workers get the pending tokens
+        # from rank 0, engine/tp.py; data-parallel groups agree on step n+1 while step n runs).
+        self.async_scheduling = config.scheduler.async_scheduling
         self.in_flight = None  # (SchedulerOutput, SampledStep) launched and not yet reported
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
@@ -111,7 +116,7 @@ class EngineCore:
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         if self.async_scheduling:
-            return self._step_overlapped()
+            return self._step_overlapped() if self.dp is None else self._step_lockstep_overlapped()
         sched = self.scheduler.schedule()
         if self.dp is not None:
             # Every rank forwards together (the MoE layers exchange tokens): agree first.
@@ -149,6 +154,42 @@ class EngineCore:
         step n+1, whose output is dropped."""
         sched = self.scheduler.schedule()
         launched = (sched, self.runner.launch(sched)) if not sched.is_empty else None
+        if launched is None:
+            self.heartbeat()
+        return self._report(launched)
+
+    def _step_lockstep_overlapped(self) -> list[EngineOutput]:
+        """Asynchronous scheduling for data-parallel groups in lockstep (expert parallelism). Every
+        rank does, in this order: schedule n+1 -> agree (gloo) -> launch n+1 (or the dummy) ->
+        wait for n -> report n; so the collectives of every step match on all ranks, as in the
+        synchronous step, while the agreement and the host work of n+1 overlap step n on the GPU.
+        Waiting for n and reporting it involve no collective, so a rank may be at different
+        points of that without anyone waiting for it.
+
+        When the ranks agree to stop, or that nobody has tokens to run, nothing more is launched
+        and this rank's step in flight (every rank launched it together, so its collectives are
+        all matched and it finishes) is waited for and reported, so shutdown never leaves a step
+        behind and an idle instance holds none."""
+        sched = self.scheduler.schedule()
+        global_tokens, stop, graphable = self.dp.sync(sched.num_tokens, self.stop_requested,
+                                                      self.runner.can_graph(sched))
+        self.global_tokens = global_tokens
+        if stop or global_tokens == 0:
+            # The scheduled step is dropped unlaunched: stopping, or empty on every rank.
+            self.stopped = stop
+            if not stop:
+                self.heartbeat()
+            return self._report(None)
+        graph_size = self.runner.graphs.size_for(global_tokens) if graphable else None
+        if sched.is_empty:  # this group joins the others' MoE collectives with padding only
+            self.runner.execute_dummy(graph_size, ep_max=global_tokens)
+            return self._report(None)
+        step = self.runner.launch(sched, graph_size, local_graph_choice=False, ep_max=global_tokens)
+        return self._report((sched, step))
+
+    def _report(self, launched) -> list[EngineOutput]:
+        """Asynchronous scheduling: make `launched` (scheduler output, SampledStep; None when
+        nothing was) the step in flight, and wait for and report the one it replaces."""
         done, self.in_flight = self.in_flight, launched
         if done is None:
             if launched is None:
@@ -181,6 +222,7 @@ class EngineCore:
         s.num_scheduled_tokens = num_tokens
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_partial_prefills = self.scheduler.num_partial_prefills
+        s.num_pending_inputs = self.runner.num_pending_inputs
         if self.ep_runtime is not None:
             s.num_rebalances, s.expert_bytes_moved = self.ep_runtime.num_rebalances, self.ep_runtime.bytes_moved
         if num_tokens:
@@ -195,6 +237,13 @@ class EngineCore:
     def shutdown(self) -> None:
         """Leave the process groups (after the ranks agreed to stop; tensor-parallel workers are
         told to stop)."""
+        if self.in_flight is not None and (self.tp is not None or self.dp is not None):
+            # Let the last launched step finish before its process groups go away (its outputs are
+            # dropped: nobody asks for them any more). A failed step must not stop the teardown.
+            try:
+                self.finish_in_flight()
+            except Exception:
+                log.exception("the step in flight failed during shutdown")
         if self.tp is not None:
             tp, self.tp = self.tp, None
             try:

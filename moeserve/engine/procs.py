@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # Stats that add up over ranks; the rest are recomputed from the sums.
 _SUMMED = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_free", "prefix_cache_queries",
            "prefix_cache_hits", "num_scheduled_tokens", "num_preemptions", "num_partial_prefills",
-           "num_tokens_computed", "expert_bytes_moved")
+           "num_tokens_computed", "expert_bytes_moved", "num_pending_inputs")
 
 
 def with_rendezvous(config: EngineConfig) -> EngineConfig:
