@@ -69,3 +69,16 @@ def test_dp2_tp2_ep4_async_equals_sync_and_single_process(deepseek_v3_dir):
     prompts = prompts_for(5)
     params = mixed_params(path, prompts, seeded=False)
     check_async_equals_sync(path, [(prompts, params), (prompts[:1], params[:1])], dp=2, tp=2, ep=4)
+
+
+def test_dp2_ep2_async_with_rebalances_equals_single_process(deepseek_v3_dir):
+    """The balancer moves experts every 3 steps (collectives inside the step) while the next step
+    is already scheduled: the placement changes between launched steps on every rank alike."""
+    path = deepseek_v3_dir
+    prompts = prompts_for(7)
+    params = mixed_params(path, prompts, seeded=False)
+    expected = outputs(LLM(path, **ENGINE), prompts, params)
+    (got,), stats = run_parallel(path, [(prompts, params)], True, dp=2, ep=2, num_redundant_experts=2,
+                                 eplb_interval=3, eplb_window=4)
+    assert got == expected
+    assert stats.num_rebalances > 0 and stats.num_pending_inputs > 0
