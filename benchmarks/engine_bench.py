@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from roofline import decode_step_bytes, kv_bytes_per_token_per_layer, measure_copy_bandwidth  # noqa: E402
 
-from moeserve.config import EngineConfig, ModelConfig  # noqa: E402
+from moeserve.config import EngineConfig  # noqa: E402
 from moeserve.engine.core import EngineCore  # noqa: E402
 from moeserve.engine.sampling_params import SamplingParams  # noqa: E402
 

@@ -43,7 +43,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imp
     os.environ["TRITON_INTERPRET"] = "1"
 
 from moeserve.kernels import moe_config  # noqa: E402
-from moeserve.kernels.fp8 import (FP8_DTYPE, FP8_MAX, block_fp8_matmul, block_fp8_matmul_ref,  # noqa: E402
+from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_ref,  # noqa: E402
                                   block_fp8_matmul_triton,
                                   dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton)

@@ -1,7 +1,6 @@
 """The real server, driven by the official openai client: routes, streaming, usage, sampling."""
 
 import httpx
-import pytest
 
 from moeserve import LLM, SamplingParams
 
