@@ -4,6 +4,7 @@ kernel test module under the Triton interpreter."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -104,3 +105,10 @@ class ServerProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.log.close()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of metric `name` (a regex; any labels) in a /metrics page."""
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))

@@ -124,7 +124,8 @@ class EPRuntime:
     def __init__(self, group, num_ranks: int, num_experts: int, hidden: int, dtype: torch.dtype,
                  device: torch.device, dispatch_codec: str = "none", combine_codec: str = "none",
                  mode: str | None = None, threshold: int = 128, ll_capacity: int | None = None,
-                 num_redundant: int = 0, eplb_interval: int = 0, eplb_window: int = 1000, tp: int = 1):
+                 num_redundant: int = 0, eplb_interval: int = 0, eplb_window: int = 1000, tp: int = 1,
+                 eplb_layout: tuple[int, int] = (1, 1)):
         if (num_experts + num_redundant) % num_ranks:
             raise ValueError(f"{num_experts} experts + {num_redundant} redundant slots do not split evenly over "
                              f"{num_ranks} expert-parallel ranks; choose --num-redundant-experts to make them")
@@ -133,6 +134,7 @@ class EPRuntime:
                                      threshold, ll_capacity, device)
         self.group, self.device, self.tp = group, device, tp
         self.eplb_interval, self.eplb_window = eplb_interval, eplb_window
+        self.eplb_nodes, self.eplb_groups = eplb_layout  # hierarchical balancing over nodes (engine/dp.py)
         self.layers: list[ExpertParallelMoE] = []
         self.balancer: Balancer | None = None
         self.num_rebalances = 0
@@ -161,7 +163,7 @@ class EPRuntime:
         the balancer's counting, whose buffers stay put from here on)."""
         if self.balancer is None and self.eplb_interval and self.layers:
             self.balancer = Balancer([layer.placement for layer in self.layers], self.group, self.eplb_window,
-                                     self.eplb_interval, device=self.device)
+                                     self.eplb_interval, self.eplb_nodes, self.eplb_groups, device=self.device)
             for layer in self.layers:
                 layer.balancer = self.balancer
 

@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
+from moeserve.config import EngineConfig, ModelConfig, ParallelConfig, resolve_dtype
 from moeserve.distributed.dispatch import resolve_mode
 from moeserve.distributed.ep_moe import EPRuntime
 from moeserve.distributed.groups import (ParallelState, build_parallel_state, default_backend, group_ranks,
@@ -89,6 +89,16 @@ class RankLinks:
     tp_channel: TPChannel | None = None
 
 
+def eplb_layout(p: ParallelConfig, model_config: ModelConfig) -> tuple[int, int]:
+    """(nodes, expert groups) for the load balancer. Hierarchical when the instance spans several
+    nodes and the model routes each token to a few expert groups (DeepSeek's n_group/topk_group):
+    whole groups stay on one node, with their copies, so a token still reaches at most topk_group
+    groups' nodes. Otherwise (one node, or no groups to keep together) one global placement."""
+    if p.nnodes > 1 and model_config.n_group > 1 and model_config.n_group % p.nnodes == 0:
+        return p.nnodes, model_config.n_group
+    return 1, 1
+
+
 def _control_groups(lists: list[list[int]], rank: int, backend: str, data_group, timeout: timedelta):
     """This rank's group among `lists` for host-valued control messages: the data group itself on
     gloo, else a gloo group (every rank creates every one, in the same order)."""
@@ -142,7 +152,8 @@ def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> Ra
         state.ep_runtime = EPRuntime(
             state.ep_group, p.ep, model_config.n_routed_experts, model_config.hidden_size,
             resolve_dtype(config.dtype, model_config), dev, dispatch, combine, mode, p.ll_threshold,
-            p.ll_capacity or forced, p.num_redundant_experts, p.eplb_interval, p.eplb_window, tp=p.tp)
+            p.ll_capacity or forced, p.num_redundant_experts, p.eplb_interval, p.eplb_window, tp=p.tp,
+            eplb_layout=eplb_layout(p, model_config))
     set_parallel_state(state)
     log.info("rank %d/%d on %s: dp rank %d, tp rank %d/%d, ep %d%s", rank, p.world_size, dev, state.dp_rank,
              state.tp_rank, p.tp, p.ep, "" if state.ep_runtime is None else

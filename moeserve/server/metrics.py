@@ -33,6 +33,9 @@ class Metrics:
         self.prefix_queries = gauge("moeserve_prefix_cache_queries_tokens", "Prompt tokens looked up, total")
         self.prefix_hits = gauge("moeserve_prefix_cache_hits_tokens", "Prompt tokens found, total")
         self.preemptions = gauge("moeserve_num_preemptions", "Requests preempted, total")
+        self.rebalances = gauge("moeserve_eplb_rebalances", "Expert placements applied by the load balancer, total")
+        self.expert_bytes_moved = gauge("moeserve_eplb_expert_bytes_moved", "Expert weight bytes moved between "
+                                        "ranks by the load balancer, total over ranks")
 
     def update_engine(self, stats: dict) -> None:
         lab = self._label
@@ -45,6 +48,8 @@ class Metrics:
         self.prefix_queries.labels(**lab).set(stats.get("prefix_cache_queries", 0))
         self.prefix_hits.labels(**lab).set(stats.get("prefix_cache_hits", 0))
         self.preemptions.labels(**lab).set(stats.get("num_preemptions", 0))
+        self.rebalances.labels(**lab).set(stats.get("num_rebalances", 0))
+        self.expert_bytes_moved.labels(**lab).set(stats.get("expert_bytes_moved", 0))
 
     def request_done(self, finish_reasons: list[str], num_prompt: int, num_generated: int, ttft: float | None,
                      itls: list[float], e2e: float) -> None:

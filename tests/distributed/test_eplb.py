@@ -2,9 +2,12 @@
 
 import torch
 
+from moeserve.config import ModelConfig, ParallelConfig
 from moeserve.distributed.dispatch import Placement, RoutingTable
 from moeserve.distributed.eplb import (Balancer, imbalance, move_expert_weights, pack_replicas, rank_loads,
                                        rebalance, replicate_experts)
+from moeserve.engine.dp import eplb_layout
+from moeserve.models.tiny import TINY_CONFIGS
 
 
 def zipf_load(num_experts: int, s: float = 1.2, seed: int = 0) -> torch.Tensor:
@@ -94,3 +97,15 @@ def test_rebalance_keeps_the_old_placement_unless_better():
     load = torch.tensor([50, 0, 0, 0, 0, 0, 0, 0])
     assert torch.equal(rebalance(load, old).slot_expert, old.slot_expert)
     assert replicate_experts([100.0, 0.0, 0.0], 6, max_replicas=2) == [2, 2, 2]
+
+
+def test_engine_balances_hierarchically_only_over_nodes_with_expert_groups():
+    def cfg(arch):
+        name = {"deepseek_v3": "DeepseekV3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[arch]
+        return ModelConfig.from_dict({"architectures": [name], **TINY_CONFIGS[arch]})
+
+    v3, qwen = cfg("deepseek_v3"), cfg("qwen3_moe")  # 4 expert groups; no groups
+    two_nodes = ParallelConfig(dp=2, ep=2, nnodes=2, dist_init_addr="127.0.0.1:1")
+    assert eplb_layout(two_nodes, v3) == (2, 4)
+    assert eplb_layout(ParallelConfig(dp=2, ep=2), v3) == (1, 1)  # one node
+    assert eplb_layout(two_nodes, qwen) == (1, 1)

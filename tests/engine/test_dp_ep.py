@@ -6,11 +6,12 @@ on the wire (within tolerance), and a run whose experts the balancer moves mid-g
 import subprocess
 import sys
 
+import httpx
 import pytest
 from openai import OpenAI
 
 from moeserve import LLM
-from tests.helpers import ENGINE, SERVE_ARGS, ServerProcess, free_port, greedy, prompts_for
+from tests.helpers import ENGINE, SERVE_ARGS, ServerProcess, free_port, greedy, metric, prompts_for
 
 
 @pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
@@ -92,14 +93,20 @@ def test_server_dp2_ep2_one_node_and_two_nodes(deepseek_v3_dir):
         assert dp.stop() == 0, dp.output()
 
     # Two "nodes" on localhost: node 1 runs rank 1 headless, node 0 runs rank 0 and the HTTP server.
+    # The balancer runs hierarchically (the tiny model has 4 expert groups: 2 stay on each node)
+    # and moves experts between the nodes mid-generation.
     addr = f"127.0.0.1:{free_port()}"
-    nodes = ["--dp", "2", "--ep", "2", "--nnodes", "2", "--dist-init-addr", addr]
+    nodes = ["--dp", "2", "--ep", "2", "--nnodes", "2", "--dist-init-addr", addr, "--num-redundant-experts", "2",
+             "--eplb-interval", "3", "--eplb-window", "4"]
     node1 = subprocess.Popen([sys.executable, "-m", "moeserve.cli", "serve", "--model", deepseek_v3_dir, *SERVE_ARGS,
                               *nodes, "--node-rank", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         node0 = ServerProcess(deepseek_v3_dir, *nodes, "--node-rank", "0")
         try:
             assert completions(node0.url, prompts) == expected
+            metrics = httpx.get(node0.url + "/metrics", timeout=10).text
+            assert metric(metrics, "moeserve_eplb_rebalances") >= 2
+            assert metric(metrics, "moeserve_eplb_expert_bytes_moved") > 0
         finally:
             assert node0.stop() == 0, node0.output()
         # Node 0's shutdown reaches the remote rank, and node 1 exits cleanly.

@@ -3,19 +3,12 @@ process never outlives the server."""
 
 import asyncio
 import os
-import re
 import signal
 import time
 
 import httpx
 
-from tests.helpers import ServerProcess
-
-
-def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+from tests.helpers import ServerProcess, metric
 
 
 def test_disconnected_streams_are_aborted_and_freed(server, model_name):
