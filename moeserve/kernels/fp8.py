@@ -40,9 +40,9 @@ def per_token_group_quant_fp8_ref(x: torch.Tensor, group_size: int = 128) -> tup
     """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)])."""
     m, k = x.shape
     pad = -k % group_size
-    xp = torch.nn.functional.pad(x.to(torch.float32), (0, pad)).view(m, -1, group_size)
+    xp = torch.nn.functional.pad(x.to(torch.float32), (0, pad)).view(m, (k + pad) // group_size, group_size)
     scale = xp.abs().amax(dim=-1).clamp(min=1e-10) / FP8_MAX
-    q = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(m, -1)[:, :k].to(FP8_DTYPE)
+    q = (xp / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(m, k + pad)[:, :k].to(FP8_DTYPE)
     return q.contiguous(), scale
 
 

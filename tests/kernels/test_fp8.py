@@ -98,5 +98,13 @@ def test_dispatch_on_cpu():
     assert rel_err(ref, x @ dequant_block_fp8_ref(w, ws).t()) < 4e-2  # activation quantization alone
 
 
+def test_no_rows():
+    """An empty batch (a tensor-parallel share with no rows, an idle rank) is a valid input."""
+    w, ws = quant_block_fp8_ref(torch.randn(64, 200))
+    q, s = per_token_group_quant_fp8_ref(torch.randn(0, 200), 128)
+    assert q.shape == (0, 200) and s.shape == (0, 2)
+    assert block_fp8_matmul(torch.randn(0, 200), w, ws).shape == (0, 64)
+
+
 if __name__ == "__main__":
     print_interpreter_cases(_interpreter_cases)
