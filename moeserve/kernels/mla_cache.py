@@ -42,7 +42,7 @@ def mla_kv_write_ref(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
 if triton is not None:
     import triton.language as tl
 
-    from moeserve.kernels.rotary import _rotate_heads
+    from moeserve.kernels.rotary import _load_cos_sin, _rotate_heads
 
     @triton.jit
     def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr, rank, half, stride_kv,
@@ -62,11 +62,7 @@ if triton is not None:
         # the rope key, rotated as kernels/rotary.py rotates one head
         d = tl.arange(0, BLOCK_D)
         d_mask = d < half
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d_mask, other=0.0)
-        sin = tl.load(cs_ptr + pos * stride_cs + half + d, mask=d_mask, other=0.0)
-        cos = cos.to(kv_ptr.dtype.element_ty).to(tl.float32)
-        sin = sin.to(kv_ptr.dtype.element_ty).to(tl.float32)
+        cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, half, d, d_mask, kv_ptr.dtype.element_ty)
         _rotate_heads(src + rank, dst + rank, 0, 0, 1, 0, 0, 0, 0, cos, sin, d, d_mask, half, INTERLEAVED, 1)
 
 

@@ -34,6 +34,15 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _load_cos_sin(cache_ptr, pos_ptr, t, stride_cache, half, d, d_mask, ty):
+        # token t's cos and sin rounded to the activation dtype ty as the reference does; the
+        # rotation's products and sums stay in fp32
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        cos = tl.load(cache_ptr + pos * stride_cache + d, mask=d_mask, other=0.0)
+        sin = tl.load(cache_ptr + pos * stride_cache + half + d, mask=d_mask, other=0.0)
+        return cos.to(ty).to(tl.float32), sin.to(ty).to(tl.float32)
+
+    @triton.jit
     def _rotate_heads(x_ptr, o_ptr, t, head0, num_heads, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin,
                       d, d_mask, half, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr):
         heads = head0 + tl.arange(0, BLOCK_H)
@@ -59,12 +68,7 @@ if triton is not None:
         hb = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
         d_mask = d < half
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        # cos/sin rounded to x's dtype as the reference does; the products and sums stay in fp32
-        cos = tl.load(cache_ptr + pos * stride_cache + d, mask=d_mask, other=0.0)
-        sin = tl.load(cache_ptr + pos * stride_cache + half + d, mask=d_mask, other=0.0)
-        cos = cos.to(q_out_ptr.dtype.element_ty).to(tl.float32)
-        sin = sin.to(q_out_ptr.dtype.element_ty).to(tl.float32)
+        cos, sin = _load_cos_sin(cache_ptr, pos_ptr, t, stride_cache, half, d, d_mask, q_out_ptr.dtype.element_ty)
         num_q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
         if hb < num_q_blocks:
             _rotate_heads(q_ptr, q_out_ptr, t, hb * BLOCK_H, num_q_heads, stride_qt, stride_qh, stride_qot,
