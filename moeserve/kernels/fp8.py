@@ -139,19 +139,24 @@ if triton is not None:
         tl.store(s_ptr + row * stride_sm + grp, scale, mask=row < num_rows)
 
     @triton.jit(do_not_specialize=["m", "groups_per_split", "stride_asm", "stride_bsn"])
-    def _block_fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, m, n, k, groups_per_split,
-                                 stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, stride_cs,
-                                 GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 GROUP_SIZE_M: tl.constexpr, FUSE_QUANT: tl.constexpr,
-                                 PARTIALS: tl.constexpr, FP8_MAX_C: tl.constexpr, FAST: tl.constexpr):
+    def _splitk_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, m, n, k, groups_per_split,
+                              stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, stride_cs,
+                              GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_SIZE_M: tl.constexpr, SCALED: tl.constexpr, FUSE_QUANT: tl.constexpr,
+                              PARTIALS: tl.constexpr, HAS_BIAS: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                              FAST: tl.constexpr):
         # c = (a * a_scale) @ (b * b_scale).T over the K range of groups_per_split whole scale groups
         # [pid_k * k_per_split, + k_per_split). BLOCK_K divides GROUP_K, so one K step has one
         # activation scale per row and one weight scale per output column.
+        # SCALED=False: c = a @ b.T, no scales (the unquantized small-M GEMM of kernels/gemv.py); a
+        #   "group" is then just the unit the K ranges are cut in (GROUP_K == BLOCK_K).
         # FUSE_QUANT: a is the unquantized activation (bf16/fp16/fp32) and BLOCK_K == GROUP_K: each
         #   step quantizes its A tile (one group per row) exactly as _group_quant_kernel does.
         # PARTIALS: split-K; write this K range's fp32 sum to c[pid_k] (c is [splits, m, n] fp32,
         #   stride_cs apart); _splitk_reduce_kernel adds them in a fixed order. Else c is the output.
+        # HAS_BIAS (not with PARTIALS: the reduce adds it then): c += bias[n], in fp32 before the
+        #   one rounding to c's dtype.
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_m, num_pid_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
@@ -176,30 +181,39 @@ if triton is not None:
             kk = k0 + offs_k
             a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < k), other=0.0)
             b = tl.load(b_cols + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < k), other=0.0)
-            b_s = tl.load(bs_cols + k0 // GROUP_K, mask=mask_n, other=0.0)
-            if FUSE_QUANT:
-                aq, a_s = _quant_group_tile(a.to(tl.float32), FP8_MAX_C, FAST)
-                a = aq.to(b_ptr.dtype.element_ty)
+            if SCALED:
+                b_s = tl.load(bs_cols + k0 // GROUP_K, mask=mask_n, other=0.0)
+                if FUSE_QUANT:
+                    aq, a_s = _quant_group_tile(a.to(tl.float32), FP8_MAX_C, FAST)
+                    a = aq.to(b_ptr.dtype.element_ty)
+                else:
+                    a_s = tl.load(as_rows + k0 // GROUP_K, mask=mask_m, other=0.0)
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             else:
-                a_s = tl.load(as_rows + k0 // GROUP_K, mask=mask_m, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+                acc += tl.dot(a, b)
         c_ptrs = (c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm
                   + offs_n[None, :])
         c_mask = mask_m[:, None] & mask_n[None, :]
         if PARTIALS:
             tl.store(c_ptrs, acc, mask=c_mask)
         else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
     @triton.jit(do_not_specialize=["numel", "splits"])
-    def _splitk_reduce_kernel(p_ptr, c_ptr, numel, n, splits, stride_cm, BLOCK: tl.constexpr):
+    def _splitk_reduce_kernel(p_ptr, c_ptr, bias_ptr, numel, n, splits, stride_cm, HAS_BIAS: tl.constexpr,
+                              BLOCK: tl.constexpr):
         # c[i] = sum over s = 0, 1, ..., splits-1 of p[s, i], always in that order: the result does
         # not depend on which split finished first (float atomics would), so it is the same run to run.
+        # The bias joins the fp32 sum last, before the one rounding to c's dtype.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
         for s in range(1, splits):
             acc += tl.load(p_ptr + s * numel + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % n, mask=mask, other=0.0).to(tl.float32)
         tl.store(c_ptr + (offs // n) * stride_cm + offs % n, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -240,28 +254,46 @@ def block_fp8_matmul_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
     w = w if w.stride(-1) == 1 else w.contiguous()
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = dict(config or moe_config.dense_fp8_config(m, n, k, x.device))
-    split = max(1, int(cfg.pop("SPLIT_K", 1)))
     fuse = bool(cfg.pop("FUSE_QUANT", False)) and block[1] <= 256
     # A fused K step quantizes one whole scale group per row, so it is exactly one group wide.
     cfg["BLOCK_K"] = block[1] if fuse else min(cfg["BLOCK_K"], block[1])
-    num_groups = triton.cdiv(k, block[1])
-    groups_per_split = triton.cdiv(num_groups, min(split, num_groups))
-    split = triton.cdiv(num_groups, groups_per_split)  # no empty K ranges
     if fuse:
         a, a_s = x, x  # the scale pointer is not read
     else:
         a, a_s = per_token_group_quant_fp8_triton(x, block[1])
+    return splitk_matmul(a, w, out, cfg, scales=(a_s, w_scale, block), fuse_quant=fuse)
+
+
+def splitk_matmul(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict,
+                  scales: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None,
+                  bias: torch.Tensor | None = None, fuse_quant: bool = False) -> torch.Tensor:
+    """out = a @ w.T (+ bias) by _splitk_matmul_kernel over cfg's SPLIT_K ranges of K, their fp32
+    partials summed by _splitk_reduce_kernel in a fixed order (so the same run to run).
+
+    scales: (a's per-group scales, w's per-block scales, block) of the FP8 GEMM; None: unscaled, and
+    the K ranges are cut in whole BLOCK_K steps. a and w have unit last strides."""
+    m, k = a.shape
+    n = w.shape[0]
+    cfg = dict(cfg)
+    split = max(1, int(cfg.pop("SPLIT_K", 1)))
+    a_s, w_s, block = scales if scales is not None else (a, w, (1, cfg["BLOCK_K"]))  # unscaled: not read
+    num_groups = triton.cdiv(k, block[1])
+    groups_per_split = triton.cdiv(num_groups, min(split, num_groups))
+    split = triton.cdiv(num_groups, groups_per_split)  # no empty K ranges
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    _block_fp8_matmul_kernel[(tiles, split)](
-        a, a_s, w, w_scale, c, m, n, k, groups_per_split,
-        a.stride(0), a_s.stride(0), w.stride(0), w_scale.stride(0), c.stride(-2), m * n,
-        GROUP_N=block[0], GROUP_K=block[1], FUSE_QUANT=fuse, PARTIALS=split > 1, FP8_MAX_C=FP8_MAX,
-        FAST=x.is_cuda, **cfg)
+    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
+    has_bias = bias is not None
+    bias = bias if has_bias else out  # not read
+    _splitk_matmul_kernel[(tiles, split)](
+        a, a_s, w, w_s, c, bias, m, n, k, groups_per_split,
+        a.stride(0), a_s.stride(0), w.stride(0), w_s.stride(0), c.stride(-2), m * n,
+        GROUP_N=block[0], GROUP_K=block[1], SCALED=scales is not None, FUSE_QUANT=fuse_quant, PARTIALS=split > 1,
+        HAS_BIAS=has_bias and split == 1, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda, **cfg)
     if split > 1:
         reduce_block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, reduce_block),)](c, out, m * n, n, split, out.stride(0),
-                                                                   BLOCK=reduce_block, num_warps=4)
+        _splitk_reduce_kernel[(triton.cdiv(m * n, reduce_block),)](c, out, bias, m * n, n, split, out.stride(0),
+                                                                   HAS_BIAS=has_bias, BLOCK=reduce_block,
+                                                                   num_warps=4)
     return out
 
 
