@@ -1,9 +1,11 @@
-"""Block sizes for the MoE and FP8 GEMM kernels: tuned per shape in configs/*.json, else a default.
+"""Block sizes for the MoE, FP8 GEMM and small-M GEMM kernels: tuned per shape in configs/*.json,
+else a default.
 
-Files are per GPU architecture (`fused_moe_sm90.json`, `dense_fp8_sm90.json`): tuning on an H100
-holds well enough on an H200 of the same architecture. Each file maps a shape key to
-{"<tokens>": config}; a lookup takes the entry whose token count is nearest the actual one.
-benchmarks/kernel_bench_moe.py --tune writes these files.
+Files are per GPU architecture (`fused_moe_sm90.json`, `dense_fp8_sm90.json`, `dense_gemv_sm90.json`):
+tuning on an H100 holds well enough on an H200 of the same architecture. Each file maps a shape key
+to {"<tokens>": config}; a lookup takes the entry whose token count is nearest the actual one.
+benchmarks/kernel_bench_moe.py --tune writes the first two, benchmarks/kernel_bench_dense.py --tune
+the third.
 """
 
 from __future__ import annotations
@@ -145,3 +147,40 @@ def dense_fp8_config(m: int, n: int, k: int, device: torch.device) -> dict:
     if table:
         return _nearest(table, m)
     return default_dense_fp8_config(m, n, k, num_sms(device), device.type == "cpu")
+
+
+# Unquantized GEMM at decode sizes (kernels/gemv.py), M <= GEMV_MAX_M rows: y = x W^T streams W
+# (N x K x 2 bytes in bf16) with next to no math, so, as for the FP8 decode GEMM above, what counts
+# is bytes in flight on every SM:
+#  - BLOCK_M = 16 holds all the rows (tl.dot's minimum), so each W tile is read once;
+#  - BLOCK_N = 32 rows of W per program, BLOCK_K = 128 per step: an 8 KB bf16 tile (256 contiguous
+#    bytes per row), num_stages = 4 of them in flight per program;
+#  - SPLIT_K ranges of whole BLOCK_K steps until there are >= PROGRAMS_PER_SM programs per SM, each
+#    range >= GEMV_MIN_STEPS steps long (a shorter one never fills its load pipeline). The fp32
+#    partials (splits x M x N x 4 bytes) then stay under 1/8 of the weight bytes at M <= 16, and the
+#    fixed-order reduce is one more launch (~1.5-2 us at these sizes, kernels_norm.md's floor).
+# No measurement yet: these are the FP8 decode config's choices carried over to 2-byte weights;
+# benchmarks/kernel_bench_dense.py --tune sweeps BLOCK_N x BLOCK_K x SPLIT_K and writes the table
+# `dense_gemv_<arch>.json`, which gemv_config reads first. The config does not depend on M, so the
+# CUDA graphs of batch 1..16 share one compiled kernel per shape.
+GEMV_MAX_M = 16
+GEMV_MIN_STEPS = 2
+
+
+def default_gemv_config(n: int, k: int, sms: int, on_cpu: bool) -> dict:
+    if on_cpu:  # the interpreter: tiny blocks keep tests fast
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
+    tiles = -(-n // cfg["BLOCK_N"])
+    steps = -(-k // cfg["BLOCK_K"])
+    ranges = -(-PROGRAMS_PER_SM * sms // tiles)  # K ranges wanted
+    steps_per_range = max(GEMV_MIN_STEPS, steps // ranges)  # rounded down: at least `ranges` of them
+    return dict(cfg, SPLIT_K=-(-steps // steps_per_range))
+
+
+def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    table = load_configs("dense_gemv", arch_tag(device)).get(dense_shape_key(n, k))
+    if table:
+        return _nearest(table, m)
+    return default_gemv_config(n, k, num_sms(device), device.type == "cpu")
