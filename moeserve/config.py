@@ -336,6 +336,9 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "dummy"
     seed: int = 0
     enforce_eager: bool = False
+    # Unquantized linears with <= 16 rows (decode) on a GPU: a split-K Triton GEMM (kernels/gemv.py)
+    # instead of cuBLAS. Off until a measurement shows it faster (docs/perf/engine_v2lite.md).
+    dense_gemv: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -26,6 +26,7 @@ from moeserve.engine.step_io import SampledStep, TokenFixup
 from moeserve.engine.tp import StepBatch, TPChannel
 from moeserve.host_copy import pack_int64, to_device
 from moeserve.layers.attention import AttentionMetadata
+from moeserve.layers.linear import use_gemv_kernel
 from moeserve.layers.sampler import SamplingBatch, sample_tokens
 from moeserve.models.loader import load_model
 
@@ -68,6 +69,7 @@ class ModelRunner:
         self.model = load_model(model_config, config.model, self.dtype, self.device, config.load_format,
                                 seed=config.seed)
         self.model.eval()
+        use_gemv_kernel(self.model, config.dense_gemv)
         self.kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.num_blocks = self._decide_num_blocks()
         if tp_channel is not None:  # every TP rank holds the same block ids

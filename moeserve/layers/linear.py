@@ -12,6 +12,7 @@ from torch import nn
 
 from moeserve.distributed.groups import get_parallel_state
 
+from moeserve.kernels import gemv
 from moeserve.kernels.fp8 import FP8_DTYPE, block_fp8_matmul, dequant_block_fp8_ref
 
 
@@ -34,6 +35,10 @@ class Linear(nn.Module):
     """y = x W^T (+ b). With quant="fp8" the weight is e4m3 [out, in] with one fp32
     `weight_scale_inv` per block; activations are quantized per 1 x block[1] group on the fly."""
 
+    # Unquantized: decode-sized inputs on a GPU go through the small-M Triton GEMM (kernels/gemv.py)
+    # instead of cuBLAS. Off until measured faster; use_gemv_kernel sets it (EngineConfig.dense_gemv).
+    gemv = False
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
                  block: tuple[int, int] = (128, 128)):
         super().__init__()
@@ -49,15 +54,26 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant != "fp8":
-            return F.linear(x, self.weight, self.bias)
+            return self.unquantized(x, self.bias)
         y = block_fp8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv, self.block)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def unquantized(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return gemv.linear(x, self.weight, bias) if self.gemv else F.linear(x, self.weight, bias)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.quant != "fp8":
             return self.weight.to(dtype)
         return dequant_block_fp8_ref(self.weight, self.weight_scale_inv, self.block, dtype)
+
+
+def use_gemv_kernel(model: nn.Module, enabled: bool) -> None:
+    """Send the unquantized Linears of `model` through the small-M Triton GEMM where it fits (CUDA,
+    <= moe_config.GEMV_MAX_M rows, bf16/fp16), or back to cuBLAS everywhere."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.gemv = enabled
 
 
 # ---- tensor parallelism ---------------------------------------------------------------------
@@ -158,7 +174,7 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant != "fp8":
-            y = F.linear(x, self.weight)
+            y = self.unquantized(x, None)
         else:
             y = block_fp8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv, self.block)
             y = y.reshape(*x.shape[:-1], self.out_features)
