@@ -11,12 +11,17 @@ bf16 at V2-Lite's shapes.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moeserve.kernels import moe_config
+from tests.helpers import REPO
 from tests.helpers import interpreter_results as run_interpreted
 from tests.helpers import print_interpreter_cases
 
@@ -148,6 +153,18 @@ def test_layer_on_gpu_bf16(n, k, bias):
         assert gemv_fits(x, layer.weight) == (m <= moe_config.GEMV_MAX_M)
         assert rel_err(out, gemv_ref(x, layer.weight, layer.bias)) < TOL[torch.bfloat16], m
         assert torch.equal(layer(x), out), m  # the fixed-order reduce: the same bits every run
+
+
+def test_dense_bench_smoke(tmp_path):
+    """benchmarks/kernel_bench_dense.py --smoke --tune: tiny shapes on CPU under the interpreter, end to end."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_bench_dense.py"), "--smoke",
+                           "--tune", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = json.loads((tmp_path / "kernels_dense.json").read_text())["cases"]
+    assert len(cases) == 4 and all(r["ok"] and "best_config" in r for r in cases)
+    table = json.loads((tmp_path / "dense_gemv_cpu.json").read_text())
+    assert set(table) == {"N=40,K=150", "N=72,K=96"} and all(set(t) == {"1", "3"} for t in table.values())
+    assert proc.stdout.strip().splitlines()[-1].startswith("|")  # the table comes last
 
 
 if __name__ == "__main__":
