@@ -1,7 +1,7 @@
 """y = x W^T (+ b) for the few rows of a decode batch (M <= moe_config.GEMV_MAX_M), unquantized.
 
-At these sizes the GEMM is a read of W and nothing else: V2-Lite's projections are 2.4-23 MB of
-bf16, 1-3 us at an H200's bandwidth, yet cuBLAS spends 6-7 us on each (docs/perf/engine_v2lite.md).
+At these sizes the GEMM is a read of W and nothing else: V2-Lite's per-layer projections are 8-23 MB
+of bf16, 2-5.5 us at an H200's copy bandwidth, yet cuBLAS spends 6-9 us on each (docs/perf/).
 The kernel is the FP8 GEMM's split-K kernel without its scales (kernels/fp8.py,
 _splitk_matmul_kernel with SCALED=False): K is cut into enough ranges that every SM streams its own
 slices of W, and the ranges' fp32 partial sums are added in a fixed order by a second pass, so a

@@ -12,8 +12,8 @@ from torch import nn
 
 from moeserve.distributed.groups import get_parallel_state
 
-from moeserve.kernels import gemv
 from moeserve.kernels.fp8 import FP8_DTYPE, block_fp8_matmul, dequant_block_fp8_ref
+from moeserve.kernels.gemv import linear as gemv_linear
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -60,7 +60,7 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def unquantized(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return gemv.linear(x, self.weight, bias) if self.gemv else F.linear(x, self.weight, bias)
+        return gemv_linear(x, self.weight, bias) if self.gemv else F.linear(x, self.weight, bias)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.quant != "fp8":
