@@ -1,6 +1,6 @@
 """List the kernels one decoder layer launches in a decode step, on CPU, without a GPU.
 
-    python benchmarks/layer_kernels.py [--model v2-lite|v3] [--batch 1]
+    python benchmarks/layer_kernels.py [--model v2-lite|v3|qwen3] [--batch 1]
 
 The model runs under the Triton interpreter (TRITON_INTERPRET=1), so every Triton kernel the GPU
 would launch is launched here too and counted once by name (in bf16, the serving dtype, the
@@ -9,9 +9,10 @@ matters here; --dtype fp32 runs the real CPU paths); every other op is counted
 at the aten level (what the GPU runs as one kernel each: mm, bmm, copies, casts, cat, topk...),
 leaving out ops that launch nothing (views, reshapes that alias, empty allocations). Shapes are
 small (the counts do not depend on the widths), the structure is the named model's: V2-Lite (no
-q_lora, softmax greedy routing, 2 shared experts) or V3 (q_lora, sigmoid grouped routing with
-the correction bias, 1 shared expert). Prints, per layer kind (dense, MoE), the kernels in call
-order and their count.
+q_lora, softmax greedy routing, 2 shared experts), V3 (q_lora, sigmoid grouped routing with
+the correction bias, 1 shared expert) or Qwen3-30B-A3B (GQA with 8 query heads per KV head,
+softmax top-k renormalised, no shared expert, every layer MoE). Prints, per layer kind (dense,
+MoE), the kernels in call order and their count.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ SHAPES = {
         kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
         n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=512),
+    "qwen3": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=256, hidden_size=64,
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=16,
+        num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=512),
 }
 
 # aten ops that launch no kernel: views, aliasing reshapes, allocations, metadata.
