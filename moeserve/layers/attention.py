@@ -201,15 +201,16 @@ class GQAAttention(nn.Module):
         self.num_heads = heads // tp
         self.num_kv_heads = max(1, kv_heads // tp)
         kv_start = rank * kv_heads // tp  # first KV head of this rank (shared with others when tp > kv_heads)
-        kv_rows = ((kv_start * self.head_dim, self.num_kv_heads * self.head_dim),)
+        hd = self.head_dim
+        kv_rows = (kv_start * hd, self.num_kv_heads * hd)
         block = cfg.weight_block_size
         bias = cfg.attention_bias
-        hd = self.head_dim
-        self.q_proj = column_parallel(cfg.hidden_size, heads * hd, bias=bias, quant=quant, block=block, name="q_proj")
-        self.k_proj = column_parallel(cfg.hidden_size, kv_heads * hd, bias=bias, quant=quant, block=block,
-                                      name="k_proj", segments=kv_rows if tp > 1 else None)
-        self.v_proj = column_parallel(cfg.hidden_size, kv_heads * hd, bias=bias, quant=quant, block=block,
-                                      name="v_proj", segments=kv_rows if tp > 1 else None)
+        # q, k and v of the layer input in one GEMM; k and v take this rank's KV heads, not the
+        # rank-th of tp slices.
+        parts = [LinearPart("q_proj", heads * hd), LinearPart("k_proj", kv_heads * hd, segment=kv_rows),
+                 LinearPart("v_proj", kv_heads * hd, segment=kv_rows)]
+        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, parts, bias=bias, quant=quant, block=block,
+                                           name="qkv_proj")
         self.o_proj = row_parallel(heads * hd, cfg.hidden_size, bias=bias, quant=quant, block=block, name="o_proj")
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -225,9 +226,10 @@ class GQAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # views: rows of unit stride
+        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         write_cache(k_cache, meta.slot_mapping, k)

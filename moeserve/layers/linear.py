@@ -127,20 +127,19 @@ def _check_block(name: str, what: str, full: int, segments, tp: int, block: int)
 
 
 class ColumnParallelLinear(Linear):
-    """Output features split over the TP ranks (no communication): rank r holds rows `segments`
-    (default: the r-th of tp equal parts). The output stays sharded: [.., out / tp]."""
+    """Output features split over the TP ranks (no communication): rank r holds the r-th of tp
+    equal parts of the rows. The output stays sharded: [.., out / tp]."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
-                 block: tuple[int, int] = (128, 128), name: str = "linear", segments=None):
+                 block: tuple[int, int] = (128, 128), name: str = "linear"):
         tp, rank, _ = tp_world()
-        if segments is None:
-            if out_features % tp:
-                raise ValueError(f"{name}: output size {out_features} does not split over tp={tp}")
-            local = out_features // tp
-            segments = ((rank * local, local),)
+        if out_features % tp:
+            raise ValueError(f"{name}: output size {out_features} does not split over tp={tp}")
+        local = out_features // tp
+        segments = ((rank * local, local),)
         if quant == "fp8":
             _check_block(name, "output size", out_features, segments, tp, block[0])
-        super().__init__(in_features, sum(n for _, n in segments), bias, quant, block)
+        super().__init__(in_features, local, bias, quant, block)
         self.full_out_features = out_features
         _shard(self.weight, 0, segments, out_features)
         _shard(self.bias, 0, segments, out_features)
@@ -187,15 +186,26 @@ class RowParallelLinear(Linear):
 class LinearPart:
     """One projection inside a MergedColumnLinear: its checkpoint name relative to the merged
     module's parent (e.g. "gate_proj"), its full output size, and whether tensor parallelism splits
-    it over the ranks (column-parallel) or every rank holds all of it (replicated)."""
+    it over the ranks (column-parallel) or every rank holds all of it (replicated). A split part's
+    rank holds the rank-th of tp equal slices, or `segment`: this rank's (first row, rows) of the
+    part, for slices that are not that (GQA's KV heads, one of which several ranks may share)."""
 
     name: str
     out_features: int
     split: bool = True
+    segment: tuple[int, int] | None = None
 
 
 def _round_up(n: int, multiple: int) -> int:
     return _ceil_div(n, multiple) * multiple
+
+
+def _equal_slice(part: LinearPart, tp: int, rank: int, name: str) -> tuple[int, int]:
+    """(first row, rows) of the rank-th of tp equal slices of a split part."""
+    if part.out_features % tp:
+        raise ValueError(f"{name}: {part.name} output size {part.out_features} does not split over tp={tp}")
+    n = part.out_features // tp
+    return rank * n, n
 
 
 class MergedColumnLinear(Linear):
@@ -205,11 +215,12 @@ class MergedColumnLinear(Linear):
 
     The checkpoint keeps the parts apart; the loader writes each into its rows (`part_rows`).
     With FP8 block scales a part other than the last starts a new block: its rows are padded to
-    the weight block (zero rows, ignored by `split`), so each part keeps its own scales. Under
-    tensor parallelism a rank holds, in part order, its slice of each split part and all of each
-    replicated part: its weight is the concatenation of those row ranges of the full merged
-    tensor (`tp_shard` with one segment per part), so dummy weights match the single process;
-    with parallel=False every rank holds all of every part."""
+    the weight block (zero rows, ignored by `split`), so each part keeps its own scales; a split
+    part's slices must lie on block boundaries (ValueError otherwise). Under tensor parallelism a
+    rank holds, in part order, its slice of each split part and all of each replicated part: its
+    weight is the concatenation of those row ranges of the full merged tensor (`tp_shard` with one
+    segment per part), so dummy weights match the single process; with parallel=False every rank
+    holds all of every part."""
 
     def __init__(self, in_features: int, parts: list[LinearPart], bias: bool = False, quant: str | None = None,
                  block: tuple[int, int] = (128, 128), name: str = "linear", parallel: bool = True):
@@ -219,20 +230,15 @@ class MergedColumnLinear(Linear):
         segments, local_rows, ckpt_shards = [], [], []
         full_start = local_start = 0
         for i, part in enumerate(self.parts):
-            last = i == len(self.parts) - 1
+            full_rows = part.out_features if i == len(self.parts) - 1 else _round_up(part.out_features, align)
             if part.split and tp > 1:
-                if part.out_features % tp:
-                    raise ValueError(f"{name}: {part.name} output size {part.out_features} does not split over tp={tp}")
-                n = part.out_features // tp
-                if n % align:
-                    raise ValueError(f"{name}: {part.name} output size {part.out_features} split over tp={tp} gives {n} "
-                                     f"per rank, not a multiple of the FP8 weight block {align}; choose a tp that "
-                                     f"keeps shards on {align} boundaries")
-                full_rows, held = part.out_features, (full_start + rank * n, n)
-                ckpt_shards.append(TPShard(0, ((rank * n, n),), (part.out_features, in_features)))
+                start, n = part.segment or _equal_slice(part, tp, rank, name)
+                if quant == "fp8":
+                    _check_block(name, f"{part.name} output size", part.out_features, ((start, n),), tp, align)
+                held = (full_start + start, n)
+                ckpt_shards.append(TPShard(0, ((start, n),), (part.out_features, in_features)))
             else:
                 n = part.out_features
-                full_rows = n if last else _round_up(n, align)
                 held = (full_start, full_rows)
                 ckpt_shards.append(None)
             segments.append(held)
@@ -325,13 +331,12 @@ class ParallelLMHead(nn.Module):
 
 
 def column_parallel(in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
-                    block: tuple[int, int] = (128, 128), name: str = "linear", segments=None,
-                    parallel: bool = True) -> Linear:
+                    block: tuple[int, int] = (128, 128), name: str = "linear", parallel: bool = True) -> Linear:
     """A Linear whose output features are split over the TP ranks (a plain Linear at tp == 1, or
     when not parallel: replicated on every rank)."""
     if tp_world()[0] == 1 or not parallel:
         return Linear(in_features, out_features, bias, quant, block)
-    return ColumnParallelLinear(in_features, out_features, bias, quant, block, name, segments)
+    return ColumnParallelLinear(in_features, out_features, bias, quant, block, name)
 
 
 def row_parallel(in_features: int, out_features: int, bias: bool = False, quant: str | None = None,

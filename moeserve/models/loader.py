@@ -6,7 +6,8 @@ Checkpoint names map to our modules by name, except:
   `...mlp.experts.w13[e]` (gate rows, then up rows) and `...mlp.experts.w2[e]`;
 - projections merged into one GEMM (layers/linear.py MergedColumnLinear: `mlp.gate_up_proj` from
   `mlp.gate_proj` + `mlp.up_proj`, `self_attn.q_kv_a_proj` from `self_attn.q_proj` or `q_a_proj` +
-  `kv_a_proj_with_mqa`) are written part by part into their rows, FP8 scales and TP slices included;
+  `kv_a_proj_with_mqa` (MLA), `self_attn.qkv_proj` from `self_attn.q_proj` + `k_proj` + `v_proj`
+  (GQA)) are written part by part into their rows, FP8 scales, biases and TP slices included;
 - DeepSeek's MTP layers `model.layers.{num_hidden_layers + i}.*` go to `mtp_layers.{i}`;
 - an FP8 tensor whose module is not kept in FP8 is dequantized with its `_scale_inv`.
 Under tensor parallelism a parameter with a `tp_shard` (layers/linear.py) is read as its slice
