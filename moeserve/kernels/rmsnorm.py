@@ -38,12 +38,13 @@ if triton is not None:
 
     @triton.jit
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, num_rows, n, eps,
-                        stride_x, stride_r, stride_out, stride_r_out,
+                        x_heads, stride_xt, stride_xh, stride_r, stride_out, stride_r_out,
                         HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         mask = (rows[:, None] < num_rows) & (cols[None, :] < n)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_rows = (rows // x_heads) * stride_xt + (rows % x_heads) * stride_xh  # row (t, h) of x
+        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
             # Round the sum to the residual stream's dtype first: the norm reads what is stored.
@@ -68,23 +69,33 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _input_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, heads, token stride, head stride): row t * heads + h of x [..., n] starts at
+    t * token stride + h * head stride. Heads of [T, H, n] are read in place, whatever the token
+    stride (the q or k columns of a merged q/k/v projection's output); else one head per row."""
+    if x.dim() == 3 and x.stride(-1) == 1:
+        return x, x.shape[1], x.stride(0), x.stride(1)
+    x2 = _as_rows(x)
+    return x2, 1, x2.stride(0), 0
+
+
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     n = x.shape[-1]
     res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
     r_out = None if residual is None else torch.empty(x.shape, dtype=res_dtype, device=x.device)
-    x2 = _as_rows(x)
-    num_rows = x2.shape[0]
+    out2 = out.view(-1, n)
+    num_rows = out2.shape[0]
     if num_rows == 0:
         return out, r_out
-    r2 = x2 if residual is None else _as_rows(residual)
-    out2 = out.view(-1, n)
+    x2, heads, stride_xt, stride_xh = _input_rows(x)
+    r2 = out2 if residual is None else _as_rows(residual)
     r_out2 = out2 if r_out is None else r_out.view(-1, n)
     block = triton.next_power_of_2(n)
     rows = max(1, min(16, 2048 // block))  # short rows (per-head q/k norms): several per program
     _rmsnorm_kernel[(triton.cdiv(num_rows, rows),)](
         x2, r2, weight, out2, r_out2, num_rows, n, eps,
-        x2.stride(0), r2.stride(0), out2.stride(0), r_out2.stride(0),
+        heads, stride_xt, stride_xh, r2.stride(0), out2.stride(0), r_out2.stride(0),
         HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
         num_warps=min(16, max(1, rows * block // 256)))
     return out, r_out

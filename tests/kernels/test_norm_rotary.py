@@ -53,6 +53,14 @@ NORM_CASES = {  # name: (shape, dtype, fused, pad: > 0 makes x (and residual) a 
     "fused_fp16": ((6, 512), "fp16", True, 0),
 }
 
+# name: (T, q heads, kv heads, head dim, dtype): the per-head norms of q and k read in place from a
+# merged q/k/v projection's output [T, (q + 2 kv) * head dim], as GQAAttention does
+QK_OF_QKV_CASES = {
+    "t5_qwen3": (5, 8, 2, 16, "fp32"),
+    "t1": (1, 4, 1, 128, "fp32"),
+    "t3_fp16": (3, 4, 4, 64, "fp16"),
+}
+
 ROTARY_CASES = {  # name: (T, q heads, k heads (0: q alone), rot_dim, nope dim (q is q[..., nope:]), dtype)
     # every case runs both styles, neox and interleaved
     "qwen3_heads": (5, 8, 2, 32, 0, "fp32"),
@@ -82,6 +90,20 @@ def _norm_case(shape, dtype_name, fused, pad) -> float:
     return max(rel_err(out, ref_out), rel_err(res, ref_res))
 
 
+def _qk_of_qkv_case(t, q_heads, kv_heads, head_dim, dtype_name) -> float:
+    from moeserve.kernels.rmsnorm import _use_triton, rmsnorm, rmsnorm_ref
+
+    dtype = DTYPES[dtype_name]
+    qkv = torch.randn(t, (q_heads + 2 * kv_heads) * head_dim).to(dtype)
+    q, k, _ = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    errs = []
+    for x in (q.view(t, q_heads, head_dim), k.view(t, kv_heads, head_dim)):
+        weight = (1 + 0.5 * torch.randn(head_dim)).to(dtype)
+        assert _use_triton(x, weight)
+        errs.append(rel_err(rmsnorm(x, weight, 1e-6), rmsnorm_ref(x, weight, 1e-6)))
+    return max(errs)
+
+
 def _rotary_case(t, q_heads, k_heads, rot_dim, nope, dtype_name) -> float:
     from moeserve.kernels.rotary import _use_triton, apply_rotary, apply_rotary_qk, apply_rotary_ref
 
@@ -107,6 +129,8 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     results = {}
     for name, args in NORM_CASES.items():
         results["norm_" + name] = (_norm_case(*args), TOL[DTYPES[args[1]]])
+    for name, args in QK_OF_QKV_CASES.items():
+        results["qk_norm_" + name] = (_qk_of_qkv_case(*args), TOL[DTYPES[args[4]]])
     for name, args in ROTARY_CASES.items():
         results["rotary_" + name] = (_rotary_case(*args), TOL[DTYPES[args[5]]])
     return results
@@ -117,7 +141,8 @@ def interpreter_results():
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("case", ["norm_" + n for n in NORM_CASES] + ["rotary_" + n for n in ROTARY_CASES])
+@pytest.mark.parametrize("case", ["norm_" + n for n in NORM_CASES] + ["qk_norm_" + n for n in QK_OF_QKV_CASES]
+                         + ["rotary_" + n for n in ROTARY_CASES])
 def test_triton_matches_reference(interpreter_results, case):
     err, tol = interpreter_results[case]
     assert err <= tol, f"{case}: rel error {err} > {tol} (seed {interpreter_results['seed']})"
