@@ -12,8 +12,9 @@ DeepSeek-V3 folders also get an MTP layer as DeepSeek ships it, `model.layers.{n
 embed_tokens), in a file of its own listed in model.safetensors.index.json; transformers
 ignores those tensors.
 
-`convert_to_fp8(src, dst)` rewrites a folder in DeepSeek's FP8 format: each attention/MLP/expert
-projection becomes float8_e4m3fn with a fp32 `weight_scale_inv` per 128x128 block.
+`convert_to_fp8(src, dst)` rewrites a folder in DeepSeek's FP8 format (Qwen3's FP8 releases use it
+too): each attention/MLP/expert projection becomes float8_e4m3fn with a fp32 `weight_scale_inv`
+per 128x128 block.
 """
 
 from __future__ import annotations
@@ -185,9 +186,10 @@ def _set_config(path: str, **values) -> dict:
     return cfg
 
 
-# Projections DeepSeek ships in FP8: attention and MLP/expert linears (not embeddings, norms,
-# router gates, lm_head, or the MTP layer's eh_proj / shared head).
-_FP8_RE = re.compile(r".*\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+# Projections DeepSeek (and Qwen3's FP8 releases, in the same format) ship in FP8: attention and
+# MLP/expert linears (not embeddings, norms, router gates, lm_head, or the MTP layer's eh_proj /
+# shared head).
+_FP8_RE = re.compile(r".*\.(self_attn\.(q_proj|k_proj|v_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
                      r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$")
 
 

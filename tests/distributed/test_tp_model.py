@@ -3,8 +3,9 @@ checkpoint (or the same dummy weights) through 2 or 4 TP ranks gives the single 
 (fp32, relative error < 1e-5) over prefill, mixed decode + prefill and decode steps, on every
 rank (the head gathers the full vocabulary). Covers MLA with and without q_lora (heads split,
 latent cache replicated), GQA with kv heads split (tp 2) and replicated (tp 4 > 2 kv heads), a
-vocabulary that does not split evenly (509 ids: padded shards), FP8 block-scaled weights, and
-each rank holding only its share of the weights."""
+vocabulary that does not split evenly (509 ids: padded shards), FP8 block-scaled weights (MLA,
+and GQA's merged q/k/v with kv heads split and replicated), and each rank holding only its share
+of the weights."""
 
 from __future__ import annotations
 
@@ -86,16 +87,26 @@ def test_tp_logits_equal_single_process(tiny_model, case):
         assert params < (0.7 if tp == 2 else 0.5) * ref_params, (params, ref_params)
 
 
-def test_tp_fp8_block_checkpoint(tiny_model, tmp_path):
+FP8_CASES = {
+    "v3": ("deepseek_v3", {}, 2),
+    "qwen3-tp2": ("qwen3_moe", {}, 2),
+    # one 16-row KV head on each pair of ranks; 64 expert rows over 4 ranks keep 16-row blocks
+    "qwen3-tp4-kv-replicated": ("qwen3_moe", dict(moe_intermediate_size=64), 4),
+}
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
+def test_tp_fp8_block_checkpoint(tiny_model, tmp_path, case):
     """FP8 block-scaled weights (16x16 blocks, so the tiny shapes split on block boundaries): the
     shards hold whole blocks and their scales; activations are quantized per group of the local
     input slice, the same groups as in one process, so the logits agree to rounding."""
     from moeserve.models.tiny import convert_to_fp8
 
-    src = tiny_model("deepseek_v3", weight_std=0.02)
+    arch, overrides, tp = FP8_CASES[case]
+    src = tiny_model(arch, weight_std=0.02, **overrides)
     path = convert_to_fp8(src, str(tmp_path / "fp8"), block=(16, 16))
     ref, _ = run_model(path, "auto")
-    ranks = run_ranks(_tp_rank, 2, path, "auto", timeout_s=120)
+    ranks = run_ranks(_tp_rank, tp, path, "auto", timeout_s=120)
     for logits, _ in ranks:
         for got, want in zip(map(torch.from_numpy, logits), ref):
             assert rel_err(got, want) < 1e-4
@@ -121,4 +132,11 @@ def test_tp_shape_errors_name_the_layer(tiny_model, tmp_path):
         check_tensor_parallel(qwen, 6)
     qwen.num_attention_heads, qwen.num_key_value_heads, qwen.moe_intermediate_size = 4, 2, 30
     with pytest.raises(ValueError, match="moe_intermediate_size 30 does not split over tp=4"):
+        check_tensor_parallel(qwen, 4)
+    # FP8 with 16-row blocks: 8 query heads of 8 split over 4 ranks are 16 rows each, but the KV
+    # head each rank shares with another is 8 rows, half a block
+    qwen.num_attention_heads, qwen.head_dim, qwen.moe_intermediate_size = 8, 8, 64
+    qwen.quant_method, qwen.weight_block_size = "fp8", (16, 16)
+    with pytest.raises(ValueError, match=r"qkv_proj: k_proj output size 16 split over tp=4 gives 8 per rank, not a "
+                                         r"multiple of the FP8 weight block 16"):
         check_tensor_parallel(qwen, 4)
