@@ -2,10 +2,10 @@
 checkpoint (or the same dummy weights) through 2 or 4 TP ranks gives the single process's logits
 (fp32, relative error < 1e-5) over prefill, mixed decode + prefill and decode steps, on every
 rank (the head gathers the full vocabulary). Covers MLA with and without q_lora (heads split,
-latent cache replicated), GQA with kv heads split (tp 2) and replicated (tp 4 > 2 kv heads), a
-vocabulary that does not split evenly (509 ids: padded shards), FP8 block-scaled weights (MLA,
-and GQA's merged q/k/v with kv heads split and replicated), and each rank holding only its share
-of the weights."""
+latent cache replicated), GQA's merged q/k/v with kv heads split (tp 2) and replicated (tp 4 > 2
+kv heads; with attention biases too), a vocabulary that does not split evenly (509 ids: padded
+shards), FP8 block-scaled weights (MLA, and GQA with kv heads split and replicated), and each rank
+holding only its share of the weights."""
 
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ CASES = {
     "v2": ("deepseek_v2", {}, "auto", 2),
     "qwen3-tp2": ("qwen3_moe", {}, "auto", 2),
     "qwen3-tp4-kv-replicated": ("qwen3_moe", {}, "auto", 4),
+    "qwen3-tp4-bias": ("qwen3_moe", dict(attention_bias=True), "auto", 4),  # q/k/v biases of shared KV heads
 }
 
 

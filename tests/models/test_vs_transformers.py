@@ -62,9 +62,18 @@ def hf_logits(hf, tokens: list[int]) -> torch.Tensor:
         return hf(torch.tensor([tokens])).logits[0].float()
 
 
-@pytest.fixture(params=["deepseek_v3_dir", "deepseek_v2_dir", "qwen3_moe_dir"])
-def checkpoint(request):
-    return request.getfixturevalue(request.param)
+CHECKPOINTS = {  # name: (arch, config overrides)
+    "deepseek_v3": ("deepseek_v3", {}),
+    "deepseek_v2": ("deepseek_v2", {}),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "qwen3_moe-attention_bias": ("qwen3_moe", dict(attention_bias=True)),  # q/k/v/o biases
+}
+
+
+@pytest.fixture(params=list(CHECKPOINTS))
+def checkpoint(request, tiny_model):
+    arch, overrides = CHECKPOINTS[request.param]
+    return tiny_model(arch, **overrides)
 
 
 def test_prefill_and_16_decode_steps_match_transformers(checkpoint):
