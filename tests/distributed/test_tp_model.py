@@ -71,6 +71,7 @@ CASES = {
     "qwen3-tp2": ("qwen3_moe", {}, "auto", 2),
     "qwen3-tp4-kv-replicated": ("qwen3_moe", {}, "auto", 4),
     "qwen3-tp4-bias": ("qwen3_moe", dict(attention_bias=True), "auto", 4),  # q/k/v biases of shared KV heads
+    "qwen3-tp4-dummy": ("qwen3_moe", {}, "dummy", 4),  # each rank's rows of the one-process qkv_proj
 }
 
 
