@@ -210,8 +210,8 @@ def _equal_slice(part: LinearPart, tp: int, rank: int, name: str) -> tuple[int, 
 
 class MergedColumnLinear(Linear):
     """Several projections of the same input as one GEMM: the parts' weights stacked along the
-    output dimension ([gate; up] of a SiLU MLP, [q; kv_a] of MLA). `split(y)` returns each part's
-    columns of the output (views).
+    output dimension ([gate; up] of a SiLU MLP, [q; kv_a] of MLA, [q; k; v] of GQA). `split(y)`
+    returns each part's columns of the output (views).
 
     The checkpoint keeps the parts apart; the loader writes each into its rows (`part_rows`).
     With FP8 block scales a part other than the last starts a new block: its rows are padded to
