@@ -149,11 +149,13 @@ def mla_decode(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale):
     return mla_decode_ref(q_latent, q_rope, kv_cache, block_tables, seq_lens, scale)
 
 
-def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out=None):
+    """GQA decode; into `out` when given (the Triton kernel writes there directly)."""
     if _use_triton(q, k_cache, v_cache):
         from moeserve.kernels.attention_triton import paged_decode_triton
-        return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
-    return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, out=out)
+    ref = paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return ref if out is None else out.copy_(ref)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, memo=None):

@@ -378,8 +378,9 @@ def mla_decode_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: to
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int = 64,
-                        num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """q [B, H, D], k_cache/v_cache [NB, BS, Hkv, D] -> [B, H, D] (q dtype)."""
+                        num_warps: int = 4, num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D], k_cache/v_cache [NB, BS, Hkv, D] -> [B, H, D] (q dtype), written into `out` when
+    given (any [B, H, D] view with unit last stride: the caller's output rows, no copy after)."""
     batch, num_heads, head_dim = q.shape
     num_kv = k_cache.shape[2]
     page_size = k_cache.shape[1]
@@ -400,7 +401,9 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(group)), BLOCK_N=block_n, PAGE_SIZE=page_size,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
-    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(-1) == 1
     return _merge(part, lse, out, head_dim)
 
 

@@ -238,8 +238,8 @@ class GQAAttention(nn.Module):
         out = x.new_empty(t, self.num_heads, self.head_dim)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = paged_decode(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd],
-                                    meta.seq_lens[:nd], self.scale)
+            paged_decode(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                         self.scale, out=out[:nd])
         if meta.num_prefills:
             out[nd:] = paged_prefill(q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.query_lens[nd:],
                                      meta.seq_lens_cpu[nd:], self.scale, meta.memo)

@@ -185,9 +185,12 @@ def _gqa_case(seq_lens, heads, kv_heads, head_dim, page_size, q_dtype, cache_dty
     q = torch.randn(len(seq_lens), heads, head_dim).to(q_dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     scale = head_dim ** -0.5
-    out = paged_decode_triton(q, k, v, tables, lens, scale, num_splits=num_splits)
+    # into rows 1..B of a caller's buffer (as the layer passes its output rows); the rows around stay
+    buf = torch.full((len(seq_lens) + 2, heads, head_dim), 7.0, dtype=q_dtype)
+    out = paged_decode_triton(q, k, v, tables, lens, scale, num_splits=num_splits, out=buf[1:-1])
     ref = paged_decode_ref(q, k, v, tables, lens, scale)
-    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert out.dtype == ref.dtype and out.shape == ref.shape and out.data_ptr() == buf[1].data_ptr()
+    assert (buf[0] == 7).all() and (buf[-1] == 7).all()
     return rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
 
 
