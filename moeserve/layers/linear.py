@@ -126,19 +126,26 @@ def _check_block(name: str, what: str, full: int, segments, tp: int, block: int)
                              f"the FP8 weight block {block}; choose a tp that keeps shards on {block} boundaries")
 
 
+def _rank_slice(name: str, what: str, size: int, quant: str | None, block: int) -> tuple[int, tuple]:
+    """This rank's equal share of `size` features: (its length, its one (start, length) segment);
+    a clear error when tp does not divide them, or when the share would cut an FP8 weight block."""
+    tp, rank, _ = tp_world()
+    if size % tp:
+        raise ValueError(f"{name}: {what} {size} does not split over tp={tp}")
+    local = size // tp
+    segments = ((rank * local, local),)
+    if quant == "fp8":
+        _check_block(name, what, size, segments, tp, block)
+    return local, segments
+
+
 class ColumnParallelLinear(Linear):
     """Output features split over the TP ranks (no communication): rank r holds the r-th of tp
     equal parts of the rows. The output stays sharded: [.., out / tp]."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
                  block: tuple[int, int] = (128, 128), name: str = "linear"):
-        tp, rank, _ = tp_world()
-        if out_features % tp:
-            raise ValueError(f"{name}: output size {out_features} does not split over tp={tp}")
-        local = out_features // tp
-        segments = ((rank * local, local),)
-        if quant == "fp8":
-            _check_block(name, "output size", out_features, segments, tp, block[0])
+        local, segments = _rank_slice(name, "output size", out_features, quant, block[0])
         super().__init__(in_features, local, bias, quant, block)
         self.full_out_features = out_features
         _shard(self.weight, 0, segments, out_features)
@@ -156,16 +163,10 @@ class RowParallelLinear(Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: str | None = None,
                  block: tuple[int, int] = (128, 128), name: str = "linear", reduce: bool = True):
-        tp, rank, group = tp_world()
-        if in_features % tp:
-            raise ValueError(f"{name}: input size {in_features} does not split over tp={tp}")
-        local = in_features // tp
-        segments = ((rank * local, local),)
-        if quant == "fp8":
-            _check_block(name, "input size", in_features, segments, tp, block[1])
+        local, segments = _rank_slice(name, "input size", in_features, quant, block[1])
         super().__init__(local, out_features, bias, quant, block)
         self.full_in_features = in_features
-        self.group, self.reduce = group, reduce
+        self.group, self.reduce = tp_world()[2], reduce
         _shard(self.weight, 1, segments, in_features)
         if quant == "fp8":
             self.weight_scale_inv.tp_shard = self.weight.tp_shard.in_blocks(
