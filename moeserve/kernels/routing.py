@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.kernels.fp8 import triton_runs_on
-from moeserve.kernels.rmsnorm import triton
+from moeserve.kernels.rmsnorm import _use_triton, triton
 
 MAX_TRITON_EXPERTS = 1024  # one program holds a row of scores in registers
 
@@ -171,8 +170,7 @@ def select_experts(router_logits: torch.Tensor, cfg: RoutingConfig,
                    correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel where it runs (CUDA; CPU under the interpreter in fp32/fp16), else the reference."""
     num_experts = router_logits.shape[-1]
-    if (router_logits.dim() == 2 and triton_runs_on(router_logits, correction_bias)
-            and (router_logits.is_cuda or router_logits.dtype in (torch.float32, torch.float16))
+    if (router_logits.dim() == 2 and _use_triton(*(t for t in (router_logits, correction_bias) if t is not None))
             and num_experts <= MAX_TRITON_EXPERTS and num_experts % (cfg.n_group if cfg.grouped else 1) == 0):
         return select_experts_triton(router_logits, cfg, correction_bias)
     return select_experts_ref(router_logits, cfg, correction_bias)
