@@ -6,8 +6,9 @@ From each logical expert's load (tokens routed to it over a sliding window of st
    least-loaded rank that has a free slot (and no replica of the same expert, when possible);
 3. keep weights still: new rank bins are matched to the old ranks with the most experts in common,
    and an expert a rank keeps stays in its slot, so few weights move.
-Hierarchical mode (num_nodes > 1) first packs expert groups onto nodes, then does 1-2 inside
-each node, so replicas and group-limited routing stay within a node.
+Hierarchical mode (num_nodes > 1) first packs expert groups onto nodes, then does 1-3 inside
+each node, so replicas and group-limited routing stay within a node; the nodes' new group sets
+are matched to the old nodes first, so weights cross nodes only for groups that really move.
 
 All ranks compute the same placement: the load is summed over the EP group (all_reduce of
 integer counts) and every step below is deterministic.
@@ -60,21 +61,24 @@ def pack_groups(load: list[float], num_groups: int, num_nodes: int) -> list[list
     return [[e for g in sorted(groups) for e in range(g * size, (g + 1) * size)] for groups in nodes]
 
 
-def _match_bins(bins: list[list[int]], old: Placement) -> list[list[int]]:
-    """Order bins over ranks so each rank keeps as many of its experts as possible, and put a
-    kept expert back in its old local slot."""
-    old_sets = [old.rank_experts(r) for r in range(old.num_ranks)]
-    # Greedy matching, largest overlap first (ties: lower bin, then lower rank).
-    pairs = sorted((-len(set(b) & set(old_sets[r])), i, r) for i, b in enumerate(bins) for r in range(len(bins)))
-    rank_of: dict[int, int] = {}
-    for _, i, r in pairs:
-        if i not in rank_of and r not in rank_of.values():
-            rank_of[i] = r
+def _match_sets(new: list[set[int]], old: list[set[int]]) -> list[int]:
+    """Where each new set goes among the old ones' places: greedy, largest overlap first (ties:
+    lower new, then lower old), so a place keeps as much of what it held as it can."""
+    pairs = sorted((-len(a & b), i, j) for i, a in enumerate(new) for j, b in enumerate(old))
+    place: dict[int, int] = {}
+    for _, i, j in pairs:
+        if i not in place and j not in place.values():
+            place[i] = j
+    return [place[i] for i in range(len(new))]
+
+
+def _match_bins(bins: list[list[int]], old_sets: list[list[int]]) -> list[list[int]]:
+    """Order bins over the ranks whose old experts are old_sets, so each rank keeps as many of
+    its experts as possible, and put a kept expert back in its old local slot."""
     ordered: list[list[int]] = [[] for _ in bins]
-    for i, b in enumerate(bins):
-        r = rank_of[i]
-        slots: list[int | None] = [None] * len(b)
-        rest = list(b)
+    for i, r in enumerate(_match_sets([set(b) for b in bins], [set(o) for o in old_sets])):
+        slots: list[int | None] = [None] * len(bins[i])
+        rest = list(bins[i])
         for j, e in enumerate(old_sets[r]):
             if e in rest:
                 slots[j] = e
@@ -88,21 +92,26 @@ def rebalance(load: torch.Tensor, old: Placement, num_nodes: int = 1, num_groups
     (old itself when the new one would not be more even)."""
     load_list = [float(v) for v in load.tolist()]
     num_ranks, spr = old.num_ranks, old.slots_per_rank
+    old_sets = [old.rank_experts(r) for r in range(num_ranks)]
     if num_nodes > 1:
         if num_ranks % num_nodes or num_groups % num_nodes or len(load_list) % num_groups:
             raise ValueError("hierarchical EPLB needs ranks and expert groups divisible by nodes")
-        bins = []
-        ranks_per_node = num_ranks // num_nodes
-        for experts in pack_groups(load_list, num_groups, num_nodes):
+        rpn = num_ranks // num_nodes
+        node_experts = pack_groups(load_list, num_groups, num_nodes)
+        # Each node's new groups go to the node that held most of them: weights cross nodes only
+        # for groups that really move.
+        old_nodes = [set().union(*old_sets[n * rpn:(n + 1) * rpn]) for n in range(num_nodes)]
+        bins = [[] for _ in range(num_ranks)]
+        for experts, n in zip(node_experts, _match_sets([set(x) for x in node_experts], old_nodes)):
             sub = [load_list[e] for e in experts]
-            counts = replicate_experts(sub, ranks_per_node * spr, ranks_per_node)
-            node_bins = pack_replicas(sub, counts, list(range(len(experts))), ranks_per_node, spr)
-            bins += [[experts[i] for i in b] for b in node_bins]
+            counts = replicate_experts(sub, rpn * spr, rpn)
+            node_bins = [[experts[i] for i in b] for b in pack_replicas(sub, counts, list(range(len(experts))), rpn,
+                                                                         spr)]
+            bins[n * rpn:(n + 1) * rpn] = _match_bins(node_bins, old_sets[n * rpn:(n + 1) * rpn])
     else:
         counts = replicate_experts(load_list, old.num_slots, num_ranks)
         bins = pack_replicas(load_list, counts, list(range(len(load_list))), num_ranks, spr)
-    if num_nodes == 1:
-        bins = _match_bins(bins, old)
+        bins = _match_bins(bins, old_sets)
     new = Placement(torch.tensor([e for b in bins for e in b]), old.num_experts, num_ranks)
     # Greedy packing is not optimal: never trade the current placement for a worse one.
     if imbalance(rank_loads(load, new)) >= imbalance(rank_loads(load, old)) and num_nodes == 1:

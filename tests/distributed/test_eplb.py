@@ -53,6 +53,16 @@ def test_hierarchical_keeps_expert_groups_on_one_node():
     assert imbalance(rank_loads(load, new)) < imbalance(rank_loads(load, old))
 
 
+def test_hierarchical_moves_no_weights_when_only_the_node_order_differs():
+    """The same load over a placement whose nodes hold each other's groups: the new placement
+    keeps every rank's experts (matching nodes, then ranks, then slots), so nothing moves."""
+    load = zipf_load(64, seed=3)
+    first = rebalance(load, Placement.contiguous(64, 8, num_redundant=8), num_nodes=2, num_groups=8)
+    swapped = Placement(torch.cat([first.slot_expert[36:], first.slot_expert[:36]]), 64, 8)  # node 1 <-> node 0
+    again = rebalance(load, swapped, num_nodes=2, num_groups=8)
+    assert torch.equal(again.slot_expert, swapped.slot_expert)
+
+
 def test_routing_spreads_tokens_over_replicas():
     placement = Placement(torch.tensor([0, 1, 2, 3, 0, 0]), num_experts=4, num_ranks=2)
     table = RoutingTable(placement)
