@@ -387,6 +387,9 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     assert num_heads % num_kv == 0 and q.stride(-1) == 1 and v_cache.shape == k_cache.shape
     _check_paged(k_cache, block_tables, seq_lens, batch)
     _check_paged(v_cache, block_tables, seq_lens, batch)
+    if out is None:
+        out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
     group = num_heads // num_kv
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv, _sm_count(q.device))
@@ -401,9 +404,6 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(group)), BLOCK_N=block_n, PAGE_SIZE=page_size,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
-    if out is None:
-        out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    assert out.shape == q.shape and out.stride(-1) == 1
     return _merge(part, lse, out, head_dim)
 
 
