@@ -1,6 +1,6 @@
 """Test helpers: a real `moeserve serve` subprocess on a free port, over a tiny checkpoint (used by
 the `server` fixture in conftest.py and by tests that need a server of their own); running a
-kernel test module under the Triton interpreter."""
+kernel test module under the Triton interpreter, or as a plain script (tests/hopper_stub.py)."""
 
 import json
 import os
@@ -21,7 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def interpreter_results(test_file: str, timeout_s: float = 120) -> dict:
     """Run a kernel test module as a script with TRITON_INTERPRET=1 (the interpreter must be chosen
     before triton is imported, hence a fresh process) and return the JSON its last line prints."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return script_results(test_file, timeout_s, TRITON_INTERPRET="1")
+
+
+def script_results(test_file: str, timeout_s: float = 120, **env_vars: str) -> dict:
+    """Run a test module as a script in a fresh process, with env_vars set and TRITON_INTERPRET
+    unset unless env_vars sets it, and return the JSON its last line prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_vars, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.abspath(test_file)], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-4000:]
