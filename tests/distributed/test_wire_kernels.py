@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from tests.helpers import interpreter_results as run_interpreted
+from tests.helpers import print_interpreter_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KINDS = ("none", "fp8", "mxfp4")
@@ -277,9 +278,4 @@ def test_raw_decode_is_a_view_and_raw_encode_no_copy():
 
 
 if __name__ == "__main__":
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    results = _interpreter_cases()
-    results["seed"] = seed
-    print(json.dumps(results))
+    print_interpreter_cases(_interpreter_cases)
