@@ -160,7 +160,8 @@ class MLAAttention(nn.Module):
         nd = meta.num_decodes
         if nd:
             q_latent = torch.einsum("thd,hdl->thl", q_nope[:nd], self.w_uk)
-            o_latent = mla_decode(q_latent, q_pe[:nd].contiguous(), self.kv_cache, meta.block_tables[:nd],
+            # q_pe: a strided view into q (the kernel takes its strides), no copy
+            o_latent = mla_decode(q_latent, q_pe[:nd], self.kv_cache, meta.block_tables[:nd],
                                   meta.seq_lens[:nd], self.scale)
             # per head [nd, L] x [L, v], written straight into out's rows (no copy kernel)
             torch.bmm(o_latent.transpose(0, 1), self.w_uv.transpose(1, 2), out=out[:nd].transpose(0, 1))
@@ -238,7 +239,7 @@ class GQAAttention(nn.Module):
         out = x.new_empty(t, self.num_heads, self.head_dim)
         nd = meta.num_decodes
         if nd:
-            paged_decode(q[:nd].contiguous(), k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+            paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
                          self.scale, out=out[:nd])
         if meta.num_prefills:
             out[nd:] = paged_prefill(q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.query_lens[nd:],

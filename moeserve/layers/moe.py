@@ -29,6 +29,7 @@ from moeserve.distributed.groups import get_parallel_state
 from moeserve.kernels.fp8 import FP8_DTYPE
 from moeserve.kernels.activation import silu_and_mul
 from moeserve.kernels.fused_moe import fused_moe
+from moeserve.kernels.router_gemm import router_logits
 from moeserve.kernels.routing import RoutingConfig, select_experts
 from moeserve.layers.linear import LinearPart, MergedColumnLinear, _ceil_div, _shard, row_parallel, tp_world
 
@@ -58,8 +59,8 @@ class Router(nn.Module):
     """Router logits, then the fused top-k selection (kernels/routing.py).
 
     DeepSeek's gate runs in fp32 (transformers casts input and weight every call): the weight is
-    kept in fp32 from loading on, so a step casts only the activations. Qwen3's gate runs in the
-    model dtype."""
+    kept in fp32 from loading on, and the logits kernel (kernels/router_gemm.py) upcasts the
+    activations in registers. Qwen3's gate runs in the model dtype."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -75,7 +76,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.to(torch.float32) if self.fp32 else x, self.weight)
+        logits = router_logits(x, self.weight) if self.fp32 else F.linear(x, self.weight)
         return select_experts(logits, self.routing, self.e_score_correction_bias)
 
 

@@ -44,7 +44,7 @@ def _cases() -> dict:
     """name -> wrapper call (a thunk). Tiny shapes, valid on a GPU: dot tiles >= 16, heads of 128."""
     from moeserve.distributed.dispatch import Placement
     from moeserve.kernels import activation, attention_triton as at, fp8, fused_moe, gemv, mla_cache, moe_config
-    from moeserve.kernels import rmsnorm, rotary, routing
+    from moeserve.kernels import rmsnorm, rotary, router_gemm, routing
     from moeserve.kernels import wire_codecs as wc
 
     bf, fp16, e4m3 = torch.bfloat16, torch.float16, fp8.FP8_DTYPE
@@ -81,6 +81,10 @@ def _cases() -> dict:
         logits, routing.RoutingConfig(6, "softmax", "group_limited_greedy", 8, 3))
     cases["routing_noaux_tc"] = lambda: routing.select_experts_triton(
         logits.float(), routing.RoutingConfig(8, "sigmoid", "noaux_tc", 8, 4, True, 2.5), torch.randn(64))
+    # router logits: bf16 activations against the fp32 weight, the GPU's block sizes
+    for block_e in (1, 2):
+        cases[f"router_logits_e{block_e}"] = lambda block_e=block_e: router_gemm.router_logits_triton(
+            torch.randn(t, 512, dtype=bf), torch.randn(64, 512), block_e=block_e)
 
     # dense GEMMs: the FP8 block GEMM (separate / fused activation quant, split-K 1 / 4) and the
     # unquantized small-M gemv (split-K 1 / >1, bias or not), with the GPU's default configs

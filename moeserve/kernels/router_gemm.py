@@ -1,0 +1,82 @@
+"""Router logits in fp32 for decode-sized batches: logits [T, E] = x [T, H] @ W [E, H]^T.
+
+DeepSeek's gate computes in fp32 (transformers casts the hidden states and the weight each call);
+the weight stays fp32 from loading on (layers/moe.py Router), so on the GPU a step used to pay a
+cast kernel for x and a cuBLAS fp32 GEMV: two launches (~2.4 + ~2.2 us at batch 1, ~3.5 + ~5.8 us
+at batch 64 on an H200, per MoE layer) for a 0.5 MB (V2-Lite) to 7 MB (V3) read of W. This kernel
+reads x in its own dtype and upcasts in registers, so it is one launch. The products are fp32 FMAs
+(no tensor cores: tl.dot would round fp32 operands to TF32), summed per BLOCK_K slice then across
+slices, so a logit differs from the cast-then-GEMM one only in summation order.
+
+One program per (BLOCK_E experts, BLOCK_T tokens) tile, streaming its W rows once; BLOCK_E is
+chosen so that even batch 1 has about one program per SM. Used for T <= ROUTER_TRITON_MAX_T;
+larger batches are compute-shaped and go to cuBLAS (cast + F.linear).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeserve.kernels.rmsnorm import _use_triton, triton
+
+if triton is not None:
+    import triton.language as tl
+
+ROUTER_TRITON_MAX_T = 64
+
+
+def router_logits_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.to(torch.float32), weight)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden, stride_x, stride_w, stride_o,
+                              BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        e_mask = offs_e < num_experts
+        t_mask = offs_t < num_tokens
+        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < hidden
+            x = tl.load(x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_e[:, None] * stride_w + offs_k[None, :], mask=e_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        tl.store(out_ptr + offs_t[:, None] * stride_o + offs_e[None, :], acc, mask=t_mask[:, None] & e_mask[None, :])
+
+
+def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, block_e: int | None = None,
+                         block_k: int = 256) -> torch.Tensor:
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    block_t = min(16, triton.next_power_of_2(num_tokens))
+    # ~one program per SM at batch 1 (64 experts: 2 per program; 256: 2 as well, each a 57 KB read
+    # of V3's W); at most 16 x BLOCK_E x BLOCK_K products live per step.
+    if block_e is None:
+        block_e = 2 if num_experts >= 64 else 1
+        if not x.is_cuda:  # the interpreter: fewer, larger programs keep tests fast
+            block_e, block_k = triton.next_power_of_2(num_experts), min(block_k, triton.next_power_of_2(hidden))
+    grid = (triton.cdiv(num_experts, block_e), triton.cdiv(num_tokens, block_t))
+    _router_logits_kernel[grid](x, weight, out, num_tokens, num_experts, hidden, x.stride(0), weight.stride(0),
+                                out.stride(0), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
+                                num_warps=4, num_stages=3)
+    return out
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of x [T, H] (any float dtype) against the fp32 weight [E, H]: the kernel at decode
+    sizes where Triton runs, else cast + F.linear."""
+    if (x.dim() == 2 and weight.dtype == torch.float32 and weight.stride(-1) == 1 and x.shape[0] <= ROUTER_TRITON_MAX_T
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _use_triton(x, weight)):
+        return router_logits_triton(x, weight)
+    return router_logits_ref(x, weight)
