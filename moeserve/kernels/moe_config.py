@@ -159,7 +159,8 @@ def dense_fp8_config(m: int, n: int, k: int, device: torch.device) -> dict:
 #    range >= GEMV_MIN_STEPS steps long (a shorter one never fills its load pipeline). The fp32
 #    partials (splits x M x N x 4 bytes) then stay under 1/8 of the weight bytes at M <= 16, and the
 #    fixed-order reduce is one more launch (~1.5-2 us at these sizes, kernels_norm.md's floor).
-# No measurement yet: these are the FP8 decode config's choices carried over to 2-byte weights;
+# Measured on an H200 (docs/perf/engine_v2lite.md, 2026-12-01): slower than cuBLAS at V2-Lite shapes,
+# even with V3; hence off by default (EngineConfig.dense_gemv). These are the FP8 decode config's choices;
 # benchmarks/kernel_bench_dense.py --tune sweeps BLOCK_N x BLOCK_K x SPLIT_K and writes the table
 # `dense_gemv_<arch>.json`, which gemv_config reads first. The config does not depend on M, so the
 # CUDA graphs of batch 1..16 share one compiled kernel per shape.
