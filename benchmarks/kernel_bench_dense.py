@@ -14,6 +14,9 @@ decode step's calls (SHAPES' counts) for cuBLAS, the kernel and the roofline.
 --tune: BLOCK_N x BLOCK_K x SPLIT_K candidates per case; the best per shape and M go to
 dense_gemv_<arch>.json in --out (moe_config.gemv_config reads that file from kernels/configs/).
 --smoke: tiny shapes on CPU under TRITON_INTERPRET=1 in fp32, to check the script itself.
+--router: instead, the router logits (kernels/router_gemm.py: bf16 x, fp32 W, fp32 out, one launch)
+against what it replaces (x cast to fp32, then cuBLAS F.linear) at V2-Lite's and V3's gate shapes,
+M = 1..64; writes kernels_router.json. Correctness: relative error < 1e-6 against the cast + GEMM.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ SHAPES = {  # model: [(projection, N, K, calls in one decode step)]
            ("dense down", 7168, 18432, 3), ("lm_head", 129280, 7168, 1)],
 }
 TOKENS = [1, 2, 4, 8, 16]
+ROUTER_SHAPES = {"V2-Lite": (64, 2048, 26), "V3": (256, 7168, 58)}  # experts, hidden, MoE layers
+ROUTER_TOKENS = [1, 8, 16, 64]
 MAX_ERR = 1e-2
 MAX_COPIES = 64
 
@@ -163,6 +168,28 @@ def write_report(out, meta, rows, tuned):
     return lines
 
 
+def router_rows(bw: float, smoke: bool) -> list[dict]:
+    """The router kernel against cast + F.linear, per gate shape and M (see the module docstring)."""
+    from moeserve.kernels.router_gemm import router_logits_ref, router_logits_triton
+
+    device = torch.device("cpu" if smoke else "cuda")
+    rows = []
+    for model, (e, h, calls) in ROUTER_SHAPES.items():
+        ws = weight_copies(e, h, torch.float32, device)
+        for m in ROUTER_TOKENS:
+            xs = [torch.randn(m, h, device=device).to(torch.float32 if smoke else torch.bfloat16) for _ in ws]
+            err = rel_err(router_logits_triton(xs[0], ws[0]), router_logits_ref(xs[0], ws[0]))
+            row = {"model": model, "E": e, "H": h, "M": m, "calls": calls, "err_vs_ref": err, "ok": err < 1e-6,
+                   "t_cast_cublas_us": time_us(lambda i: router_logits_ref(xs[i], ws[i]), len(ws), smoke),
+                   "t_triton_us": time_us(lambda i: router_logits_triton(xs[i], ws[i]), len(ws), smoke),
+                   "roof_us": (e * h * 4 + m * h * 2 + m * e * 4) / bw * 1e6}
+            row["triton_over_cublas"] = row["t_triton_us"] / row["t_cast_cublas_us"]
+            print(f"| {model} router {e}x{h} | {m} | {row['t_cast_cublas_us']:.1f} | {row['t_triton_us']:.1f} | "
+                  f"{row['roof_us']:.1f} | {row['triton_over_cublas']:.2f} | {err:.1e}{'' if row['ok'] else ' FAIL'} |")
+            rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -171,6 +198,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop tuning past this many seconds")
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--router", action="store_true", help="the router-logits kernel instead (see above)")
     args = ap.parse_args()
     t_start = time.time()
     if args.smoke:
@@ -187,6 +215,17 @@ def main():
             "git_commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
             "triton": triton.__version__, "copy_bandwidth_GBps": bw / 1e9, "dtype": str(dtype)}
     print(json.dumps(meta))
+    if args.router:
+        if args.smoke:
+            ROUTER_SHAPES.clear()
+            ROUTER_SHAPES.update({"tiny": (6, 100, 2)})
+            ROUTER_TOKENS[:] = [1, 3]
+        print("| gate | M | cast + cuBLAS us | Triton us | roofline us | Triton / cuBLAS | rel err |")
+        rows = router_rows(bw, args.smoke)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernels_router.json"), "w") as f:
+            json.dump({**meta, "wall_s": time.time() - t_start, "cases": rows}, f, indent=1)
+        sys.exit(0 if all(r["ok"] for r in rows) else 1)
     tune_until = t_start + args.budget_s if args.tune else 0.0
     rows, tuned = [], {}
     for model in args.models.split(","):

@@ -167,5 +167,14 @@ def test_dense_bench_smoke(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("|")  # the table comes last
 
 
+def test_router_bench_smoke(tmp_path):
+    """kernel_bench_dense.py --smoke --router: the router kernel's rows, checked against cast + GEMM."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_bench_dense.py"), "--smoke",
+                           "--router", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = json.loads((tmp_path / "kernels_router.json").read_text())["cases"]
+    assert [r["M"] for r in cases] == [1, 3] and all(r["ok"] and r["t_triton_us"] > 0 for r in cases)
+
+
 if __name__ == "__main__":
     print_interpreter_cases(_interpreter_cases)
