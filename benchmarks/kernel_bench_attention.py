@@ -344,10 +344,11 @@ def measure_prefill(row, run, sdpa, ref_check, flops, nbytes, bw, tflops, smoke,
 
 
 def default_splits(row, batch, cfg, smoke):
-    from moeserve.kernels.attention_triton import _sm_count, choose_num_splits
+    from moeserve.kernels.attention_triton import MLA_RESIDENT, _sm_count, choose_num_splits
     sms = _sm_count(torch.device("cpu" if smoke else "cuda"))
     if row["kernel"] == "mla_decode":
-        return choose_num_splits(batch, -(-row["heads"] // max(16, min(cfg.get("block_h", 16), row["heads"]))), sms)
+        return choose_num_splits(batch, -(-row["heads"] // max(16, min(cfg.get("block_h", 16), row["heads"]))), sms,
+                                 resident=MLA_RESIDENT)
     return choose_num_splits(batch, GQA_MODELS[row["model"]][1], sms)
 
 

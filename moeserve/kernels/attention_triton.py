@@ -40,6 +40,7 @@ from moeserve.kernels.attention import memoized, to_device_async
 
 MAX_SPLITS = 32
 MIN_HEAD_BLOCK = 16  # tl.dot needs M >= 16
+MLA_RESIDENT = 2  # MLA decode programs per SM at once (default tiles): see choose_num_splits
 # prefill launch table, one row per program: (block-table row, first query token, q_len, k_len,
 # first key token (contiguous K/V), first query of the block within the sequence)
 PLAN_COLS = tl.constexpr(6)
@@ -316,13 +317,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(batch: int, programs_per_seq: int, sm_count: int, max_splits: int = MAX_SPLITS) -> int:
-    """Splits per sequence so that batch * programs_per_seq * splits covers about two waves of SMs.
+def choose_num_splits(batch: int, programs_per_seq: int, sm_count: int, max_splits: int = MAX_SPLITS,
+                      resident: int | None = None) -> int:
+    """Splits per sequence, from shapes only (no seq_lens values: the choice is fixed at CUDA-graph
+    capture; splits past a short sequence's end cost one empty program each).
 
-    Shapes only (no seq_lens values): the choice is fixed at CUDA-graph capture. Splits past a
-    short sequence's end cost one empty program each, which is cheap next to a long one's loop.
+    resident: how many programs of the kernel fit on one SM at once, where that is few (the MLA
+    kernel: 2, with its 16 x 512 fp32 accumulator and two 36 KB tile stages). The splits then stop
+    at one full wave of resident programs, because a partial second wave takes as long as a whole
+    one (H200, V2-Lite batch 64 at 1024 tokens: 4 splits 39.7 us, 5 splits 46.2;
+    docs/perf/kernels_attention_splits_h200.json). Without it (the GQA kernel: small tiles, many
+    resident) at least two waves of SMs, which measured best there.
     """
     programs = max(batch * programs_per_seq, 1)
+    if resident:
+        return max(1, min(max_splits, resident * sm_count // programs))
     return max(1, min(max_splits, triton.cdiv(2 * sm_count, programs)))
 
 
@@ -360,7 +369,7 @@ def mla_decode_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: to
     block_h = max(MIN_HEAD_BLOCK, min(block_h, triton.next_power_of_2(num_heads)))
     head_blocks = triton.cdiv(num_heads, block_h)
     if num_splits is None:
-        num_splits = choose_num_splits(batch, head_blocks, _sm_count(q_latent.device))
+        num_splits = choose_num_splits(batch, head_blocks, _sm_count(q_latent.device), resident=MLA_RESIDENT)
     block_l = triton.next_power_of_2(latent)
     part = torch.empty(batch, num_heads, num_splits, block_l, dtype=torch.float32, device=q_latent.device)
     lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q_latent.device)

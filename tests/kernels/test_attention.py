@@ -236,6 +236,18 @@ def test_num_splits_fill_the_gpu():
         assert batch * 4 * splits >= 2 * sms or splits == MAX_SPLITS
 
 
+def test_mla_splits_stop_at_one_wave_of_resident_programs():
+    sms, resident = 132, 2
+    assert choose_num_splits(1, 1, sms, resident=resident) == MAX_SPLITS
+    assert choose_num_splits(64, 1, sms, resident=resident) == 4  # 256 programs <= 264 slots (5 would be 320)
+    assert choose_num_splits(128, 1, sms, resident=resident) == 2
+    assert choose_num_splits(32, 8, sms, resident=resident) == 1  # V3's 8 head blocks: 256 programs already
+    assert choose_num_splits(512, 1, sms, resident=resident) == 1  # more sequences than slots: no split
+    for batch in (1, 3, 17, 64, 100, 132):
+        splits = choose_num_splits(batch, 1, sms, resident=resident)
+        assert batch * splits <= resident * sms or splits == 1
+
+
 def test_random_cache_hides_nan_in_unused_slots():
     """The helper's layout (which the interpreter cases rely on): used slots finite, the rest NaN."""
     seq_lens = [1, 18, 33]
