@@ -24,6 +24,7 @@ if triton is not None:
     import triton.language as tl
 
 ROUTER_TRITON_MAX_T = 64
+ROUTER_TILES = dict(BLOCK_T=4, BLOCK_E=1, BLOCK_K=2048, num_warps=4)  # GPU tiles, capped by T and H
 
 
 def router_logits_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -51,25 +52,25 @@ if triton is not None:
         tl.store(out_ptr + offs_t[:, None] * stride_o + offs_e[None, :], acc, mask=t_mask[:, None] & e_mask[None, :])
 
 
-def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, block_e: int | None = None,
-                         block_k: int = 256) -> torch.Tensor:
+def default_router_tiles(num_tokens: int, num_experts: int, hidden: int, on_gpu: bool) -> dict:
+    if not on_gpu:  # the interpreter: few, large programs keep tests fast
+        return dict(BLOCK_T=min(16, triton.next_power_of_2(num_tokens)), BLOCK_E=triton.next_power_of_2(num_experts),
+                    BLOCK_K=min(256, triton.next_power_of_2(hidden)), num_warps=4)
+    return dict(ROUTER_TILES, BLOCK_T=min(ROUTER_TILES["BLOCK_T"], triton.next_power_of_2(num_tokens)),
+                BLOCK_K=min(ROUTER_TILES["BLOCK_K"], triton.next_power_of_2(hidden)))
+
+
+def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, tiles: dict | None = None) -> torch.Tensor:
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     out = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
-    block_t = min(16, triton.next_power_of_2(num_tokens))
-    # ~one program per SM at batch 1 (64 experts: 2 per program; 256: 2 as well, each a 57 KB read
-    # of V3's W); at most 16 x BLOCK_E x BLOCK_K products live per step.
-    if block_e is None:
-        block_e = 2 if num_experts >= 64 else 1
-        if not x.is_cuda:  # the interpreter: fewer, larger programs keep tests fast
-            block_e, block_k = triton.next_power_of_2(num_experts), min(block_k, triton.next_power_of_2(hidden))
-    grid = (triton.cdiv(num_experts, block_e), triton.cdiv(num_tokens, block_t))
+    tiles = tiles or default_router_tiles(num_tokens, num_experts, hidden, x.is_cuda)
+    grid = (triton.cdiv(num_experts, tiles["BLOCK_E"]), triton.cdiv(num_tokens, tiles["BLOCK_T"]))
     _router_logits_kernel[grid](x, weight, out, num_tokens, num_experts, hidden, x.stride(0), weight.stride(0),
-                                out.stride(0), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
-                                num_warps=4, num_stages=3)
+                                out.stride(0), num_stages=2, **tiles)
     return out
 
 

@@ -83,8 +83,9 @@ def _cases() -> dict:
         logits.float(), routing.RoutingConfig(8, "sigmoid", "noaux_tc", 8, 4, True, 2.5), torch.randn(64))
     # router logits: bf16 activations against the fp32 weight, the GPU's block sizes
     for block_e in (1, 2):
-        cases[f"router_logits_e{block_e}"] = lambda block_e=block_e: router_gemm.router_logits_triton(
-            torch.randn(t, 512, dtype=bf), torch.randn(64, 512), block_e=block_e)
+        tiles = dict(router_gemm.ROUTER_TILES, BLOCK_E=block_e, BLOCK_K=512)
+        cases[f"router_logits_e{block_e}"] = lambda tiles=tiles: router_gemm.router_logits_triton(
+            torch.randn(t, 512, dtype=bf), torch.randn(64, 512), tiles)
 
     # dense GEMMs: the FP8 block GEMM (separate / fused activation quant, split-K 1 / 4) and the
     # unquantized small-M gemv (split-K 1 / >1, bias or not), with the GPU's default configs
