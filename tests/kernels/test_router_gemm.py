@@ -71,6 +71,15 @@ def test_cpu_without_interpreter_uses_the_reference():
     assert torch.equal(router_logits(x, w), router_logits_ref(x, w))
 
 
+def test_kernel_serves_decode_batches_only():
+    from moeserve.kernels.router_gemm import kernel_serves
+
+    v2_lite, v3 = 64 * 2048 * 4, 256 * 7168 * 4
+    assert all(kernel_serves(t, v2_lite) for t in (1, 8, 16, 64))
+    assert kernel_serves(16, v3) and not kernel_serves(64, v3)  # 16 re-reads of V3's 7.3 MB: cuBLAS wins
+    assert not kernel_serves(65, v2_lite)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
