@@ -88,8 +88,12 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     x, w13, w2, w, ids = random_moe(7, 4, 80, 48, 2, torch.float32)
     q13, s13 = quant_block_fp8_ref(w13, block)
     q2, s2 = quant_block_fp8_ref(w2, block)
+    # Against its exact emulation, but the intermediate is quantized after sums taken in another
+    # order: a value on an e4m3 rounding boundary can land one step (1/8 to 1/16) apart. Without a
+    # flip the error is < 1e-6 (40 seeds); a flip broke the former 1e-5 bound once in ~65 runs: it
+    # moves one of the 7 x 2 x 48 intermediates by a step, a few 1e-3 of the output's norm at most.
     results["fp8_w8a8"] = (rel_err(fused_moe(x, q13, q2, w, ids, s13, s2, block),
-                                   fused_moe_w8a8_ref(x, q13, q2, w, ids, s13, s2, block)), 1e-5)
+                                   fused_moe_w8a8_ref(x, q13, q2, w, ids, s13, s2, block)), 2e-2)
     results["fp8_w8a16"] = (rel_err(fused_moe(x, q13, q2, w, ids, s13, s2, block, fp8_activations=False),
                                     fused_moe_ref(x, q13, q2, w, ids, s13, s2, block)), 1e-5)
     # W8A8 against the reference that keeps activations unquantized: e4m3 rounding of both GEMMs'
