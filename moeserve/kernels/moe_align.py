@@ -8,8 +8,13 @@ Pair p = t * top_k + j stands for token t's j-th expert, topk_ids[t, j]. Outputs
 - num_padded [1] int32: how many slots are in use (a multiple of BLOCK_M).
 Pairs whose expert id is < 0 (experts on other ranks) are left out. Sizes depend only on the
 shapes, never on the ids, so no host sync is needed and the step can be captured in a graph.
-The Triton version works in chunks of pairs over three launches; a first version in one program
-took 7 ms for 65,536 pairs (T=8192, top-8) on an H100, a third of the whole MoE layer.
+Two Triton paths, picked by the number of pairs (moe_align_block_size_triton):
+- up to ONE_PROGRAM_MAX_PAIRS (decode batches): one launch of one program; each pair's place within
+  its expert comes from sorting the keys expert * N + pair (tl.sort), not from comparing pairs.
+- above it (prefill): chunks of pairs over three launches (count, offsets, scatter). A first version
+  in one program took 7 ms for 65,536 pairs (T=8192, top-8) on an H100, a third of the whole MoE
+  layer: one program cannot spread a large sort or scatter over the GPU.
+Within an expert the pairs keep ascending pair order (the reference's stable sort) on both paths.
 """
 
 from __future__ import annotations
@@ -63,6 +68,49 @@ if triton is not None:
         e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
         keep = (e >= 0) & (e < num_experts)
         return tl.where(keep, e, 0), keep
+
+    @triton.jit
+    def _align_one_program_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_experts,
+                                  max_padded, num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                                  N_PAD: tl.constexpr, FILL: tl.constexpr, BLOCK_FILL: tl.constexpr):
+        # The whole align in one program, for up to N_PAD pairs (a power of two >= num_pairs).
+        lanes = tl.arange(0, N_PAD)
+        e, keep = _load_experts(ids_ptr, lanes, num_pairs, num_experts)
+        experts = tl.arange(0, E_PAD)
+        counts = tl.histogram(e, E_PAD)
+        dropped = tl.sum((~keep).to(tl.int32), 0)  # dropped pairs and the lanes past the end read as expert 0
+        counts = tl.where(experts == 0, counts - dropped, counts)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        total = tl.sum(padded, 0)
+        tl.store(num_padded_ptr, total)
+        # slot of an expert's first pair (its padded run's start) minus that pair's place in the
+        # unpadded sorted order (the pairs of all lower experts)
+        shift = (tl.cumsum(padded, 0) - padded) - (tl.cumsum(counts, 0) - counts)
+
+        # Sorted by expert, then by pair id (unique keys, so any sort keeps pairs in order within an
+        # expert); dropped pairs and the lanes past the end sort last, as expert E_PAD.
+        key = tl.sort(tl.where(keep, e, E_PAD) * N_PAD + lanes)
+        key_e = key // N_PAD
+        placed = key_e < E_PAD
+        key_e = tl.minimum(key_e, E_PAD - 1)
+        dest = lanes + tl.gather(shift, key_e, 0)  # lane = place in the unpadded sorted order
+
+        # block_expert: each block in use holds, at its first slot, an expert's pair of rank
+        # 0, BLOCK_M, 2 * BLOCK_M, ...: that pair names the block; blocks past the end get -1. The two
+        # stores hit disjoint blocks.
+        tl.store(block_expert_ptr + dest // BLOCK_M, key_e, mask=placed & (dest % BLOCK_M == 0))
+        for b in range(0, num_blocks, BLOCK_FILL):
+            blocks = b + tl.arange(0, BLOCK_FILL)
+            tl.store(block_expert_ptr + blocks, tl.full([BLOCK_FILL], -1, tl.int32),
+                     mask=(blocks < num_blocks) & (blocks * BLOCK_M >= total))
+
+        # sorted_ids: the sentinel everywhere, then the pairs over it. The barrier orders the two
+        # stores across the program's threads (each thread's own stores are ordered anyway).
+        for s in range(0, max_padded, FILL):
+            slots = s + tl.arange(0, FILL)
+            tl.store(sorted_ptr + slots, tl.zeros([FILL], tl.int32) + num_pairs, mask=slots < max_padded)
+        tl.debug_barrier()
+        tl.store(sorted_ptr + dest, key % N_PAD, mask=placed)
 
     @triton.jit
     def _align_count_kernel(ids_ptr, chunk_counts_ptr, sorted_ptr, num_pairs, num_experts, max_padded,
@@ -132,8 +180,32 @@ if triton is not None:
         tl.store(block_expert_ptr + blocks, e_of, mask=blocks < num_blocks)
 
 
-def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_experts: int):
-    """Three small launches: count per chunk, offsets (one program), scatter per chunk."""
+# The one-program path's bound on num_pairs. Decode is where align's launches show (~2 us each
+# against a few-us layer), and a decode batch has B * (top-k [+ shared slots]) pairs: V3 top-8 at the
+# default max_num_seqs 256 is 2048; V2-Lite top-6 + 2 shared slots at 64 seqs is 512. The one program
+# sorts next_power_of_2(num_pairs) keys in O(n log^2 n) compare-exchange steps on one SM (66 steps of
+# 8 keys a thread at 2048, with 8 warps) and writes max_padded slots; that stays a few us, below the
+# three-pass path's fixed ~3 launches, up to about this size. Past it the work grows on one SM while
+# the three-pass path spreads it over the chunks' programs. kernel_bench_moe.py --align times both
+# paths on each side of this bound.
+ONE_PROGRAM_MAX_PAIRS = 2048
+
+
+def _launch_one_program(ids, sorted_ids, block_expert, num_padded, block_m, num_experts, num_warps=None):
+    num_pairs = ids.numel()
+    e_pad = triton.next_power_of_2(max(num_experts, 2))
+    n_pad = triton.next_power_of_2(max(num_pairs, 16))
+    assert (e_pad + 1) * n_pad < 2 ** 31, "sort keys expert * N_PAD + pair must fit in int32"
+    _align_one_program_kernel[(1,)](ids, sorted_ids, block_expert, num_padded, num_pairs, num_experts,
+                                    sorted_ids.numel(), block_expert.numel(), BLOCK_M=block_m, E_PAD=e_pad,
+                                    N_PAD=n_pad, FILL=1024, BLOCK_FILL=256,
+                                    num_warps=num_warps or (4 if n_pad <= 1024 else 8))
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_experts: int,
+                                one_program: bool | None = None):
+    """One program up to ONE_PROGRAM_MAX_PAIRS pairs, else three launches: count per chunk, offsets
+    (one program), scatter per chunk. one_program: force a path (tests, benchmarks)."""
     ids = topk_ids.reshape(-1)
     ids = ids if ids.is_contiguous() else ids.contiguous()
     num_pairs = ids.numel()
@@ -144,6 +216,11 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_expert
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
     e_pad = triton.next_power_of_2(max(num_experts, 2))
+    if one_program is None:
+        one_program = num_pairs <= ONE_PROGRAM_MAX_PAIRS
+    if one_program:
+        _launch_one_program(ids, sorted_ids, block_expert, num_padded, block_m, num_experts)
+        return sorted_ids, block_expert, num_padded
     chunk = min(256, triton.next_power_of_2(max(num_pairs, 16)))
     num_chunks = max(1, triton.cdiv(num_pairs, chunk))
     chunk_start = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
@@ -155,7 +232,7 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_expert
     rows = max(1, min(16, 8192 // e_pad))
     _align_offsets_kernel[(1,)](chunk_start, pad_end, num_padded, num_chunks, num_experts, BLOCK_M=block_m,
                                 E_PAD=e_pad, ROWS=rows, num_warps=8)
-    blocks_per_prog = triton.next_power_of_2(triton.cdiv(num_blocks, num_chunks))
+    blocks_per_prog = triton.next_power_of_2(max(1, triton.cdiv(num_blocks, num_chunks)))  # 1: no pairs
     _align_scatter_kernel[(num_chunks,)](ids, chunk_start, pad_end, num_padded, sorted_ids, block_expert, num_pairs,
                                          num_experts, num_blocks, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
                                          BLOCKS_PER_PROG=blocks_per_prog, num_warps=4 if chunk <= 64 else 8)

@@ -44,7 +44,7 @@ def _cases() -> dict:
     """name -> wrapper call (a thunk). Tiny shapes, valid on a GPU: dot tiles >= 16, heads of 128."""
     from moeserve.distributed.dispatch import Placement
     from moeserve.kernels import activation, attention_triton as at, fp8, fused_moe, gemv, mla_cache, moe_config
-    from moeserve.kernels import rmsnorm, rotary, router_gemm, routing
+    from moeserve.kernels import moe_align, rmsnorm, rotary, router_gemm, routing
     from moeserve.kernels import wire_codecs as wc
 
     bf, fp16, e4m3 = torch.bfloat16, torch.float16, fp8.FP8_DTYPE
@@ -108,7 +108,15 @@ def _cases() -> dict:
             cases[f"gemv_{dtype}_split{split}_bias"] = lambda xd=xd, wk=wk, bias=bias, cfg=cfg: gemv.gemv_triton(
                 xd, wk, bias, cfg)
 
-    # fused MoE (align kernels, the two grouped GEMMs, the sum): bf16; FP8 weights with FP8
+    # moe_align on its own: the one-program path (decode) at its smallest and largest sort (8 warps),
+    # and the three-pass path (prefill) that the small fused-MoE cases below do not reach
+    for pairs in (6, moe_align.ONE_PROGRAM_MAX_PAIRS):
+        cases[f"moe_align_one_program_{pairs}"] = lambda pairs=pairs: moe_align.moe_align_block_size_triton(
+            torch.randint(-1, 66, (pairs,)), 16, 66)
+    cases["moe_align_three_pass"] = lambda: moe_align.moe_align_block_size_triton(
+        torch.randint(-1, 64, (600, 6)), 64, 64)
+
+    # fused MoE (align, the two grouped GEMMs, the sum): bf16; FP8 weights with FP8
     # activations quantized apart or in the GEMM, or bf16 activations; the sum with an addend
     tokens, experts, top_k, h, inter = 4, 8, 2, 256, 256
     xm = torch.randn(tokens, h, dtype=bf)
