@@ -133,8 +133,10 @@ if triton is not None:
     @triton.jit
     def _align_offsets_kernel(chunk_counts_ptr, pad_end_ptr, num_padded_ptr, num_chunks, num_experts,
                               BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr):
-        # Pass 2, one program: padded run of each expert, and where each chunk's pairs of each
-        # expert start (written over the counts): run start + pairs of that expert in earlier chunks.
+        # Pass 2, one program: padded run of each expert, and for each chunk and expert (written over
+        # the counts) the slot where the chunk's pairs of that expert start (run start + pairs of
+        # that expert in earlier chunks) minus where they start in the chunk sorted by expert (the
+        # chunk's pairs of lower experts): pass 3 adds a pair's place in its sorted chunk.
         experts = tl.arange(0, E_PAD)
         counts = tl.zeros([E_PAD], tl.int32)
         for r in range(0, num_chunks, ROWS):
@@ -152,11 +154,12 @@ if triton is not None:
             rows = r + tl.arange(0, ROWS)
             ptrs = chunk_counts_ptr + rows[:, None] * E_PAD + experts[None, :]
             tile = tl.load(ptrs, mask=rows[:, None] < num_chunks, other=0)
-            tl.store(ptrs, start[None, :] + tl.cumsum(tile, axis=0) - tile, mask=rows[:, None] < num_chunks)
+            lower = tl.cumsum(tile, axis=1) - tile
+            tl.store(ptrs, start[None, :] + tl.cumsum(tile, axis=0) - tile - lower, mask=rows[:, None] < num_chunks)
             start += tl.sum(tile, axis=0)
 
     @triton.jit
-    def _align_scatter_kernel(ids_ptr, chunk_start_ptr, pad_end_ptr, num_padded_ptr, sorted_ptr,
+    def _align_scatter_kernel(ids_ptr, chunk_shift_ptr, pad_end_ptr, num_padded_ptr, sorted_ptr,
                               block_expert_ptr, num_pairs, num_experts, num_blocks,
                               BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                               BLOCKS_PER_PROG: tl.constexpr):
@@ -164,12 +167,13 @@ if triton is not None:
         # name the expert of this program's share of the row blocks.
         c = tl.program_id(0)
         lanes = tl.arange(0, CHUNK)
-        offs = c * CHUNK + lanes
-        e, keep = _load_experts(ids_ptr, offs, num_pairs, num_experts)
-        base = tl.load(chunk_start_ptr + c * E_PAD + e)
-        rank = tl.sum(((e[:, None] == e[None, :]) & keep[None, :] & (lanes[None, :] < lanes[:, None])).to(tl.int32),
-                      axis=1)
-        tl.store(sorted_ptr + base + rank, offs, mask=keep)
+        e, keep = _load_experts(ids_ptr, c * CHUNK + lanes, num_pairs, num_experts)
+        # the chunk sorted by expert, then by pair (as in the one-program kernel); dropped pairs last
+        key = tl.sort(tl.where(keep, e, E_PAD) * CHUNK + lanes)
+        key_e = key // CHUNK
+        placed = key_e < E_PAD
+        dest = lanes + tl.load(chunk_shift_ptr + c * E_PAD + key_e, mask=placed, other=0)
+        tl.store(sorted_ptr + dest, c * CHUNK + key % CHUNK, mask=placed)
 
         blocks = c * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
         first_slot = blocks * BLOCK_M
@@ -223,17 +227,17 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_expert
         return sorted_ids, block_expert, num_padded
     chunk = min(256, triton.next_power_of_2(max(num_pairs, 16)))
     num_chunks = max(1, triton.cdiv(num_pairs, chunk))
-    chunk_start = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
+    chunk_shift = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     pad_end = torch.empty(e_pad, dtype=torch.int32, device=device)
     fill = 512
-    _align_count_kernel[(num_chunks,)](ids, chunk_start, sorted_ids, num_pairs, num_experts, max_padded,
+    _align_count_kernel[(num_chunks,)](ids, chunk_shift, sorted_ids, num_pairs, num_experts, max_padded,
                                        triton.cdiv(max_padded, num_chunks), E_PAD=e_pad, CHUNK=chunk, FILL=fill,
                                        num_warps=4)
     rows = max(1, min(16, 8192 // e_pad))
-    _align_offsets_kernel[(1,)](chunk_start, pad_end, num_padded, num_chunks, num_experts, BLOCK_M=block_m,
+    _align_offsets_kernel[(1,)](chunk_shift, pad_end, num_padded, num_chunks, num_experts, BLOCK_M=block_m,
                                 E_PAD=e_pad, ROWS=rows, num_warps=8)
     blocks_per_prog = triton.next_power_of_2(max(1, triton.cdiv(num_blocks, num_chunks)))  # 1: no pairs
-    _align_scatter_kernel[(num_chunks,)](ids, chunk_start, pad_end, num_padded, sorted_ids, block_expert, num_pairs,
+    _align_scatter_kernel[(num_chunks,)](ids, chunk_shift, pad_end, num_padded, sorted_ids, block_expert, num_pairs,
                                          num_experts, num_blocks, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
                                          BLOCKS_PER_PROG=blocks_per_prog, num_warps=4 if chunk <= 64 else 8)
     return sorted_ids, block_expert, num_padded
