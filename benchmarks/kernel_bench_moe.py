@@ -22,6 +22,16 @@ against separate quant launches (V2-Lite FP8). Writes kernels_fp8_gemm.json (and
 dense_fp8_<arch>.json) to --out.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernel_bench_moe.py --fp8-gemm --out $OUT
+
+--align: moe_align_block_size alone at decode and prefill sizes (V2-Lite 64 experts top-6; 66
+experts top-8, i.e. with 2 shared-expert slots; V3 256 experts top-8; BLOCK_M 16 and 64): the
+one-program path (its default num_warps, and 1/2/4/8 warps), the three-pass path and the dispatch,
+each from CUDA-graph replays and checked bit for bit against the reference; also past
+ONE_PROGRAM_MAX_PAIRS, to show where the two paths cross. Writes kernels_align.json to --out. (The
+MoE rows' t_align_us time the dispatch; t_align_3pass_us the three-pass path where it is not the one
+dispatched.)
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench_moe.py --align --out $OUT
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_
                                   dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton)
 from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref  # noqa: E402
+from moeserve.kernels import moe_align  # noqa: E402
 from moeserve.kernels.moe_align import moe_align_block_size_ref, moe_align_block_size_triton  # noqa: E402
 
 MODELS = {  # name: (E, H, I, top_k, experts routed over: > E means only E are local, the rest -1)
@@ -238,6 +249,9 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
     if tokens == 1 and not smoke:
         row["t_eager_us"] = timer(run_with(config), n_inputs, graph=False)
     row["t_align_us"] = timer(lambda j: moe_align_block_size_triton(routes[j][1], config["BLOCK_M"], e), n_inputs)
+    if tokens * k <= moe_align.ONE_PROGRAM_MAX_PAIRS:  # the dispatch ran one program: the old path beside it
+        row["t_align_3pass_us"] = timer(lambda j: moe_align_block_size_triton(routes[j][1], config["BLOCK_M"], e,
+                                                                              one_program=False), n_inputs)
 
     wbytes_expert = (w13[0].numel() + w2[0].numel()) * w13.element_size()
     if fp8:
@@ -605,6 +619,100 @@ def fp8_gemm_main(args, timer, device, t_start):
     print("\n" + "\n".join(lines))
 
 
+# ---- moe_align alone (--align) --------------------------------------------------------------------
+
+ALIGN_SHAPES = [  # (name, local experts, top_k, experts routed over)
+    ("V2-Lite", 64, 6, 64),
+    ("V2-Lite+2 shared", 66, 8, 66),
+    ("V3", 256, 8, 256),
+]
+ALIGN_TOKENS = [1, 8, 32, 64, 128, 256, 512, 1024, 8192]
+
+
+def align_case(name, e, k, e_routed, tokens, block_m, timer, device, smoke) -> dict:
+    n_inputs = 1 if smoke else 4
+    ids = [routing(tokens, e, e_routed, k, device)[1] for _ in range(n_inputs)]
+    pairs = tokens * k
+    row = {"model": name, "experts": e, "top_k": k, "tokens": tokens, "pairs": pairs, "BLOCK_M": block_m,
+           "one_program_dispatched": pairs <= moe_align.ONE_PROGRAM_MAX_PAIRS}
+    ref = moe_align_block_size_ref(ids[0], block_m, e)
+
+    def one_program(j, warps=None):
+        flat = ids[j].reshape(-1)
+        max_padded = moe_align.max_padded_size(flat.numel(), e, block_m)
+        out = (torch.empty(max_padded, dtype=torch.int32, device=device),
+               torch.empty(max_padded // block_m, dtype=torch.int32, device=device),
+               torch.empty(1, dtype=torch.int32, device=device))
+        moe_align._launch_one_program(flat, *out, block_m, e, num_warps=warps)
+        return out
+
+    def mismatch(out) -> int:
+        return int(sum(int((p != q).sum()) for p, q in zip(ref, out)))
+
+    paths = {"three_pass": lambda j: moe_align_block_size_triton(ids[j], block_m, e, one_program=False),
+             "dispatch": lambda j: moe_align_block_size_triton(ids[j], block_m, e)}
+    bound = moe_align.ONE_PROGRAM_MAX_PAIRS
+    if pairs <= 4 * bound:  # past the bound, to see the crossover; far past it one program is hopeless
+        paths["one_program"] = one_program
+    if pairs <= bound:  # num_warps of the one program (the default: 4 up to 1024 keys, else 8)
+        for warps in (1, 2, 4, 8):
+            paths[f"one_program_w{warps}"] = lambda j, warps=warps: one_program(j, warps)
+    for path, fn in paths.items():
+        row[f"{path}_mismatch"] = mismatch(fn(0))
+        row[f"t_{path}_us"] = timer(fn, n_inputs)
+    warps = {w: row[f"t_one_program_w{w}_us"] for w in (1, 2, 4, 8) if f"t_one_program_w{w}_us" in row}
+    if warps:
+        row["best_warps"] = min(warps, key=warps.get)
+    if "t_one_program_us" in row:
+        row["three_pass_over_one_program"] = row["t_three_pass_us"] / row["t_one_program_us"]
+    return row
+
+
+def fmt_align_row(r) -> str:
+    def us(key):
+        return f"{r[key]:.1f}" if key in r else "-"
+
+    warps = " / ".join(us(f"t_one_program_w{w}_us") for w in (1, 2, 4, 8))
+    bad = sum(v for key, v in r.items() if key.endswith("_mismatch"))
+    ratio = f"{r['three_pass_over_one_program']:.2f}" if "three_pass_over_one_program" in r else "-"
+    return (f"| {r['model']} | {r['tokens']} | {r['pairs']} | {r['BLOCK_M']} | {us('t_one_program_us')} | {warps} | "
+            f"{us('t_three_pass_us')} | {ratio} | {'one' if r['one_program_dispatched'] else 'three'} "
+            f"{us('t_dispatch_us')} | {bad} |")
+
+
+def align_main(args, timer, device, t_start):
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
+            "one_program_max_pairs": moe_align.ONE_PROGRAM_MAX_PAIRS}
+    print(json.dumps(meta))
+    shapes = [("tiny", 6, 3, 8)] if args.smoke else ALIGN_SHAPES
+    token_list = [1, 5] if args.smoke else ALIGN_TOKENS
+    rows = []
+    for name, e, k, e_routed in shapes:
+        for tokens in token_list:
+            for block_m in ((16,) if args.smoke else (16, 64)):
+                try:
+                    r = align_case(name, e, k, e_routed, tokens, block_m, timer, device, args.smoke)
+                except Exception as ex:  # one failing case must not cost the rest of the run
+                    print(f"FAILED align {name} T={tokens} BLOCK_M={block_m}: {type(ex).__name__}: {str(ex)[:300]}")
+                    continue
+                rows.append(r)
+                print(fmt_align_row(r))
+                with open(os.path.join(args.out, "kernels_align.json"), "w") as f:
+                    json.dump({**meta, "cases": rows}, f, indent=1)
+    meta["wall_s"] = time.time() - t_start
+    with open(os.path.join(args.out, "kernels_align.json"), "w") as f:
+        json.dump({**meta, "cases": rows}, f, indent=1)
+    lines = [f"moe_align_block_size, us per call (CUDA-graph replays); one program up to "
+             f"{moe_align.ONE_PROGRAM_MAX_PAIRS} pairs; {meta['device']}; {meta['wall_s']:.0f} s", "",
+             "| shape | T | pairs | BLOCK_M | one program us | 1 / 2 / 4 / 8 warps us | three-pass us | "
+             "three / one | dispatch: path us | mismatching elements |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + [fmt_align_row(r) for r in rows]
+    print("\n" + "\n".join(lines))
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 def git_commit() -> str:
@@ -651,8 +759,11 @@ def main():
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--fp8-gemm", action="store_true", help="dense FP8 GEMM old/new/bf16 at decode shapes (only)")
     ap.add_argument("--no-moe-quant", action="store_true", help="--fp8-gemm without the fused-MoE quant rows")
+    ap.add_argument("--align", action="store_true", help="moe_align alone: one-program vs three-pass path (only)")
     args = ap.parse_args()
     t_start = time.time()
+    if args.align:
+        return align_main(args, Timer(args.smoke), torch.device("cpu" if args.smoke else "cuda"), t_start)
     if args.fp8_gemm:
         device = torch.device("cpu" if args.smoke else "cuda")
         return fp8_gemm_main(args, Timer(args.smoke), device, t_start)
@@ -679,7 +790,8 @@ def main():
 
     def record(row):
         rows.append(row)
-        extra = ("config", "t_eager_us", "t_align_us", "align_mismatch", "q_mismatch", "dispatch_err")
+        extra = ("config", "t_eager_us", "t_align_us", "t_align_3pass_us", "align_mismatch", "q_mismatch",
+                 "dispatch_err")
         print(fmt_row(row), json.dumps({k: v for k, v in row.items() if k in extra}))
         write_report(args.out, meta, rows, tuned_moe, tuned_dense)
 
