@@ -6,7 +6,7 @@ Pair p = t * top_k + j stands for token t's j-th expert, topk_ids[t, j]. Outputs
   each expert's run padded with the sentinel num_pairs;
 - block_expert [max_padded // BLOCK_M] int32: the expert of each block, -1 past the end;
 - num_padded [1] int32: how many slots are in use (a multiple of BLOCK_M).
-Pairs whose expert id is < 0 (experts on other ranks) are left out. Sizes depend only on the
+Pairs whose expert id is < 0 (experts on other ranks) or >= num_experts are left out. Sizes depend only on the
 shapes, never on the ids, so no host sync is needed and the step can be captured in a graph.
 Two Triton paths, picked by the number of pairs (moe_align_block_size_triton):
 - up to ONE_PROGRAM_MAX_PAIRS (decode batches): one launch of one program; each pair's place within
@@ -73,7 +73,8 @@ if triton is not None:
     def _align_one_program_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_experts,
                                   max_padded, num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
                                   N_PAD: tl.constexpr, FILL: tl.constexpr, BLOCK_FILL: tl.constexpr):
-        # The whole align in one program, for up to N_PAD pairs (a power of two >= num_pairs).
+        # The whole align in one program, for up to N_PAD pairs (a power of two >= num_pairs). Uses
+        # tl.histogram, tl.cumsum, tl.sort and tl.gather: all in Triton 3.6 (the GPU) and 3.9 (CPU).
         lanes = tl.arange(0, N_PAD)
         e, keep = _load_experts(ids_ptr, lanes, num_pairs, num_experts)
         experts = tl.arange(0, E_PAD)
