@@ -8,6 +8,10 @@ Scoring and selection, as DeepSeek and Qwen3 define them (RoutingConfig says whi
   -inf); the weights are the unbiased scores.
 Then optionally renormalised over the k chosen, times routed_scaling_factor.
 
+With num_fused_shared = S > 0 (DeepSeek's shared experts run as S extra expert slots E..E+S-1 of
+the fused MoE pass, layers/moe.py) every row gets S more columns after its k: ids E, ..., E+S-1 and
+weight 1.0 (the scaling factor applies to the routed weights only), so the outputs are [T, k+S].
+
 select_experts_ref is about ten torch kernels (casts, softmax, topk, gather, the group masks,
 the sums); the Triton kernel does it all in one launch, one program per token row (E <= 1024).
 """
@@ -32,6 +36,7 @@ class RoutingConfig:
     topk_group: int = 1
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    num_fused_shared: int = 0  # trailing columns: ids E..E+S-1 (the shared experts' slots), weight 1.0
 
     @classmethod
     def from_model(cls, cfg) -> "RoutingConfig":
@@ -46,7 +51,8 @@ class RoutingConfig:
 def select_experts_ref(router_logits: torch.Tensor, cfg: RoutingConfig,
                        correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int64), ids in no
-    particular order within a row."""
+    particular order within a row; then, with cfg.num_fused_shared = S, S more columns of ids
+    E..E+S-1 (in order) and weight 1.0: [T, k+S]."""
     logits = router_logits.to(torch.float32)
     num_experts = logits.shape[-1]
     if cfg.scoring == "sigmoid":
@@ -70,7 +76,13 @@ def select_experts_ref(router_logits: torch.Tensor, cfg: RoutingConfig,
     if cfg.norm_topk_prob:
         denom = topk_weights.sum(dim=-1, keepdim=True)
         topk_weights = topk_weights / (denom + 1e-20 if cfg.scoring == "sigmoid" else denom)
-    return topk_weights * cfg.routed_scaling_factor, topk_ids
+    topk_weights = topk_weights * cfg.routed_scaling_factor
+    if cfg.num_fused_shared:
+        tokens, shared = logits.shape[0], cfg.num_fused_shared
+        shared_ids = torch.arange(num_experts, num_experts + shared, device=logits.device).expand(tokens, shared)
+        topk_ids = torch.cat((topk_ids, shared_ids), dim=1)
+        topk_weights = torch.cat((topk_weights, topk_weights.new_ones(tokens, shared)), dim=1)
+    return topk_weights, topk_ids
 
 
 if triton is not None:
@@ -80,9 +92,11 @@ if triton is not None:
     def _routing_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, n_group, group_size, stride_l, scale,
                         TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP_SCORE: tl.constexpr, MASK_NEG_INF: tl.constexpr,
-                        RENORM: tl.constexpr, G_PAD: tl.constexpr, EG_PAD: tl.constexpr, K_PAD: tl.constexpr):
+                        RENORM: tl.constexpr, G_PAD: tl.constexpr, EG_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                        NUM_SHARED: tl.constexpr = 0):
         # One token row. The row is held as a [group, expert in group] tile (one group when
         # ungrouped), so group scores are row reductions. GROUP_SCORE: 0 none, 1 max, 2 top-2 sum.
+        # The output row is TOP_K + NUM_SHARED wide: the fused shared experts' columns come last.
         row = tl.program_id(0).to(tl.int64)
         g = tl.arange(0, G_PAD)
         j = tl.arange(0, EG_PAD)
@@ -137,18 +151,25 @@ if triton is not None:
         elif RENORM == 2:  # sigmoid weights: DeepSeek-V3 guards the division
             weights = weights / (tl.sum(weights, axis=0) + 1e-20)
         weights = weights * scale
-        out = k < TOP_K
-        tl.store(w_ptr + row * TOP_K + k, weights, mask=out)
-        tl.store(ids_ptr + row * TOP_K + k, ids, mask=out)
+        if NUM_SHARED > 0:  # the shared experts' slots E..E+S-1 (E = n_group * group_size), weight 1
+            shared = k >= TOP_K
+            ids = tl.where(shared, (n_group * group_size + k - TOP_K).to(tl.int64), ids)
+            weights = tl.where(shared, 1.0, weights)
+        width = TOP_K + NUM_SHARED
+        out = k < width
+        tl.store(w_ptr + row * width + k, weights, mask=out)
+        tl.store(ids_ptr + row * width + k, ids, mask=out)
 
 
 def select_experts_triton(router_logits: torch.Tensor, cfg: RoutingConfig,
                           correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """select_experts_ref in one launch; ids of a row largest choice first."""
+    """select_experts_ref in one launch; ids of a row largest choice first (then the fused shared
+    experts' columns, written by the same launch)."""
     tokens, num_experts = router_logits.shape
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
-    weights = torch.empty(tokens, cfg.top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(tokens, cfg.top_k, dtype=torch.int64, device=logits.device)
+    width = cfg.top_k + cfg.num_fused_shared
+    weights = torch.empty(tokens, width, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(tokens, width, dtype=torch.int64, device=logits.device)
     if tokens == 0:
         return weights, ids
     n_group = cfg.n_group if cfg.grouped else 1
@@ -161,8 +182,8 @@ def select_experts_triton(router_logits: torch.Tensor, cfg: RoutingConfig,
         logits, bias, weights, ids, n_group, group_size, logits.stride(0), float(cfg.routed_scaling_factor),
         TOP_K=cfg.top_k, TOPK_GROUP=cfg.topk_group, SIGMOID=cfg.scoring == "sigmoid",
         HAS_BIAS=correction_bias is not None, GROUP_SCORE=group_score, MASK_NEG_INF=cfg.topk_method == "noaux_tc",
-        RENORM=renorm, G_PAD=g_pad, EG_PAD=eg_pad, K_PAD=triton.next_power_of_2(cfg.top_k),
-        num_warps=1 if g_pad * eg_pad <= 128 else 2)
+        RENORM=renorm, G_PAD=g_pad, EG_PAD=eg_pad, K_PAD=triton.next_power_of_2(width),
+        NUM_SHARED=cfg.num_fused_shared, num_warps=1 if g_pad * eg_pad <= 128 else 2)
     return weights, ids
 
 

@@ -4,9 +4,10 @@ A child process without TRITON_INTERPRET installs tests/hopper_stub.py (a stub d
 sm_90, and compile-only kernel calls), then calls each kernel wrapper once per compile variant
 that serving uses: bf16 mostly, fp16 where the dot path differs, FP8 e4m3 weights, and the
 constexpr switches (fused/unfused quant, split-K, bias, residual, strided heads, rotary layouts,
-decode splits, paged/packed prefill, routing methods, wire codecs). Each kernel is compiled down
-to a cubin by the bundled ptxas; nothing is launched and no values are checked (the interpreter
-tests do that). Wrappers pass FAST=tensor.is_cuda; the child forces FAST=True, the GPU's path.
+decode splits, paged/packed prefill, routing methods with and without fused shared experts, wire
+codecs). Each kernel is compiled down to a cubin by the bundled ptxas; nothing is launched and no
+values are checked (the interpreter tests do that). Wrappers pass FAST=tensor.is_cuda; the child
+forces FAST=True, the GPU's path.
 
 Coverage: every @triton.jit function named *_kernel defined in a moeserve.kernels module must
 compile in at least one case, so a new kernel without a case in _cases() fails this test: add one.
@@ -81,6 +82,11 @@ def _cases() -> dict:
         logits, routing.RoutingConfig(6, "softmax", "group_limited_greedy", 8, 3))
     cases["routing_noaux_tc"] = lambda: routing.select_experts_triton(
         logits.float(), routing.RoutingConfig(8, "sigmoid", "noaux_tc", 8, 4, True, 2.5), torch.randn(64))
+    # ... with the fused shared experts' trailing columns (V2-Lite: 2, V3: 1)
+    cases["routing_greedy_2_shared"] = lambda: routing.select_experts_triton(
+        logits.float(), routing.RoutingConfig(6, num_fused_shared=2))
+    cases["routing_noaux_tc_1_shared"] = lambda: routing.select_experts_triton(
+        logits.float(), routing.RoutingConfig(8, "sigmoid", "noaux_tc", 8, 4, True, 2.5, 1), torch.randn(64))
     # router logits: bf16 activations against the fp32 weight, the GPU's block sizes
     for block_e in (1, 2):
         tiles = dict(router_gemm.ROUTER_TILES, BLOCK_E=block_e, BLOCK_K=512)
