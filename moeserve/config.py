@@ -117,6 +117,11 @@ class ModelConfig:
     quant_method: str | None = None
     weight_block_size: tuple[int, int] = (128, 128)
 
+    # How to build the model, not read from config.json (the engine sets it from
+    # EngineConfig.fuse_shared_experts): DeepSeek's shared experts as extra slots of the routed
+    # experts' fused MoE pass where that applies (layers/moe.py MoE), else a separate MLP.
+    fuse_shared_experts: bool = True
+
     @property
     def is_mla(self) -> bool:
         return self.arch in ("deepseek_v3", "deepseek_v2")

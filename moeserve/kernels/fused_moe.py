@@ -229,7 +229,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
                      topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
                      fp8_activations: bool = True, config: dict | None = None,
-                     addend: torch.Tensor | None = None) -> torch.Tensor:
+                     addend: torch.Tensor | None = None, num_fused_shared: int = 0) -> torch.Tensor:
     tokens, hidden = x.shape
     num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
@@ -239,7 +239,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
         return out
     w_fp8 = w13_scale is not None
     wdtype = "fp8" if w_fp8 else str(w13.dtype).removeprefix("torch.")
-    cfg = config or moe_config.moe_config(tokens, num_experts, hidden, intermediate, top_k, wdtype, x.device)
+    cfg = config or moe_config.moe_config(tokens, num_experts, hidden, intermediate, top_k, wdtype, x.device,
+                                          num_fused_shared)
     x = x if x.stride(-1) == 1 else x.contiguous()
     topk_ids = topk_ids.contiguous()
     route_w = topk_weights.to(torch.float32).contiguous()
@@ -273,10 +274,12 @@ def _triton_supports(x, w13, w2, w13_scale, w2_scale, block) -> bool:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               block: tuple[int, int] = (128, 128), fp8_activations: bool = True,
-              addend: torch.Tensor | None = None) -> torch.Tensor:
+              addend: torch.Tensor | None = None, num_fused_shared: int = 0) -> torch.Tensor:
     """Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1), else fused_moe_ref. The
-    result plus `addend` [T, H] when given (added in the final sum kernel)."""
+    result plus `addend` [T, H] when given (added in the final sum kernel). num_fused_shared: the
+    last S of the experts are shared experts that every token names last in its row (layers/moe.py);
+    the math is the same, only the block-size config is looked up for the routed shape too."""
     if triton_runs_on(x, w13, w2, topk_ids) and _triton_supports(x, w13, w2, w13_scale, w2_scale, block):
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block),
-                                fp8_activations, addend=addend)
+                                fp8_activations, addend=addend, num_fused_shared=num_fused_shared)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block, addend)

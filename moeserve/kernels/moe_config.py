@@ -78,9 +78,16 @@ def moe_fuse_quant(tokens: int, num_experts: int, top_k: int) -> bool:
 
 
 def moe_config(tokens: int, num_experts: int, hidden: int, intermediate: int, top_k: int, wdtype: str,
-               device: torch.device) -> dict:
-    table = load_configs("fused_moe", arch_tag(device)).get(
-        moe_shape_key(num_experts, hidden, intermediate, top_k, wdtype))
+               device: torch.device, num_fused_shared: int = 0) -> dict:
+    """num_experts and top_k count the fused shared experts' slots (num_fused_shared of them) too.
+    A shape tuned with them is used first; else the table of the routed experts alone (E - S
+    experts, top-(k - S): the same weight widths, each token's S more rows going to S more
+    experts), else the default."""
+    configs = load_configs("fused_moe", arch_tag(device))
+    table = configs.get(moe_shape_key(num_experts, hidden, intermediate, top_k, wdtype))
+    if not table and num_fused_shared:
+        table = configs.get(moe_shape_key(num_experts - num_fused_shared, hidden, intermediate,
+                                          top_k - num_fused_shared, wdtype))
     if table:
         return _nearest(table, tokens)
     cfg = default_moe_config(tokens, num_experts, top_k, device.type == "cpu")

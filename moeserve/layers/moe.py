@@ -2,21 +2,34 @@
 
 Routing (softmax or sigmoid scores, greedy or group-limited top-k, DeepSeek-V3's correction
 bias) is one fused kernel over the router logits: kernels/routing.py, beside its torch reference.
-The dense MLP and the shared experts run gate and up as one GEMM over the merged [gate; up] weight
-(layers/linear.py MergedColumnLinear), then one SiLU-and-mul kernel.
+The dense MLP (and the shared experts where they are not fused, below) run gate and up as one GEMM
+over the merged [gate; up] weight (layers/linear.py MergedColumnLinear), then one SiLU-and-mul kernel.
 Routed experts are stacked ([E, 2I, H] gate|up, [E, H, I] down) and run by the fused MoE kernel.
+
+Shared experts, fused (ep == 1, the default; ModelConfig.fuse_shared_experts): DeepSeek's S shared
+experts of width I are one MLP of intermediate S*I in the checkpoint. SiLU-and-mul is elementwise
+over the intermediate dimension and down_proj sums over it, so that MLP is the sum of S experts,
+the k-th taking gate/up rows and down columns [kI, (k+1)I). They are stacked as slots E..E+S-1
+after the routed experts (w13 [E+S, 2I, H], w2 [E+S, H, I], FP8 block scales likewise; the loader
+cuts the slices, models/loader.py), the routing kernel appends them to every token's top-k with
+weight 1.0 ([T, k+S] ids and weights, the scaling factor on the routed weights only), and the
+fused MoE's launches (align, two grouped GEMMs, sum) compute routed and shared experts together.
+Not fused: a separate MLP whose output the MoE sum kernel adds (the `addend`).
 Under expert parallelism (a rank's ParallelState carries an EPRuntime) a rank stacks only its
 own expert slots, and the routed tokens travel to the ranks that hold their experts and back;
-the router and the shared experts always run on the token's own rank.
+the router and the (never fused) shared experts always run on the token's own rank.
 Under tensor parallelism (ep == 1) every rank holds every expert's slice of the intermediate
-dimension (w13 [E, 2I/tp, H], w2 [E, H, I/tp]) and the shared experts likewise; the routed and
-shared partial sums are added and summed over the TP group in one all_reduce.
+dimension (w13 [E(+S), 2I/tp, H], w2 [E(+S), H, I/tp]), the fused shared slots like any routed
+expert (an unfused shared MLP is split over its S*I likewise); the partial sums of routed and
+shared experts are summed over the TP group in one all_reduce.
 Under both (tp > 1 inside ep = dp * tp) experts are whole and spread over all ranks; each TP rank
 runs the whole block (router, routed and shared experts) on its share of the rows only, and one
 all_gather over the TP group gives every rank every row (distributed/ep_moe.py).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -62,9 +75,10 @@ class Router(nn.Module):
     kept in fp32 from loading on, and the logits kernel (kernels/router_gemm.py) upcasts the
     activations in registers. Qwen3's gate runs in the model dtype."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, num_fused_shared: int = 0):
         super().__init__()
-        self.routing = RoutingConfig.from_model(cfg)
+        # num_fused_shared: append the shared experts' slots E..E+S-1 (weight 1.0) to every row
+        self.routing = dataclasses.replace(RoutingConfig.from_model(cfg), num_fused_shared=num_fused_shared)
         self.fp32 = cfg.arch != "qwen3_moe"
         dtype = torch.float32 if self.fp32 else None
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype),
@@ -85,15 +99,21 @@ class Experts(nn.Module):
 
     slot_experts[s]: the logical expert held in slot s (all experts in order on one rank; this
     rank's share under expert parallelism, where the loader fills each slot from its expert).
+    num_shared: the shared experts fused in as slots E..E+S-1 after the routed ones (ep == 1 only;
+    the loader fills them from the checkpoint's shared MLP); slot_experts lists the routed slots.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, quant: str | None, block=(128, 128)):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, quant: str | None, block=(128, 128),
+                 num_shared: int = 0):
         super().__init__()
         ep = get_parallel_state()
         self.ep_runtime = ep.ep_runtime if ep is not None else None
         self.slot_experts = (self.ep_runtime.local_slot_experts() if self.ep_runtime is not None
                              else list(range(num_experts)))
-        num_experts = len(self.slot_experts)
+        if num_shared and self.ep_runtime is not None:
+            raise ValueError("shared experts are fused into the routed experts' slots only without expert parallelism")
+        self.num_shared = num_shared
+        num_slots = len(self.slot_experts) + num_shared
         self.block = tuple(block)
         # FP8 gate|up stacking keeps each half's blocks aligned only if I is a multiple of the block.
         self.quant = quant if quant == "fp8" and intermediate % block[0] == 0 else None
@@ -108,15 +128,15 @@ class Experts(nn.Module):
             if self.quant and intermediate % block[0]:
                 raise ValueError(f"experts: moe_intermediate_size {full} split over tp={tp} gives {intermediate} per "
                                  f"rank, not a multiple of the FP8 weight block {block[0]}")
-        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.num_experts, self.hidden, self.intermediate = len(self.slot_experts), hidden, intermediate
         dtype = FP8_DTYPE if self.quant else None
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate, dtype=dtype), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(num_slots, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_slots, hidden, intermediate, dtype=dtype), requires_grad=False)
         if self.quant:
             bn, bk = block
-            self.w13_scale = nn.Parameter(torch.empty(num_experts, _ceil_div(2 * intermediate, bn),
+            self.w13_scale = nn.Parameter(torch.empty(num_slots, _ceil_div(2 * intermediate, bn),
                                                       _ceil_div(hidden, bk)), requires_grad=False)
-            self.w2_scale = nn.Parameter(torch.empty(num_experts, _ceil_div(hidden, bn), _ceil_div(intermediate, bk)),
+            self.w2_scale = nn.Parameter(torch.empty(num_slots, _ceil_div(hidden, bn), _ceil_div(intermediate, bk)),
                                          requires_grad=False)
         else:
             self.w13_scale = self.w2_scale = None
@@ -127,29 +147,46 @@ class Experts(nn.Module):
             if self.quant:
                 bn, bk = block
                 self.w13_scale.tp_shard = self.w13.tp_shard.in_blocks(
-                    bn, (num_experts, _ceil_div(2 * full, bn), _ceil_div(hidden, bk)))
+                    bn, (num_slots, _ceil_div(2 * full, bn), _ceil_div(hidden, bk)))
                 self.w2_scale.tp_shard = self.w2.tp_shard.in_blocks(
-                    bk, (num_experts, _ceil_div(hidden, bn), _ceil_div(full, bk)))
+                    bk, (num_slots, _ceil_div(hidden, bn), _ceil_div(full, bk)))
         self.ep = None
         if self.ep_runtime is not None:
             self.ep = self.ep_runtime.register(self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 row_offset: int = 0, addend: torch.Tensor | None = None) -> torch.Tensor:
-        """The routed experts' weighted sum, plus `addend` (the shared experts' output) if given."""
+        """The routed experts' weighted sum (with the fused shared slots when the routing names
+        them), plus `addend` (an unfused shared MLP's output) if given."""
         if self.ep is not None:
             out = self.ep(x, topk_ids, topk_weights, row_offset)
             return out if addend is None else out + addend
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block,
-                         addend=addend)
+                         addend=addend, num_fused_shared=self.num_shared)
+
+
+def fuses_shared_experts(cfg: ModelConfig, quant: str | None) -> bool:
+    """Whether MoE(cfg, quant) built now runs its shared experts as slots of the routed experts:
+    asked for (cfg.fuse_shared_experts), shared experts present, no expert parallelism (an
+    EPRuntime in this rank's ParallelState), and each of the S I-slices of the shared FP8 weights
+    owns whole scale blocks where the experts keep FP8 (always for DeepSeek: I % 128 == 0)."""
+    state = get_parallel_state()
+    if not (cfg.fuse_shared_experts and cfg.n_shared_experts) or (state is not None and state.ep_runtime is not None):
+        return False
+    bn, bk = cfg.weight_block_size
+    inter = cfg.moe_intermediate_size
+    experts_fp8 = quant == "fp8" and inter % bn == 0  # as Experts decides
+    return not experts_fp8 or inter % bk == 0
 
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, quant: str | None = None):
         super().__init__()
         block = cfg.weight_block_size
-        self.gate = Router(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant, block)
+        self.num_fused_shared = cfg.n_shared_experts if fuses_shared_experts(cfg, quant) else 0
+        self.gate = Router(cfg, self.num_fused_shared)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant, block,
+                               num_shared=self.num_fused_shared)
         self.tp, self.tp_rank, tp_group = tp_world()
         # TP inside EP: this rank takes its share of the rows through the block, then all_gather.
         self.token_shares = self.tp > 1 and self.experts.ep_runtime is not None
@@ -159,9 +196,10 @@ class MoE(nn.Module):
         # more all_reduce per layer; replicated they cost no communication (the gather of the routed
         # output carries them) and 1/tp of the FLOPs, for tp copies of small weights (one or two
         # experts' worth per layer against E / (dp * tp) routed experts per rank).
+        # Fused (num_fused_shared): no module of their own, they are slots of self.experts.
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, quant, block,
                                    name="shared_experts", reduce=self.tp_group is None, parallel=not self.token_shares)
-                               if cfg.n_shared_experts else None)
+                               if cfg.n_shared_experts and not self.num_fused_shared else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_shares:
@@ -175,7 +213,7 @@ class MoE(nn.Module):
         return out
 
     def _block(self, x: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
-        topk_weights, topk_ids = self.gate(x)
+        topk_weights, topk_ids = self.gate(x)  # [T, k + num_fused_shared]
         shared = None  # a TP rank's share may be empty (FP8 GEMMs need rows)
         if self.shared_experts is not None and x.shape[0]:
             shared = self.shared_experts(x)

@@ -4,6 +4,11 @@ format, or dummy random weights of the configured shapes (no file read).
 Checkpoint names map to our modules by name, except:
 - routed experts `...mlp.experts.{e}.{gate,up,down}_proj.weight[_scale_inv]` are stacked into
   `...mlp.experts.w13[e]` (gate rows, then up rows) and `...mlp.experts.w2[e]`;
+- shared experts fused into the routed experts' pass (layers/moe.py): the shared MLP
+  `...mlp.shared_experts.{gate,up,down}_proj.weight[_scale_inv]` of intermediate S*I goes into
+  slots E..E+S-1 of the same stacks, slot E+k taking gate/up rows and down columns [kI, (k+1)I)
+  (their scale blocks likewise; under tensor parallelism this rank's slice of each, as for a
+  routed expert);
 - projections merged into one GEMM (layers/linear.py MergedColumnLinear: `mlp.gate_up_proj` from
   `mlp.gate_proj` + `mlp.up_proj`, `self_attn.q_kv_a_proj` from `self_attn.q_proj` or `q_a_proj` +
   `kv_a_proj_with_mqa` (MLA), `self_attn.qkv_proj` from `self_attn.q_proj` + `k_proj` + `v_proj`
@@ -39,6 +44,7 @@ from moeserve.models import MODEL_CLASSES
 from moeserve.models.deepseek_v3 import mtp_param_name, num_mtp_layers_in
 
 EXPERT_RE = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+SHARED_RE = re.compile(r"(.*\.mlp)\.shared_experts\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 FUSED_EXPERT_RE = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 IGNORED_RE = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -153,8 +159,13 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int, expert_parallel: bool = Fal
 
 
 def _slot_experts(model: nn.Module) -> dict[str, list[int]]:
-    """Experts-module name -> the logical expert of each of its slots (this rank's share under EP)."""
+    """Experts-module name -> the logical expert of each of its routed slots (this rank's share under EP)."""
     return {name: module.slot_experts for name, module in model.named_modules() if hasattr(module, "slot_experts")}
+
+
+def _fused_shared(model: nn.Module) -> dict[str, int]:
+    """Experts-module name -> how many shared experts it holds after its routed slots (0: none fused)."""
+    return {name: module.num_shared for name, module in model.named_modules() if hasattr(module, "num_shared")}
 
 
 MERGED_KINDS = ("weight", "weight_scale_inv", "bias")
@@ -179,11 +190,11 @@ def _merged_parts(model: nn.Module) -> tuple[dict[str, tuple[MergedColumnLinear,
 
 def _expected_keys(model: nn.Module) -> set[str]:
     """Everything a checkpoint must provide: each parameter, each expert's projections one by one
-    (under expert parallelism only the experts this rank holds), and each part of a merged
-    projection."""
+    (under expert parallelism only the experts this rank holds), the shared MLP's tensors that fill
+    fused shared-expert slots (by their checkpoint names), and each part of a merged projection."""
     parts, merged_params = _merged_parts(model)
     keys = set(parts)
-    slots = _slot_experts(model)
+    slots, shared = _slot_experts(model), _fused_shared(model)
     for name, param in model.named_parameters():
         if name in merged_params:
             continue
@@ -191,6 +202,9 @@ def _expected_keys(model: nn.Module) -> set[str]:
         if m:
             projs = ("gate_proj", "up_proj") if m.group(2) == "w13" else ("down_proj",)
             keys |= {f"{m.group(1)}.{e}.{p}{m.group(3) or ''}" for e in set(slots[m.group(1)]) for p in projs}
+            if shared[m.group(1)]:
+                mlp = m.group(1).removesuffix(".experts")
+                keys |= {f"{mlp}.shared_experts.{p}.weight{'_scale_inv' if m.group(3) else ''}" for p in projs}
         else:
             keys.add(name)
     return keys
@@ -237,7 +251,7 @@ def _copy_into(param: torch.Tensor, tensor: torch.Tensor, shard: TPShard | None,
 def load_weights(model: nn.Module, path: str) -> None:
     cfg: ModelConfig = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
-    slots = _slot_experts(model)
+    slots, shared = _slot_experts(model), _fused_shared(model)
     merged, _ = _merged_parts(model)
     expected, loaded = _expected_keys(model), set()
     ckpt = Checkpoint(path)
@@ -256,6 +270,8 @@ def load_weights(model: nn.Module, path: str) -> None:
                     continue
                 target_name = mapped or name
             if _load_expert(ckpt, name, target_name, params, slots, cfg, loaded, consumed):
+                continue
+            if _load_fused_shared(ckpt, name, target_name, params, shared, cfg, loaded, consumed):
                 continue
             if target_name in merged:
                 module, index, kind = merged[target_name]
@@ -300,7 +316,8 @@ def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str
             raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} does not hold the model's "
                                      f"experts {tuple(stacked.shape)}")
         tensor = tensor[torch.tensor(experts)]
-        stacked.data.copy_((tensor if shard is None else narrow(tensor, shard)).to(stacked.dtype))
+        # the routed slots (fused shared experts' slots, if any, come after them)
+        stacked.data[:len(experts)].copy_((tensor if shard is None else narrow(tensor, shard)).to(stacked.dtype))
         projs = ("gate_proj", "up_proj") if fused.group(2) == "gate_up_proj" else ("down_proj",)
         loaded.update(f"{fused.group(1)}.{e}.{p}" for e in experts for p in projs)
         return True
@@ -333,6 +350,48 @@ def _load_expert(ckpt: Checkpoint, name: str, target_name: str, params: dict[str
             raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
         dest.copy_(tensor.to(dest.dtype))
     loaded.add(f"{prefix}.{expert}.{proj}{'_scale' if is_scale else ''}")
+    return True
+
+
+def _load_fused_shared(ckpt: Checkpoint, name: str, target_name: str, params: dict[str, torch.Tensor],
+                       shared: dict[str, int], cfg: ModelConfig, loaded: set[str], consumed: set[str]) -> bool:
+    """Write one projection of a shared MLP (or its scale) whose experts are fused into the routed
+    experts' stacks: slot E+k gets the k-th of the S equal slices along the intermediate dimension
+    (gate/up rows, down columns), cut to this rank's part of a slot under tensor parallelism exactly
+    as a routed expert's tensor is (only those slices are read)."""
+    m = SHARED_RE.match(target_name)
+    if not m:
+        return False
+    prefix, proj, kind = f"{m.group(1)}.experts", m.group(2), m.group(3)
+    num_shared = shared.get(prefix, 0)
+    if not num_shared:
+        return False  # a shared MLP module of its own loads it
+    w_name = f"{prefix}.{'w2' if proj == 'down_proj' else 'w13'}"
+    is_scale = kind == "weight_scale_inv"
+    if is_scale and params[w_name].dtype != FP8_DTYPE:
+        return False  # a scale whose weight is not FP8 was consumed by the dequantization, else unexpected
+    stacked = params[w_name + ("_scale" if is_scale else "")]
+    first, rows = stacked.shape[0] - num_shared, stacked.shape[1] // 2
+    dests = [stacked[s] if proj == "down_proj" else stacked[s, :rows] if proj == "gate_proj" else stacked[s, rows:]
+             for s in range(first, first + num_shared)]
+    dim = 1 if proj == "down_proj" else 0  # the intermediate dimension of the checkpoint tensor
+    slot = _expert_shard(getattr(stacked, "tp_shard", None), proj)  # one slot's part of one expert
+    shard = None
+    if slot is not None:  # this rank's part of each of the S slices, in slot order
+        size = slot.full_shape[dim]
+        full = list(slot.full_shape)
+        full[dim] = num_shared * size
+        shard = TPShard(dim, tuple((k * size + start, n) for k in range(num_shared) for start, n in slot.segments),
+                        tuple(full))
+    tensor = _read(ckpt, name, dests[0], shard, cfg, consumed) if not is_scale else ckpt.get(name, shard)
+    want = list(dests[0].shape)
+    want[dim] *= num_shared
+    if list(tensor.shape) != want:
+        raise CheckpointMismatch(f"{name}: checkpoint shape {tuple(tensor.shape)} does not hold {num_shared} fused "
+                                 f"shared-expert slots of {tuple(dests[0].shape)}")
+    for dest, part in zip(dests, tensor.split(dests[0].shape[dim], dim=dim)):
+        dest.copy_(part.to(dest.dtype))
+    loaded.add(target_name)
     return True
 
 
