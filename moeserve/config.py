@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -344,9 +344,17 @@ class EngineConfig:
     # Unquantized linears with <= 16 rows (decode) on a GPU: a split-K Triton GEMM (kernels/gemv.py)
     # instead of cuBLAS. Off until a measurement shows it faster (docs/perf/engine_v2lite.md).
     dense_gemv: bool = False
+    # DeepSeek's shared experts run as extra expert slots of the routed experts' fused MoE pass
+    # (ep == 1; under expert parallelism they stay a separate MLP on the token's own rank): the
+    # shared MLP's GEMMs and SiLU launches go. False keeps the separate MLP everywhere.
+    fuse_shared_experts: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def model_build_config(self, model_config: ModelConfig) -> ModelConfig:
+        """model_config (a copy) with this engine's choices of how to build the model."""
+        return replace(model_config, fuse_shared_experts=self.fuse_shared_experts)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":

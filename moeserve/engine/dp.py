@@ -50,7 +50,7 @@ def validate_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
     """Clear errors up front, before any rank process starts."""
     p = config.parallel
     if p.tp > 1:
-        check_tensor_parallel(model_config, p.tp, expert_parallel=p.ep > 1)
+        check_tensor_parallel(config.model_build_config(model_config), p.tp, expert_parallel=p.ep > 1)
     if p.ep == 1:
         return
     if not model_config.n_routed_experts:

@@ -119,6 +119,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--dense-gemv", action="store_true",
                         help="decode-sized unquantized linears through the split-K Triton GEMM, not cuBLAS")
+    parser.add_argument("--no-fuse-shared-experts", action="store_true",
+                        help="run DeepSeek's shared experts as a separate MLP, not as extra slots of the "
+                             "routed experts' fused MoE pass (ep == 1)")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (default: overlap them)")
     par = parser.add_argument_group("parallelism (one process per rank; gloo on CPU, NCCL on GPU)")
@@ -148,7 +151,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, dense_gemv=args.dense_gemv,
-                async_scheduling=not args.no_async_scheduling,
+                fuse_shared_experts=not args.no_fuse_shared_experts, async_scheduling=not args.no_async_scheduling,
                 dp=args.dp, ep=args.ep, tp=args.tp, nnodes=args.nnodes, node_rank=args.node_rank,
                 dist_init_addr=args.dist_init_addr, dist_timeout_s=args.dist_timeout,
                 dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype,

@@ -60,7 +60,7 @@ class ModelRunner:
         # whose next step may read them (a worker keeps the latest in shared_tokens).
         self.share_tokens = tp_channel is not None and tp_channel.is_leader and config.scheduler.async_scheduling
         self.shared_tokens: torch.Tensor | None = None
-        self.model_config = model_config
+        self.model_config = model_config = config.model_build_config(model_config)
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_config)
         self.block_size = config.cache.block_size
