@@ -5,7 +5,9 @@ rank (the head gathers the full vocabulary). Covers MLA with and without q_lora 
 latent cache replicated), GQA's merged q/k/v with kv heads split (tp 2) and replicated (tp 4 > 2
 kv heads; with attention biases too), a vocabulary that does not split evenly (509 ids: padded
 shards), FP8 block-scaled weights (MLA, and GQA with kv heads split and replicated), and each rank
-holding only its share of the weights."""
+holding only its share of the weights. DeepSeek's shared experts run fused into the routed experts'
+slots (the default) and, in one case, as a separate MLP (tests/models/test_shared_experts_fusion.py
+checks the fused slots' contents rank by rank)."""
 
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ STEPS = [{0: [5, 9, 13, 2, 7, 7, 31, 8, 100]},
 TABLES = {0: [3, 1, 7], 1: [5, 2, 9]}
 
 
-def run_model(path: str, load_format: str) -> tuple[list[torch.Tensor], int]:
+def run_model(path: str, load_format: str, fuse_shared: bool = True) -> tuple[list[torch.Tensor], int]:
     """Logits of every step, and the number of weight values this process holds."""
     torch.set_num_threads(1)
     cfg = ModelConfig.from_pretrained(path)
+    cfg.fuse_shared_experts = fuse_shared
     model = load_model(cfg, path, torch.float32, "cpu", load_format, seed=0)
     for layer in model.attention_layers():
         layer.kv_cache = torch.zeros(layer.kv_cache_shape(12, BLOCK), dtype=torch.float32)
@@ -51,10 +54,10 @@ def run_model(path: str, load_format: str) -> tuple[list[torch.Tensor], int]:
     return out, sum(p.numel() for p in model.parameters())
 
 
-def _tp_rank(rank: int, world: int, path: str, load_format: str):
+def _tp_rank(rank: int, world: int, path: str, load_format: str, fuse_shared: bool = True):
     set_parallel_state(build_parallel_state(tp=world, dp=1, ep=1))
     try:
-        logits, params = run_model(path, load_format)
+        logits, params = run_model(path, load_format, fuse_shared)
         return [t.numpy() for t in logits], params  # plain arrays: the rank exits before the parent reads
     finally:
         set_parallel_state(None)
@@ -68,6 +71,7 @@ CASES = {
     "v3-vocab509": ("deepseek_v3", dict(vocab_size=509), "auto", 2),
     "v3-dummy": ("deepseek_v3", dict(vocab_size=509), "dummy", 2),
     "v2": ("deepseek_v2", {}, "auto", 2),
+    "v2-unfused-shared": ("deepseek_v2", {}, "auto", 2),  # the shared experts as a separate MLP
     "qwen3-tp2": ("qwen3_moe", {}, "auto", 2),
     "qwen3-tp4-kv-replicated": ("qwen3_moe", {}, "auto", 4),
     "qwen3-tp4-bias": ("qwen3_moe", dict(attention_bias=True), "auto", 4),  # q/k/v biases of shared KV heads
@@ -78,9 +82,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp_logits_equal_single_process(tiny_model, case):
     arch, overrides, load_format, tp = CASES[case]
+    fuse = not case.endswith("unfused-shared")
     path = tiny_model(arch, **overrides)
-    ref, ref_params = run_model(path, load_format)
-    ranks = run_ranks(_tp_rank, tp, path, load_format, timeout_s=120)
+    ref, ref_params = run_model(path, load_format, fuse)
+    ranks = run_ranks(_tp_rank, tp, path, load_format, fuse, timeout_s=120)
     for rank, (logits, params) in enumerate(ranks):
         for step, (got, want) in enumerate(zip(map(torch.from_numpy, logits), ref)):
             assert got.shape == want.shape
@@ -91,6 +96,7 @@ def test_tp_logits_equal_single_process(tiny_model, case):
 
 FP8_CASES = {
     "v3": ("deepseek_v3", {}, 2),
+    "v2": ("deepseek_v2", {}, 2),  # 2 shared experts fused into 2 slots, each split over the ranks
     "qwen3-tp2": ("qwen3_moe", {}, 2),
     # one 16-row KV head on each pair of ranks; 64 expert rows over 4 ranks keep 16-row blocks
     "qwen3-tp4-kv-replicated": ("qwen3_moe", dict(moe_intermediate_size=64), 4),
