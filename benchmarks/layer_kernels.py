@@ -1,6 +1,6 @@
 """List the kernels one decoder layer launches in a decode step, on CPU, without a GPU.
 
-    python benchmarks/layer_kernels.py [--model v2-lite|v3|qwen3] [--batch 1]
+    python benchmarks/layer_kernels.py [--model v2-lite|v3|qwen3] [--batch 1] [--fp8] [--no-fuse-shared-experts]
 
 The model runs under the Triton interpreter (TRITON_INTERPRET=1), so every Triton kernel the GPU
 would launch is launched here too and counted once by name (in bf16, the serving dtype, the
@@ -13,6 +13,13 @@ q_lora, softmax greedy routing, 2 shared experts), V3 (q_lora, sigmoid grouped r
 the correction bias, 1 shared expert) or Qwen3-30B-A3B (GQA with 8 query heads per KV head,
 softmax top-k renormalised, no shared expert, every layer MoE). Prints, per layer kind (dense,
 MoE), the kernels in call order and their count.
+
+DeepSeek's shared experts run inside the routed experts' fused MoE pass (the engine's default);
+--no-fuse-shared-experts counts the separate shared MLP instead. --fp8 uses DeepSeek's FP8 block
+format with 16x16 blocks (the tiny widths split into whole blocks). The dense FP8 GEMMs then take
+the CPU's default configs at these widths (activation quant fused at <= 16 rows, no split-K): on
+the GPU the tuned table (kernels/configs/dense_fp8_sm90.json) may add a quant launch and a split-K
+reduce per GEMM at the real widths, so FP8 counts here are lower bounds for the dense GEMMs.
 """
 
 from __future__ import annotations
@@ -88,17 +95,23 @@ def _lift_cpu_dtype_gates() -> None:
         module._use_triton = use_triton
 
 
-def count(model_name: str, batch: int, dtype: torch.dtype) -> dict[str, list[str]]:
+def count(model_name: str, batch: int, dtype: torch.dtype, fp8: bool = False,
+          fuse_shared_experts: bool = True) -> dict[str, list[str]]:
     from triton.runtime.interpreter import InterpretedFunction
 
     from moeserve.config import ModelConfig
     from moeserve.layers.attention import AttentionMetadata
     from moeserve.models.loader import load_model
 
+    shape = dict(SHAPES[model_name])
+    if fp8:
+        shape["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": [16, 16]}
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(SHAPES[model_name], f)
+            json.dump(shape, f)
         cfg = ModelConfig.from_pretrained(d)
+    cfg.fuse_shared_experts = fuse_shared_experts
     if dtype != torch.float32:
         _lift_cpu_dtype_gates()
     model = load_model(cfg, None, dtype, "cpu", load_format="dummy")
@@ -144,12 +157,17 @@ def main() -> int:
     p.add_argument("--model", default="v2-lite", choices=sorted(SHAPES))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--fp8", action="store_true", help="FP8 block-scaled weights (16x16 blocks at these widths)")
+    p.add_argument("--no-fuse-shared-experts", action="store_true", help="the shared experts as a separate MLP")
     p.add_argument("--json", help="also write the lists here")
     args = p.parse_args()
     torch.manual_seed(0)
-    result = count(args.model, args.batch, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    result = count(args.model, args.batch, torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.fp8,
+                   not args.no_fuse_shared_experts)
+    what = ", ".join([args.dtype] + (["FP8 weights"] if args.fp8 else []) +
+                     (["shared experts unfused"] if args.no_fuse_shared_experts else []))
     for kind, ops in result.items():
-        print(f"{args.model} {kind} layer, {args.dtype}, decode batch {args.batch}: {len(ops)} kernels")
+        print(f"{args.model} {kind} layer, {what}, decode batch {args.batch}: {len(ops)} kernels")
         print("  in order: " + ", ".join(ops))
         print("  by name:  " + ", ".join(f"{n} x{c}" for n, c in Counter(ops).most_common()))
     if args.json:
