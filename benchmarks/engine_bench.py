@@ -75,10 +75,12 @@ def write_config(name: str, fp8: bool) -> str:
     return d
 
 
-def make_engine(path: str, max_batch: int, isl: int, osl: int, eager: bool, dense_gemv: bool) -> EngineCore:
+def make_engine(path: str, max_batch: int, isl: int, osl: int, eager: bool, dense_gemv: bool,
+                fuse_shared_experts: bool = True) -> EngineCore:
     config = EngineConfig.from_kwargs(path, dtype="bfloat16", device="cuda", load_format="dummy",
                                       max_num_seqs=max_batch, max_num_batched_tokens=16384,
                                       max_model_len=isl + osl + 64, enforce_eager=eager, dense_gemv=dense_gemv,
+                                      fuse_shared_experts=fuse_shared_experts,
                                       enable_prefix_caching=False, gpu_memory_utilization=0.88)
     return EngineCore(config)
 
@@ -294,12 +296,14 @@ def main() -> int:
     p.add_argument("--sync-batches", default="1,64", help="compare synchronous with asynchronous scheduling")
     p.add_argument("--profile-prefill", type=int, default=0, help="profile one prefill step of N x 128 tokens")
     p.add_argument("--dense-gemv", action="store_true", help="the engine option: small-M Triton GEMM, not cuBLAS")
+    p.add_argument("--no-fuse-shared-experts", action="store_true",
+                   help="the engine option: DeepSeek's shared experts as a separate MLP")
     p.add_argument("--out", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = p.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     report = {"model": args.model, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "commit": args.commit, "command": " ".join(sys.argv), "isl": args.isl, "osl": args.osl,
-              "dense_gemv": args.dense_gemv}
+              "dense_gemv": args.dense_gemv, "fuse_shared_experts": not args.no_fuse_shared_experts}
     bw = measure_copy_bandwidth()
     report["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
@@ -309,7 +313,8 @@ def main() -> int:
     if hf_b:
         report["hf_generate"] = hf_generate(path, hf_b, 128, 32)
 
-    engine = make_engine(path, max(batches + hf_b), args.isl, args.osl, eager=False, dense_gemv=args.dense_gemv)
+    engine = make_engine(path, max(batches + hf_b), args.isl, args.osl, eager=False, dense_gemv=args.dense_gemv,
+                         fuse_shared_experts=not args.no_fuse_shared_experts)
     report["kv_blocks"] = engine.kv.num_usable_blocks
     report["graphs_vs_eager_tokens"] = graph_matches_eager(engine, args.isl)
     print("graph vs eager tokens:", report["graphs_vs_eager_tokens"], flush=True)
@@ -350,7 +355,7 @@ def main() -> int:
     if args.fp8:
         fp8_batches = [int(x) for x in args.fp8_batches.split(",")]
         engine = make_engine(write_config(args.model, fp8=True), max(fp8_batches), args.isl, args.osl, eager=False,
-                             dense_gemv=args.dense_gemv)
+                             dense_gemv=args.dense_gemv, fuse_shared_experts=not args.no_fuse_shared_experts)
         fp8_cases = []
         for b in fp8_batches:
             r = run_batch(engine, b, args.isl, min(args.osl, 256), seed=b)

@@ -3,7 +3,9 @@ bandwidth measured on the same device in the same run.
 
 A decode step at batch B and context C reads every dense weight once, the routed experts that
 at least one of the B tokens picked (expected count under uniform routing: E * (1 - (1 - k/E)^B)),
-the lm_head, and each sequence's KV cache (C tokens x cache bytes per token per layer).
+the shared experts (every token's; also when fused into the routed experts' stacks as their last
+slots, layers/moe.py), the lm_head, and each sequence's KV cache (C tokens x cache bytes per token
+per layer).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ def decode_step_bytes(model: torch.nn.Module, cfg: ModelConfig, batch: int, cont
             continue  # MTP is not run; the embedding reads only B rows
         nbytes = p.numel() * p.element_size()
         if ".mlp.experts." in name:
-            expert_bytes += nbytes
+            # fused shared experts: the last num_shared slots of the stack, always read
+            shared = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "num_shared", 0)
+            shared_bytes = nbytes * shared // p.shape[0]
+            expert_bytes += nbytes - shared_bytes
+            other_bytes += shared_bytes
         else:
             other_bytes += nbytes
     hit = expected_experts_hit(cfg.n_routed_experts, cfg.num_experts_per_tok, batch) / max(cfg.n_routed_experts, 1)
