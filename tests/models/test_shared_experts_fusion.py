@@ -218,6 +218,29 @@ def test_a_missing_shared_tensor_is_named(deepseek_v2_dir, tmp_path):
         build(str(bad), fuse=True)
 
 
+def test_stacked_experts_checkpoint_fills_the_routed_slots_only(deepseek_v2_dir, tmp_path):
+    """A checkpoint whose routed experts are stacked (`mlp.experts.gate_up_proj` [E, 2I, H],
+    `mlp.experts.down_proj` [E, H, I]) fills slots 0..E-1; the shared MLP the slots after."""
+    import re
+
+    path = tmp_path / "stacked"
+    shutil.copytree(deepseek_v2_dir, path)
+    tensors, stacks = {}, {}
+    for name, t in load_file(str(path / "model.safetensors")).items():
+        m = re.match(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
+        if m:
+            stacks.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = t
+        else:
+            tensors[name] = t
+    for prefix, projs in stacks.items():
+        experts = range(len(projs["gate"]))
+        tensors[prefix + ".gate_up_proj"] = torch.stack([torch.cat((projs["gate"][e], projs["up"][e])) for e in experts])
+        tensors[prefix + ".down_proj"] = torch.stack([projs["down"][e] for e in experts])
+    save_file(tensors, str(path / "model.safetensors"))
+    for got, want in zip(build(str(path), True).state_dict().items(), build(deepseek_v2_dir, True).state_dict().items()):
+        assert got[0] == want[0] and torch.equal(got[1], want[1]), got[0]
+
+
 def test_engine_option_builds_the_unfused_layers(deepseek_v2_dir):
     from moeserve import LLM, SamplingParams
     from moeserve.engine.llm import add_engine_args, engine_kwargs
