@@ -7,6 +7,8 @@ balancer counts each token once."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -37,7 +39,10 @@ def _config() -> ModelConfig:
 
 def _reference(cfg: ModelConfig, quant: str | None) -> MoE:
     torch.manual_seed(0)
-    layer = MoE(cfg, quant)
+    # Under expert parallelism the shared experts stay a separate MLP: so does the single-process
+    # reference here (its parameters copy over by name).
+    layer = MoE(dataclasses.replace(cfg, fuse_shared_experts=False), quant)
+    assert layer.shared_experts is not None
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "scale" in name.rsplit(".", 1)[-1]:
