@@ -186,14 +186,13 @@ if triton is not None:
 
 
 # The one-program path's bound on num_pairs. Decode is where align's launches show (~2 us each
-# against a few-us layer), and a decode batch has B * (top-k [+ shared slots]) pairs: V3 top-8 at the
-# default max_num_seqs 256 is 2048; V2-Lite top-6 + 2 shared slots at 64 seqs is 512. The one program
-# sorts next_power_of_2(num_pairs) keys in O(n log^2 n) compare-exchange steps on one SM (66 steps of
-# 8 keys a thread at 2048, with 8 warps) and writes max_padded slots; that stays a few us, below the
-# three-pass path's fixed ~3 launches, up to about this size. Past it the work grows on one SM while
-# the three-pass path spreads it over the chunks' programs. kernel_bench_moe.py --align times both
-# paths on each side of this bound.
-ONE_PROGRAM_MAX_PAIRS = 2048
+# against a few-us layer), and a decode batch has B * (top-k [+ shared slots]) pairs: V2-Lite top-6 +
+# 2 shared slots at 64 seqs is 512. The one program sorts next_power_of_2(num_pairs) keys on one SM,
+# so its time follows that padded size while the three-pass path spreads the work over the chunks'
+# programs. Measured on an H200 (kernel_bench_moe.py --align, V2-Lite, docs/perf/kernels_align.json):
+# one program 1.7 / 2.1 / 3.5 / 7.1 / 17.6 us at 6 / 48 / 384 / 768 / 1536 pairs, three passes
+# 4.9 / 6.0 / 7.4 / 8.0 / 7.7 us: the paths cross between 1024 keys (768 pairs) and 2048 (1536).
+ONE_PROGRAM_MAX_PAIRS = 1024
 
 
 def _launch_one_program(ids, sorted_ids, block_expert, num_padded, block_m, num_experts, num_warps=None):
@@ -204,7 +203,7 @@ def _launch_one_program(ids, sorted_ids, block_expert, num_padded, block_m, num_
     _align_one_program_kernel[(1,)](ids, sorted_ids, block_expert, num_padded, num_pairs, num_experts,
                                     sorted_ids.numel(), block_expert.numel(), BLOCK_M=block_m, E_PAD=e_pad,
                                     N_PAD=n_pad, FILL=1024, BLOCK_FILL=256,
-                                    num_warps=num_warps or (4 if n_pad <= 1024 else 8))
+                                    num_warps=num_warps or (4 if n_pad < 1024 else 8))  # measured best
 
 
 def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_experts: int,
