@@ -48,6 +48,34 @@ def print_interpreter_cases(cases) -> None:
     print(json.dumps(out))
 
 
+def run_model_steps(model, steps: list[dict[int, list[int]]], tables: dict[int, list[int]], block: int) -> list:
+    """Drive a model by hand (no engine) through `steps`: each a {sequence id: new token ids} chunk
+    over the paged cache (fp32, 12 blocks of `block` slots; tables: each sequence's block table).
+    Returns each step's logits."""
+    import torch
+
+    from moeserve.layers.attention import AttentionMetadata
+
+    for layer in model.attention_layers():
+        layer.kv_cache = torch.zeros(layer.kv_cache_shape(12, block), dtype=torch.float32)
+    lens: dict[int, int] = {}
+    out = []
+    for chunks in steps:
+        ids, positions, q_lens, s_lens, block_tables = [], [], [], [], []
+        for sid, tokens in chunks.items():
+            start = lens.get(sid, 0)
+            lens[sid] = start + len(tokens)
+            ids += tokens
+            positions += range(start, lens[sid])
+            q_lens.append(len(tokens))
+            s_lens.append(lens[sid])
+            block_tables.append(tables[sid])
+        meta = AttentionMetadata.build(q_lens, s_lens, block_tables, block, "cpu")
+        with torch.inference_mode():
+            out.append(model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), meta)))
+    return out
+
+
 # Parallel engines (dp/ep, tp) are checked against one process on these prompts and parameters.
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 ENGINE = dict(dtype="float32", device="cpu", block_size=4, num_blocks=256)

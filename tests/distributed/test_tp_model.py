@@ -17,8 +17,8 @@ import torch
 from ep_launch import run_ranks
 from moeserve.config import ModelConfig
 from moeserve.distributed.groups import build_parallel_state, set_parallel_state
-from moeserve.layers.attention import AttentionMetadata
 from moeserve.models.loader import check_tensor_parallel, load_model
+from tests.helpers import run_model_steps
 
 BLOCK = 4
 # (seq id -> new tokens) per step; decodes first, as the engine schedules them
@@ -34,23 +34,7 @@ def run_model(path: str, load_format: str, fuse_shared: bool = True) -> tuple[li
     cfg = ModelConfig.from_pretrained(path)
     cfg.fuse_shared_experts = fuse_shared
     model = load_model(cfg, path, torch.float32, "cpu", load_format, seed=0)
-    for layer in model.attention_layers():
-        layer.kv_cache = torch.zeros(layer.kv_cache_shape(12, BLOCK), dtype=torch.float32)
-    lens: dict[int, int] = {}
-    out = []
-    for chunks in STEPS:
-        ids, positions, q_lens, s_lens, tables = [], [], [], [], []
-        for sid, tokens in chunks.items():
-            start = lens.get(sid, 0)
-            lens[sid] = start + len(tokens)
-            ids += tokens
-            positions += range(start, lens[sid])
-            q_lens.append(len(tokens))
-            s_lens.append(lens[sid])
-            tables.append(TABLES[sid])
-        meta = AttentionMetadata.build(q_lens, s_lens, tables, BLOCK, "cpu")
-        with torch.inference_mode():
-            out.append(model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), meta)))
+    out = run_model_steps(model, STEPS, TABLES, BLOCK)
     return out, sum(p.numel() for p in model.parameters())
 
 

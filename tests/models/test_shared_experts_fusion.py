@@ -26,10 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from moeserve.config import ModelConfig
 from moeserve.distributed.groups import build_parallel_state, set_parallel_state
-from moeserve.layers.attention import AttentionMetadata
 from moeserve.models.loader import CheckpointMismatch, load_model
 from tests.distributed.ep_launch import run_ranks
-from tests.helpers import print_interpreter_cases, script_results
+from tests.helpers import print_interpreter_cases, run_model_steps, script_results
 
 ARCHS = {"v2": "deepseek_v2", "v3": "deepseek_v3"}
 FP8_BLOCK = (16, 16)  # the tiny widths (64, 32) split into whole blocks, over 2 TP ranks too
@@ -72,24 +71,7 @@ def moe_layers(model) -> dict[str, torch.nn.Module]:
 
 
 def run_steps(model) -> list[torch.Tensor]:
-    for layer in model.attention_layers():
-        layer.kv_cache = torch.zeros(layer.kv_cache_shape(12, BLOCK), dtype=torch.float32)
-    lens: dict[int, int] = {}
-    out = []
-    for chunks in STEPS:
-        ids, positions, q_lens, s_lens, tables = [], [], [], [], []
-        for sid, tokens in chunks.items():
-            start = lens.get(sid, 0)
-            lens[sid] = start + len(tokens)
-            ids += tokens
-            positions += range(start, lens[sid])
-            q_lens.append(len(tokens))
-            s_lens.append(lens[sid])
-            tables.append(TABLES[sid])
-        meta = AttentionMetadata.build(q_lens, s_lens, tables, BLOCK, "cpu")
-        with torch.inference_mode():
-            out.append(model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), meta)))
-    return out
+    return run_model_steps(model, STEPS, TABLES, BLOCK)
 
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
