@@ -16,8 +16,9 @@ from moeserve.kernels.rotary import apply_rotary, apply_rotary_ref
 
 
 def _write_entries(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
-    """cache [num_blocks, block_size, entry] <- values [T, entry] at slot_mapping (as layers.attention.write_cache)."""
-    flat = cache.view(-1, cache.shape[-1])
+    """cache [num_blocks, block_size, *entry] <- values [T, *entry] at slot_mapping (as
+    layers.attention.write_cache)."""
+    flat = cache.view(-1, *cache.shape[2:])
     values = values.to(cache.dtype)
     if cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernels: move the bytes
         flat, values = flat.view(torch.uint8), values.view(torch.uint8)
