@@ -85,13 +85,13 @@ class KernelLog(TorchDispatchMode):
 def _lift_cpu_dtype_gates() -> None:
     """Let the Triton paths take bf16 CPU tensors as they take bf16 CUDA ones (values are wrong
     under the interpreter in bf16; the launches are the GPU's)."""
-    from moeserve.kernels import activation, attention, mla_cache, rmsnorm, rotary, router_gemm, routing
+    from moeserve.kernels import activation, attention, gqa_cache, mla_cache, rmsnorm, rotary, router_gemm, routing
     from moeserve.kernels.fp8 import triton_runs_on
 
     def use_triton(x, *others):
         return triton_runs_on(x, *others)
 
-    for module in (rmsnorm, rotary, attention, activation, mla_cache, router_gemm, routing):
+    for module in (rmsnorm, rotary, attention, activation, mla_cache, gqa_cache, router_gemm, routing):
         module._use_triton = use_triton
 
 

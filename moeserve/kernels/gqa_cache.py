@@ -15,15 +15,19 @@ kernels/rotary.py (cos/sin rounded to the activation dtype, products and sums in
 at the store). So against the torch reference (which rounds every rotary op), fp32 results agree
 to ~1e-7 and fp16/bf16 ones to a rounding or so; v is copied, bit for bit.
 
-Cache writes follow layers.attention.write_cache: the value rounded to the activation dtype, then
-cast to the cache's dtype; an FP8 (e4m3fn) cache gets torch's conversion exactly (torch 2.13's
-c10 fp8e4m3fn_from_fp32_value: round to nearest even, finite overflow and inf saturate to +-448,
-NaN -> 0x7f with the sign), done on the bits in the kernel (`_e4m3fn_bits`): the interpreter's
-own fp8 cast rounds wrongly across powers of two, and torch's conversion (which older torch
-versions did not saturate) is pinned here rather than left to a backend's cast. The tests compare
-the bytes with the installed torch's, so a change there shows. Slots are
-taken as given, as write_cache and the MLA kernel take them: CUDA-graph padding rows carry slots
-of scratch block 0 (never handed out), there are no negative slots.
+Cache writes follow mla_cache._write_entries (the unfused write, formerly
+layers.attention.write_cache): the value rounded to the activation dtype, then cast to the cache's
+dtype. An FP8 (e4m3fn) cache gets torch's conversion exactly (torch 2.13's c10
+fp8e4m3fn_from_fp32_value: round to nearest even, finite overflow and inf saturate to +-448, NaN ->
+0x7f with the sign), done on the bits in the kernel (`_e4m3fn_bits`): the interpreter's own fp8
+cast rounds wrongly across powers of two, and torch's conversion (which older torch versions did
+not saturate) is pinned here rather than left to a backend's cast. The tests compare the bytes
+with the installed torch's, so a change there shows. Slots are taken as given, as the unfused
+write and the MLA kernel take them: CUDA-graph padding rows carry slots of scratch block 0 (never
+handed out); there are no negative slots.
+
+Qwen3 always has q_norm and k_norm (and GQAAttention always builds them), so both are required;
+one eps serves both (both are the config's rms_norm_eps).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ from moeserve.kernels.rotary import apply_rotary, apply_rotary_ref
 
 
 def _write_entries(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
-    """cache [num_blocks, block_size, *entry] <- values [T, *entry] at slot_mapping (as
-    layers.attention.write_cache)."""
+    """cache [num_blocks, block_size, *entry] <- values [T, *entry] at slot_mapping, cast to the cache's
+    dtype. No host sync (CUDA graphs): padded tokens carry slots of block 0, a scratch block the KV
+    manager never hands out. (The unfused write of both attention kinds: MLA's and GQA's.)"""
     flat = cache.view(-1, *cache.shape[2:])
     values = values.to(cache.dtype)
     if cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernels: move the bytes

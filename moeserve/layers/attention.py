@@ -21,6 +21,7 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.host_copy import to_device
 from moeserve.kernels.attention import gather_sequences, mla_decode, paged_decode, paged_prefill, varlen_attention
+from moeserve.kernels.gqa_cache import gqa_qkv_write
 from moeserve.kernels.mla_cache import mla_kv_write
 from moeserve.layers.linear import LinearPart, MergedColumnLinear, column_parallel, row_parallel, tp_world
 from moeserve.layers.norm import RMSNorm
@@ -66,16 +67,6 @@ class AttentionMetadata:
             seq_lens_cpu=list(seq_lens),
             num_decodes=num_decodes,
         )
-
-
-def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
-    """cache [num_blocks, block_size, *entry], values [T, *entry]. No host sync (CUDA graphs):
-    padded tokens carry slots of block 0, a scratch block the KV manager never hands out."""
-    flat = cache.view(-1, *cache.shape[2:])
-    values = values.to(cache.dtype)
-    if cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernels: move the bytes
-        flat, values = flat.view(torch.uint8), values.view(torch.uint8)
-    flat.index_copy_(0, slot_mapping, values)
 
 
 def gather_sequence(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -228,13 +219,13 @@ class GQAAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # views: rows of unit stride
-        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        write_cache(k_cache, meta.slot_mapping, k)
-        write_cache(v_cache, meta.slot_mapping, v)
+        # q and k's per-head norms, their rotation and the k/v cache writes: one kernel; q comes back
+        # new and contiguous
+        q = gqa_qkv_write(q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim),
+                          v.view(t, self.num_kv_heads, self.head_dim), self.q_norm.weight, self.k_norm.weight,
+                          self.q_norm.eps, positions, self.rotary.cos_sin_cache, self.rotary.interleaved, k_cache,
+                          v_cache, meta.slot_mapping)
 
         out = x.new_empty(t, self.num_heads, self.head_dim)
         nd = meta.num_decodes

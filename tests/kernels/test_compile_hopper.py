@@ -4,8 +4,8 @@ A child process without TRITON_INTERPRET installs tests/hopper_stub.py (a stub d
 sm_90, and compile-only kernel calls), then calls each kernel wrapper once per compile variant
 that serving uses: bf16 mostly, fp16 where the dot path differs, FP8 e4m3 weights, and the
 constexpr switches (fused/unfused quant, split-K, bias, residual, strided heads, rotary layouts,
-decode splits, paged/packed prefill, routing methods with and without fused shared experts, wire
-codecs). Each kernel is compiled down to a cubin by the bundled ptxas; nothing is launched and no
+FP8 KV cache, decode splits, paged/packed prefill, routing methods with and without fused shared
+experts, wire codecs). Each kernel is compiled down to a cubin by the bundled ptxas; nothing is launched and no
 values are checked (the interpreter tests do that). Wrappers pass FAST=tensor.is_cuda; the child
 forces FAST=True, the GPU's path.
 
@@ -44,7 +44,8 @@ def _defined_kernels() -> set[str]:
 def _cases() -> dict:
     """name -> wrapper call (a thunk). Tiny shapes, valid on a GPU: dot tiles >= 16, heads of 128."""
     from moeserve.distributed.dispatch import Placement
-    from moeserve.kernels import activation, attention_triton as at, fp8, fused_moe, gemv, mla_cache, moe_config
+    from moeserve.kernels import activation, attention_triton as at, fp8, fused_moe, gemv, gqa_cache, mla_cache
+    from moeserve.kernels import moe_config
     from moeserve.kernels import moe_align, rmsnorm, rotary, router_gemm, routing
     from moeserve.kernels import wire_codecs as wc
 
@@ -72,6 +73,16 @@ def _cases() -> dict:
     for inter in (False, True):
         cases[f"mla_kv_write_interleaved{inter}"] = lambda inter=inter: mla_cache.mla_kv_write_triton(
             kv_a, torch.randn(512, dtype=bf), 1e-6, pos, cos_sin, inter, kv_cache, torch.arange(t))
+
+    # GQA's prologue (q/k norms + rope + k/v cache write): Qwen3's neox layout into a bf16 cache and
+    # into an FP8 one (stored as bytes), and the interleaved layout
+    v_heads = qkv[:, 10 * 128:].view(t, 2, 128)
+    gqa_caches = {"bf16": torch.empty(2, 4, 16, 2, 128, dtype=bf), "fp8": torch.empty(2, 4, 16, 2, 128, dtype=e4m3)}
+    for cache_name, inter in (("bf16", False), ("fp8", False), ("bf16", True)):
+        gc = gqa_caches[cache_name]
+        cases[f"gqa_qkv_write_{cache_name}_interleaved{inter}"] = lambda gc=gc, inter=inter: (
+            gqa_cache.gqa_qkv_write_triton(q_heads, k_heads, v_heads, w128, w128, 1e-6, pos, torch.randn(64, 128),
+                                           inter, gc[0], gc[1], torch.arange(t)))
 
     cases["silu_and_mul"] = lambda: activation.silu_and_mul_triton(torch.randn(t, 2 * 256, dtype=bf), 256, 256)
 
