@@ -22,7 +22,8 @@ fp8e4m3fn_from_fp32_value: round to nearest even, finite overflow and inf satura
 0x7f with the sign), done on the bits in the kernel (`_e4m3fn_bits`): the interpreter's own fp8
 cast rounds wrongly across powers of two, and torch's conversion (which older torch versions did
 not saturate) is pinned here rather than left to a backend's cast. The tests compare the bytes
-with the installed torch's, so a change there shows. Slots are taken as given, as the unfused
+with the installed torch's, so a change there shows: on the H200 (torch 2.11) they differed, so
+the dispatch keeps FP8 caches on the unfused path for now (gqa_qkv_write). Slots are taken as given, as the unfused
 write and the MLA kernel take them: CUDA-graph padding rows carry slots of scratch block 0 (never
 handed out); there are no negative slots.
 
@@ -185,14 +186,17 @@ def gqa_qkv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: t
                   k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                   interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> torch.Tensor:
-    """One launch where Triton runs (the cache in the activations' dtype or FP8); else (plain CPU) the
-    norm and rotary kernels' dispatchers (their references there) and two index_copy_ writes."""
+    """One launch where Triton runs and the cache is in the activations' dtype; else the norm and
+    rotary kernels' dispatchers and two index_copy_ writes. An FP8 cache takes the latter on every
+    device: the kernel's e4m3 conversion (written to match torch 2.13's, equal under the interpreter)
+    gave other bytes than torch 2.11's on an H200 (3 GPU tests, 2026-12-01), and the cache must hold
+    what the unfused path writes."""
     from moeserve.kernels.fp8 import triton_runs_on
 
     if (triton is not None and _use_triton(q, k, v, q_weight, k_weight)
             and triton_runs_on(q, positions, slot_mapping, k_cache, v_cache)
             and q.dtype == k.dtype == v.dtype == q_weight.dtype == k_weight.dtype
-            and k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, FP8)
+            and k_cache.dtype == v_cache.dtype == q.dtype
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and k_cache.is_contiguous() and v_cache.is_contiguous() and cos_sin_cache.shape[-1] == q.shape[-1]):
         return gqa_qkv_write_triton(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, interleaved,
