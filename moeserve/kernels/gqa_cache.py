@@ -15,7 +15,7 @@ kernels/rotary.py (cos/sin rounded to the activation dtype, products and sums in
 at the store). So against the torch reference (which rounds every rotary op), fp32 results agree
 to ~1e-7 and fp16/bf16 ones to a rounding or so; v is copied, bit for bit.
 
-Cache writes follow mla_cache._write_entries (the unfused write, formerly
+Cache writes follow mla_cache.write_cache_entries (the unfused write, formerly
 layers.attention.write_cache): the value rounded to the activation dtype, then cast to the cache's
 dtype. An FP8 (e4m3fn) cache gets torch's conversion exactly (torch 2.13's c10
 fp8e4m3fn_from_fp32_value: round to nearest even, finite overflow and inf saturate to +-448, NaN ->
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.kernels.mla_cache import _write_entries
+from moeserve.kernels.mla_cache import write_cache_entries
 from moeserve.kernels.rmsnorm import _use_triton, rmsnorm, rmsnorm_ref, triton
 from moeserve.kernels.rotary import apply_rotary_qk, apply_rotary_ref
 
@@ -45,8 +45,8 @@ FP8 = torch.float8_e4m3fn
 def _unfused(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, interleaved, k_cache, v_cache,
              slot_mapping, norm, rotate_qk):
     q, k = rotate_qk(norm(q, q_weight, eps), norm(k, k_weight, eps), positions, cos_sin_cache, interleaved)
-    _write_entries(k_cache, slot_mapping, k)
-    _write_entries(v_cache, slot_mapping, v)
+    write_cache_entries(k_cache, slot_mapping, k)
+    write_cache_entries(v_cache, slot_mapping, v)
     return q
 
 

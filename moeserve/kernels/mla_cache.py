@@ -15,7 +15,7 @@ from moeserve.kernels.rmsnorm import _use_triton, rmsnorm, rmsnorm_ref, triton
 from moeserve.kernels.rotary import apply_rotary, apply_rotary_ref
 
 
-def _write_entries(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+def write_cache_entries(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
     """cache [num_blocks, block_size, *entry] <- values [T, *entry] at slot_mapping, cast to the cache's
     dtype. No host sync (CUDA graphs): padded tokens carry slots of block 0, a scratch block the KV
     manager never hands out. (The unfused write of both attention kinds: MLA's and GQA's.)"""
@@ -30,7 +30,7 @@ def _unfused(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cach
     rank = kv_a.shape[-1] - cos_sin_cache.shape[-1]
     latent, k_pe = kv_a.split([rank, kv_a.shape[-1] - rank], dim=-1)
     k_pe = rotate(k_pe.unsqueeze(1), positions, cos_sin_cache, interleaved).squeeze(1)
-    _write_entries(cache, slot_mapping, torch.cat((norm(latent, norm_weight, eps), k_pe), dim=-1))
+    write_cache_entries(cache, slot_mapping, torch.cat((norm(latent, norm_weight, eps), k_pe), dim=-1))
 
 
 def mla_kv_write_ref(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
