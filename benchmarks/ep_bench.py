@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--tokens", default="128,4096", help="tokens per rank, comma separated")
     p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--backends", default="ht,ll")
+    p.add_argument("--backends", default="ht,ll",
+                   help="comma list of ht, ll; a number after one pipelines it in that many token ranges (ll4)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="also time the ll round trip captured in a CUDA graph")
@@ -72,7 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="print rank 0's top GPU kernels for each case")
     p.add_argument("--out", default=os.environ.get("OUT", "ep_bench_out"))
     p.add_argument("--timeout", type=float, default=300.0, help="deadline (s) for every collective")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for b in args.backends.split(","):
+        if b[:2] not in ("ht", "ll") or not (b[2:] == "" or b[2:].isdigit() and int(b[2:]) > 0):
+            p.error(f"--backends: {b!r} is not ht or ll, optionally followed by a chunk count")
+    return args
 
 
 # ----------------------------------------------------------------------------- timing
@@ -160,8 +165,10 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     dcodec, ccodec = FORMATS[fmt]
     placement = Placement.contiguous(args.experts, world)
-    d = Dispatcher(dist.group.WORLD, placement, args.hidden, torch.bfloat16, dcodec, ccodec, mode=backend,
-                   ll_capacity=tokens, device=device, kernels=args.kernels, ht_chunks=args.ht_chunks)
+    mode, chunks = backend[:2], int(backend[2:] or 0)  # "ll4": the low-latency backend in 4 pipelined ranges
+    d = Dispatcher(dist.group.WORLD, placement, args.hidden, torch.bfloat16, dcodec, ccodec, mode=mode,
+                   ll_capacity=tokens, device=device, kernels=args.kernels, ht_chunks=chunks or args.ht_chunks,
+                   ll_chunks=chunks or 1)
     x, ids, w = routing(tokens, args, rank, device)
     recv_x, _, _, handle = d.dispatch(x, ids, w)
     # Free experts: the output buffer is ready (the routing, hence its shape, is the same every time).
@@ -176,7 +183,7 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
     t_combine = timed(lambda: d.combine(expert_out, handle), args, device)  # a handle can be combined again
     drow, crow = d.bytes_per_row(args.topk)
     rows, _ = remote_rows(d, ids)
-    if backend == "ht":
+    if mode == "ht":
         wire = rows * (drow + crow)
     else:
         wire = (world - 1) * tokens * (drow + crow)
@@ -187,7 +194,7 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
            "wire_bytes_per_rank": wire, "useful_fraction": useful / wire if wire else 1.0,
            "gbs": wire / t_rt / 1e9, "bytes_per_token_round_trip": d.dispatch_codec.bytes_per_token(args.hidden)
            + d.combine_codec.bytes_per_token(args.hidden)}
-    if args.graph and backend == "ll" and device.type == "cuda":
+    if args.graph and mode == "ll" and device.type == "cuda":
         row["graph_round_trip_us"] = graph_round_trip(round_trip, args, device)
     if args.profile and device.type == "cuda":
         row["profile"] = profile_round_trip(round_trip, f"{fmt} {backend} {tokens} tokens/rank")
@@ -316,12 +323,24 @@ def table(report: dict) -> str:
         lines.append(f"| {a['tokens_per_rank']} | {a['a2a_us']:.1f} | {a['gbs']:.3g} "
                      f"| {_fmt(a['gbs'] / peer if peer else None, '.2f')} |")
     lines.append("")
+    backends = list(dict.fromkeys(r["backend"] for r in report["rows"]))
     for tokens in sorted({r["tokens_per_rank"] for r in report["rows"]}):
-        rt = {(r["format"], r["backend"]): r["round_trip_us"] for r in report["rows"] if r["tokens_per_rank"] == tokens}
-        for backend in ("ht", "ll"):
+        here = [r for r in report["rows"] if r["tokens_per_rank"] == tokens]
+        rt = {(r["format"], r["backend"]): r["round_trip_us"] for r in here}
+        graph = {(r["format"], r["backend"]): r["graph_round_trip_us"] for r in here
+                 if isinstance(r.get("graph_round_trip_us"), float)}
+        for backend in backends:
             if ("bf16", backend) in rt and ("mxfp4+fp8", backend) in rt:
                 lines.append(f"{tokens} tokens/rank, {backend}: mxfp4+fp8 / bf16 round trip = "
                              f"{rt[('mxfp4+fp8', backend)] / rt[('bf16', backend)]:.2f}")
+            if ("bf16", backend) in graph and ("mxfp4+fp8", backend) in graph:
+                lines.append(f"{tokens} tokens/rank, {backend} in a CUDA graph: mxfp4+fp8 / bf16 round trip = "
+                             f"{graph[('mxfp4+fp8', backend)] / graph[('bf16', backend)]:.2f}")
+        best = {fmt: min(((us, b) for (f, b), us in graph.items() if f == fmt), default=None)
+                for fmt in ("bf16", "mxfp4+fp8")}
+        if all(best.values()):  # each format in its fastest pipelining
+            lines.append(f"{tokens} tokens/rank, fastest in a CUDA graph: mxfp4+fp8 ({best['mxfp4+fp8'][1]}) / "
+                         f"bf16 ({best['bf16'][1]}) = {best['mxfp4+fp8'][0] / best['bf16'][0]:.2f}")
         if ("bf16", "ll") in rt and ("bf16", "ht") in rt:
             ratio = rt[("bf16", "ll")] / rt[("bf16", "ht")]
             lines.append(f"{tokens} tokens/rank, bf16: ll / ht round trip = {ratio:.2f}")

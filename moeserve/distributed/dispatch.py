@@ -46,6 +46,7 @@ BACKENDS = ("ht", "ll")
 KERNELS = ("auto", "triton", "torch")
 ENV_BACKEND = "MOESERVE_DISPATCH"
 ENV_HT_CHUNKS = "MOESERVE_EP_HT_CHUNKS"
+ENV_LL_CHUNKS = "MOESERVE_EP_LL_CHUNKS"
 
 
 # ----------------------------------------------------------------------------- placement
@@ -219,33 +220,72 @@ class HighThroughputBackend:
 
 
 class LowLatencyBackend:
-    """Fixed `capacity` rows per destination rank (row t = token t), equal splits, no host sync."""
+    """Fixed `capacity` rows per destination rank (row t = token t), equal splits, no host sync.
+
+    With ll_chunks C > 1 the capacity is cut into C token ranges of ceil(capacity / C) rows per
+    rank, laid out range by range ([C, R, rows], so each range is one contiguous equal-split
+    all_to_all) and sent asynchronously: range i + 1 is encoded while range i travels, and each
+    range is decoded (summed, in combine) as it lands. Shapes stay static and nothing waits on the
+    host, so the whole pipeline is captured in one CUDA graph, the transfers running on NCCL's
+    stream beside the codec kernels. A rank whose tokens end before a range still sends its
+    padding rows: every rank joins every range's collective."""
 
     name = "ll"
 
     def __init__(self, d: "Dispatcher"):
         self.d = d
 
+    def layout(self) -> tuple[int, int]:
+        """(ranges, rows per rank in each range)."""
+        c = self.d.ll_chunks
+        return c, -(-self.d.ll_capacity // c)
+
     def dispatch(self, x, topk_ids, topk_weights, table):
         d = self.d
-        t, cap, r = x.shape[0], d.ll_capacity, d.num_ranks
-        if t > cap:
-            raise ValueError(f"low-latency dispatch got {t} tokens on rank {d.rank}, capacity {cap}: "
+        t, k, r = x.shape[0], topk_ids.shape[1], d.num_ranks
+        if t > d.ll_capacity:
+            raise ValueError(f"low-latency dispatch got {t} tokens on rank {d.rank}, capacity {d.ll_capacity}: "
                              f"raise ll_capacity or use the high-throughput backend")
         dest, local, _ = table.route(topk_ids, d.rank, r, triton_ok=d.triton_ok)
+        c, f = self.layout()
+        n = r * f  # rows of one range
+        codec = d.dispatch_codec
         # Rows of tokens that have no expert on a rank, and padding rows, carry zeros and ids -1.
-        rows = d.encode_rows(x, d.dispatch_codec, r * cap, cap=cap, dest=dest, local=local, weights=topk_weights)
+        rows = x.new_empty(c * n, d.bytes_per_row(k)[0], dtype=torch.uint8)
         recv = torch.empty_like(rows)
-        d.all_to_all(recv, rows)
-        recv_x, recv_ids, recv_w = d.decode_rows(recv, d.dispatch_codec, topk_ids.shape[1])
+        works = []
+        for i in range(c):
+            a, b = min(i * f, t), min((i + 1) * f, t)
+            d.encode_rows(x[a:b], codec, n, cap=f, dest=dest[a:b], local=local[a:b], weights=topk_weights[a:b],
+                          out=rows[i * n:(i + 1) * n])
+            works.append(d.all_to_all(recv[i * n:(i + 1) * n], rows[i * n:(i + 1) * n], async_op=c > 1))
+        recv_x = (wire_codecs.raw_view(recv, d.hidden, codec.dtype) if codec.name == wire_codecs.RAW
+                  else torch.empty(c * n, d.hidden, dtype=codec.dtype, device=x.device))
+        recv_ids = torch.empty(c * n, k, dtype=torch.int64, device=x.device)
+        recv_w = torch.empty(c * n, k, dtype=torch.float32, device=x.device)
+        for i, work in enumerate(works):
+            if work is not None:
+                work.wait()
+            s = slice(i * n, (i + 1) * n)
+            d.decode_rows(recv[s], codec, k, out=(recv_x[s], recv_ids[s], recv_w[s]))
         return recv_x.to(x.dtype), recv_ids, recv_w, LLHandle(dest, t, x.dtype)
 
     def combine(self, expert_out, h: LLHandle):
         d = self.d
-        enc = d.encode_rows(expert_out, d.combine_codec)
-        back = torch.empty_like(enc)
-        d.all_to_all(back, enc)
-        return d.combine_rows(back, h.num_tokens, h.dtype, cap=d.ll_capacity, dest=h.dest)
+        c, f = self.layout()
+        n = d.num_ranks * f
+        sent, works = [], []
+        back = expert_out.new_empty(c * n, d.bytes_per_row(0)[1], dtype=torch.uint8)
+        for i in range(c):
+            sent.append(d.encode_rows(expert_out[i * n:(i + 1) * n], d.combine_codec))
+            works.append(d.all_to_all(back[i * n:(i + 1) * n], sent[-1], async_op=c > 1))
+        y = torch.empty(h.num_tokens, d.hidden, dtype=h.dtype, device=expert_out.device)
+        for i, work in enumerate(works):
+            if work is not None:
+                work.wait()
+            a, b = min(i * f, h.num_tokens), min((i + 1) * f, h.num_tokens)
+            d.combine_rows(back[i * n:(i + 1) * n], b - a, h.dtype, cap=f, dest=h.dest[a:b], out=y[a:b])
+        return y
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -276,7 +316,9 @@ class Dispatcher:
     group: the EP process group; None means a single rank (no communication).
     kernels: "auto" (Triton where it runs), "triton" or "torch" (the references) for the row work.
     ht_chunks: token ranges the high-throughput backend pipelines (default env MOESERVE_EP_HT_CHUNKS
-    or 1); every rank of the group must use the same number.
+    or 1); ll_chunks: token ranges the low-latency backend pipelines (env MOESERVE_EP_LL_CHUNKS or 1;
+    pays off at thousands of tokens per rank, not at decode sizes). Every rank of the group must use
+    the same numbers.
     One Dispatcher serves every MoE layer of a rank; each layer passes its own RoutingTable.
     """
 
@@ -284,7 +326,7 @@ class Dispatcher:
                  dtype: torch.dtype = torch.bfloat16, dispatch_codec: str | Codec = "none",
                  combine_codec: str | Codec = "none", mode: str | None = None, threshold: int = 128,
                  ll_capacity: int | None = None, device: torch.device | str = "cpu", kernels: str = "auto",
-                 ht_chunks: int | None = None):
+                 ht_chunks: int | None = None, ll_chunks: int | None = None):
         self.group = group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.num_ranks = dist.get_world_size(group) if group is not None else 1
@@ -302,8 +344,9 @@ class Dispatcher:
         self.triton_ok = {"auto": None, "triton": True, "torch": False}[kernels]
         # Same on every rank (it sets the number of collectives): from the config, not the load.
         self.ht_chunks = int(ht_chunks or os.environ.get(ENV_HT_CHUNKS) or 1)
-        if self.ht_chunks < 1:
-            raise ValueError(f"ht_chunks must be >= 1, got {self.ht_chunks}")
+        self.ll_chunks = int(ll_chunks or os.environ.get(ENV_LL_CHUNKS) or 1)
+        if self.ht_chunks < 1 or self.ll_chunks < 1:
+            raise ValueError(f"ht_chunks and ll_chunks must be >= 1, got {self.ht_chunks}, {self.ll_chunks}")
         self.mode = resolve_mode(mode)
         self.threshold = threshold
         # In auto mode 'll' runs only when max tokens per rank <= threshold, so that is enough room.

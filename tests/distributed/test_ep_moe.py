@@ -89,9 +89,11 @@ def _correctness(rank, world):
             x = x32.to(dtype)
             ref_x = fp8_activations(x) if dcodec == "fp8q" else x
             ref = fused_moe_ref(ref_x, w13.to(dtype), w2.to(dtype), w, ids)
-            for backend in ("ht", "ll", "ht3"):  # ht3: three pipelined chunks (some ranks' chunks empty)
+            # ht3 / ll3: three pipelined chunks (some ranks' chunks empty, ll's last one short)
+            for backend in ("ht", "ll", "ht3", "ll3"):
+                chunks = int(backend[2:] or 1)
                 d = Dispatcher(dist.group.WORLD, placement, H, dtype, dcodec.rstrip("q"), ccodec, mode=backend[:2],
-                               ll_capacity=CAPACITY, ht_chunks=int(backend[2:] or 1))
+                               ll_capacity=CAPACITY, ht_chunks=chunks, ll_chunks=chunks)
                 layer = local_layer(placement, rank, d, w13.to(dtype), w2.to(dtype))
                 recv_x, recv_ids, _, handle = d.dispatch(x, ids, w)
                 d.combine(torch.zeros_like(recv_x), handle)
@@ -181,8 +183,9 @@ def test_expert_parallel_moe(world):
         for rank, r in enumerate(results):
             case = r["correctness"][key]
             assert case["shape"] == (scenarios(world)[name][0][rank], H) and case["dtype"] == dtype
-            if backend == "ll":  # static shapes: the low-latency receive buffer never changes size
-                assert case["recv_shape"] == (world * CAPACITY, H)
+            if backend.startswith("ll"):  # static shapes: the low-latency receive buffer never changes size
+                chunks = int(backend[2:] or 1)
+                assert case["recv_shape"] == (world * chunks * -(-CAPACITY // chunks), H)
     assert not failures, failures
     # Skewed routing: the ranks that own none of experts 0-7 received no rows at all.
     owners = {0} if world == 2 else {0, 1}

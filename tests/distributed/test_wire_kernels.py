@@ -188,11 +188,12 @@ def _ep_ranks(rank, world):
         ids = torch.rand(n, e, generator=g).argsort(dim=1)[:, :k]
         ids[:1, -1] = -1  # a dropped expert
         w = torch.rand(n, k, generator=g)
-        for backend in ("ht", "ll", "ht2"):  # ht2: two pipelined chunks
+        for backend in ("ht", "ll", "ht2", "ll5"):  # ht2, ll5: pipelined chunks (ll5: some of 5 empty)
             res = []
             for kernels in ("torch", "triton"):
+                chunks = int(backend[2:] or 1)
                 d = Dispatcher(dist.group.WORLD, placement, h, dtype, dcodec, ccodec, mode=backend[:2], ll_capacity=cap,
-                               kernels=kernels, ht_chunks=int(backend[2:] or 1))
+                               kernels=kernels, ht_chunks=chunks, ll_chunks=chunks)
                 recv_x, recv_ids, recv_w, handle = d.dispatch(x.to(dtype), ids, w)
                 expert_out = (recv_x.float() * 1.5 - 0.25).to(dtype)  # any per-row function
                 res.append((recv_x, recv_ids, recv_w, d.combine(expert_out, handle)))
