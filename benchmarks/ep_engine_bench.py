@@ -92,6 +92,13 @@ def check_correctness(nproc: int, path: str, modes: list[str], device: str = "cu
     return rows
 
 
+def compiled_kernels() -> int:
+    """Triton kernel variants in the compile cache (every rank process shares it): a timed run
+    that adds any paid compile stalls inside its time."""
+    root = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return sum(f.endswith(".json") and not f.startswith("__grp__") for _, _, files in os.walk(root) for f in files)
+
+
 def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int, gpus: int, eager: bool,
                device: str = "cuda") -> dict:
     # One scheduler per engine core: under dp each rank takes batch_per_gpu requests; a single
@@ -106,14 +113,19 @@ def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, min(120000, vocab), (isl,), generator=g).tolist()
                for _ in range(batch_per_gpu * gpus)]
-    # Warm-up: the whole workload once, so every step shape the timed run meets (mixed prefill and
+    # Warm-up: the whole workload twice, so every step shape the timed run meets (mixed prefill and
     # decode batches included) has its Triton specializations compiled, and NCCL is connected.
     # A shorter warm-up left the first row of a fresh machine paying compiles inside its ~2 s
-    # timed run (one GPU: 946 tok/s first vs 2,203 second, at c46a61b).
-    greedy_tokens(llm, prompts, n=osl)
+    # timed run (one GPU: 946 tok/s first vs 2,203 second, at c46a61b); one pass was not enough
+    # either under asynchronous data-parallel ranks, whose step mix varies from run to run
+    # (dp2/ep2 mxfp4+fp8: 721 tok/s per GPU with compiles in the timed run, ~3,100 without, 441dfa0).
+    for _ in range(2):
+        greedy_tokens(llm, prompts, n=osl)
+    compiled = compiled_kernels()
     start = time.perf_counter()
     outs = greedy_tokens(llm, prompts, n=osl)
     seconds = time.perf_counter() - start
+    compiled = compiled_kernels() - compiled
     if hasattr(llm.engine, "procs"):
         llm.shutdown()
     del llm
@@ -121,7 +133,8 @@ def throughput(path: str, parallel: dict, batch_per_gpu: int, isl: int, osl: int
     torch.cuda.empty_cache()
     tokens = sum(map(len, outs))
     return {"gpus": gpus, "eager": eager, "batch_per_gpu": batch_per_gpu, "max_num_seqs": max_seqs,
-            "output_tokens": tokens, "seconds": seconds, "output_tok_s_per_gpu": tokens / seconds / gpus, **parallel}
+            "output_tokens": tokens, "seconds": seconds, "output_tok_s_per_gpu": tokens / seconds / gpus,
+            "kernels_compiled_in_timed_run": compiled, **parallel}
 
 
 def run_name(r: dict) -> str:
@@ -213,11 +226,12 @@ def main() -> int:
              f"Layer-reduced V3 shape (1 dense + {args.moe_layers} MoE layers, bf16, dummy weights)")
     lines += ["", f"{model}, ISL {args.isl} / OSL {args.osl}, {args.batch} requests per GPU "
               f"({args.batch} x GPUs requests per run):", "",
-              "| run | mode | GPUs | output tok/s per GPU | vs one GPU, same mode |", "|---|---|---|---|---|"]
+              "| run | mode | GPUs | output tok/s per GPU | vs one GPU, same mode | Triton compiles in the timed run |",
+              "|---|---|---|---|---|---|"]
     for r in runs:
         mode = "eager" if r["eager"] else "CUDA graphs"
         lines.append(f"| {run_name(r)} | {mode} | {r['gpus']} | {r['output_tok_s_per_gpu']:.0f} | "
-                     f"{r['output_tok_s_per_gpu'] / base[r['eager']]:.2f} |")
+                     f"{r['output_tok_s_per_gpu'] / base[r['eager']]:.2f} | {r['kernels_compiled_in_timed_run']} |")
     md = "\n".join(lines) + "\n"
     save()
     with open(args.out + ".md", "w") as f:

@@ -75,7 +75,7 @@ def _store_partial(acc, m_i, l_i, part_ptr, lse_ptr, row_ids, row_mask, offs_d, 
     tl.store(lse_ptr + row_ids * num_splits + split, lse, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _mla_decode_split_kernel(
         ql_ptr, qr_ptr, kv_ptr, bt_ptr, seq_lens_ptr, part_ptr, lse_ptr,
         num_heads, num_splits, qk_scale_log2,
@@ -130,7 +130,7 @@ def _mla_decode_split_kernel(
                    split, num_splits)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _gqa_decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, part_ptr, lse_ptr,
         num_heads, num_splits, qk_scale_log2,
@@ -183,7 +183,7 @@ def _gqa_decode_split_kernel(
                    split, num_splits)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_heads, num_splits, stride_out_b, stride_out_h,
                          DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """out[row] = sum_s exp(lse_s) * part_s / sum_s exp(lse_s) for one (sequence, head) row."""

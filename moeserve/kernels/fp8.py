@@ -124,7 +124,7 @@ if triton is not None:
             q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -FP8_MAX_C, FP8_MAX_C))
         return q, scale
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])
     def _group_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows, k, num_groups, stride_xm, stride_qm, stride_sm,
                             GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, FP8_MAX_C: tl.constexpr,
                             FAST: tl.constexpr = False):

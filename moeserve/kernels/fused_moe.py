@@ -97,7 +97,7 @@ def fused_moe_w8a8_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs", "max_padded"])
     def _moe_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, route_w_ptr,
                          sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
                          num_pairs, n, k, a_row_div, max_padded,

@@ -69,7 +69,7 @@ if triton is not None:
         keep = (e >= 0) & (e < num_experts)
         return tl.where(keep, e, 0), keep
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs", "max_padded", "num_blocks"])
     def _align_one_program_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_experts,
                                   max_padded, num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
                                   N_PAD: tl.constexpr, FILL: tl.constexpr, BLOCK_FILL: tl.constexpr):
@@ -113,7 +113,7 @@ if triton is not None:
         tl.debug_barrier()
         tl.store(sorted_ptr + dest, key % N_PAD, mask=placed)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs", "max_padded", "slots_per_prog"])
     def _align_count_kernel(ids_ptr, chunk_counts_ptr, sorted_ptr, num_pairs, num_experts, max_padded,
                             slots_per_prog, E_PAD: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
         # Pass 1, one program per chunk of pairs: the chunk's pairs per expert; and this program's
@@ -131,7 +131,7 @@ if triton is not None:
             tl.store(sorted_ptr + slots, tl.zeros([FILL], tl.int32) + num_pairs,
                      mask=(slots < first + slots_per_prog) & (slots < max_padded))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_chunks"])
     def _align_offsets_kernel(chunk_counts_ptr, pad_end_ptr, num_padded_ptr, num_chunks, num_experts,
                               BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr):
         # Pass 2, one program: padded run of each expert, and for each chunk and expert (written over
@@ -159,7 +159,7 @@ if triton is not None:
             tl.store(ptrs, start[None, :] + tl.cumsum(tile, axis=0) - tile - lower, mask=rows[:, None] < num_chunks)
             start += tl.sum(tile, axis=0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
     def _align_scatter_kernel(ids_ptr, chunk_shift_ptr, pad_end_ptr, num_padded_ptr, sorted_ptr,
                               block_expert_ptr, num_pairs, num_experts, num_blocks,
                               BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,

@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, num_rows, n, eps,
                         x_heads, stride_xt, stride_xh, stride_r, stride_out, stride_r_out,
                         HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):

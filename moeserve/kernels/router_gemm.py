@@ -40,7 +40,7 @@ def router_logits_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])
     def _router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden, stride_x, stride_w, stride_o,
                               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)

@@ -404,7 +404,7 @@ if triton is not None:
             v = tl.reshape(_e2m1_value(codes) * scale[:, None], [CHUNK])
         return v
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens", "cap"])
     def _encode_rows_kernel(x_ptr, out_ptr, slots_ptr, dest_ptr, local_ptr, weight_ptr,
                             num_tokens, hidden, payload_bytes, cap, num_ranks, top_k, stride_x, stride_out,
                             KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr, META: tl.constexpr,
@@ -487,7 +487,7 @@ if triton is not None:
                           CHUNK, ALIGN, FAST)
         return acc + v.to(WIRE).to(tl.float32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens", "cap"])
     def _combine_rows_kernel(rows_ptr, out_ptr, slots_ptr, dest_ptr, num_tokens, hidden, cap, num_ranks, top_k,
                              stride_rows, stride_out, KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr,
                              HAS_DEST: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr, NR: tl.constexpr,
@@ -514,7 +514,7 @@ if triton is not None:
                                     KIND, WIRE, FIXED, HAS_DEST, CHUNK, ALIGN, FAST)
         tl.store(out_ptr + t.to(tl.int64) * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < hidden)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_tokens"])
     def _route_kernel(ids_ptr, rslots_ptr, rcount_ptr, dest_ptr, local_ptr, hit_ptr, num_tokens, top_k, max_rep,
                       rank, slots_per_rank, num_ranks, HIT: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr):
         # The ~15 small torch ops of route_ref in one launch: they cost more in launches than in work.
