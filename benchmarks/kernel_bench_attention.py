@@ -62,7 +62,8 @@ SEQS = [1024, 2048, 4096]
 POOL_BYTES = 1 << 30  # page pool per case: replays rotate over disjoint page sets in it
 MAX_ERR = 1e-2
 
-MLA_CANDIDATES = [dict(block_h=16, block_n=32, num_warps=4, num_stages=2),  # the default first
+MLA_CANDIDATES = [{},  # the tiles mla_decode_tiles picks for the case first
+                  dict(block_h=16, block_n=32, num_warps=4, num_stages=2),
                   dict(block_h=16, block_n=16, num_warps=4, num_stages=2),
                   dict(block_h=16, block_n=64, num_warps=4, num_stages=2),
                   dict(block_h=16, block_n=32, num_warps=8, num_stages=2),
@@ -71,7 +72,8 @@ MLA_CANDIDATES = [dict(block_h=16, block_n=32, num_warps=4, num_stages=2),  # th
                   dict(block_h=16, block_n=32, num_warps=4, num_stages=1),
                   dict(block_h=32, block_n=32, num_warps=8, num_stages=2),
                   dict(block_h=32, block_n=16, num_warps=4, num_stages=2),
-                  dict(block_h=64, block_n=16, num_warps=8, num_stages=2)]
+                  dict(block_h=64, block_n=16, num_warps=8, num_stages=2),
+                  dict(block_h=64, block_n=64, num_warps=8, num_stages=2)]
 GQA_CANDIDATES = [dict(block_n=64, num_warps=4, num_stages=2),  # the default first
                   dict(block_n=32, num_warps=4, num_stages=2),
                   dict(block_n=128, num_warps=4, num_stages=2),
@@ -344,10 +346,11 @@ def measure_prefill(row, run, sdpa, ref_check, flops, nbytes, bw, tflops, smoke,
 
 
 def default_splits(row, batch, cfg, smoke):
-    from moeserve.kernels.attention_triton import MLA_RESIDENT, _sm_count, choose_num_splits
+    from moeserve.kernels.attention_triton import MLA_RESIDENT, _sm_count, choose_num_splits, mla_decode_tiles
     sms = _sm_count(torch.device("cpu" if smoke else "cuda"))
     if row["kernel"] == "mla_decode":
-        return choose_num_splits(batch, -(-row["heads"] // max(16, min(cfg.get("block_h", 16), row["heads"]))), sms,
+        block_h = cfg.get("block_h") or mla_decode_tiles(row["heads"], batch)[0]
+        return choose_num_splits(batch, -(-row["heads"] // max(16, min(block_h, row["heads"]))), sms,
                                  resident=MLA_RESIDENT)
     return choose_num_splits(batch, GQA_MODELS[row["model"]][1], sms)
 

@@ -60,6 +60,11 @@ MLA_CASES = {  # name: (seq_lens, heads, latent, rope, page_size, q dtype, cache
     # views of one [B, H, L+R] tensor
     "mla_fp32_20heads_strided_q": ([9, 1, 70], 20, 96, 32, 16, torch.float32, torch.float32, 2, True),
     "mla_fp8_cache_fp16_q": ([3, 33, 200], 16, 512, 64, 16, torch.float16, torch.float8_e4m3fn, 4, False),
+    # 64 heads in one block with 64-token tiles: the tiles chosen for DeepSeek-V3's 128 heads
+    "mla_fp32_64heads_v3_tiles": ([1, 17, 300, 64], 64, 512, 64, 16, torch.float32, torch.float32, 2, False,
+                                  dict(block_h=64, block_n=64, num_warps=8)),
+    "mla_fp8_cache_64heads_v3_tiles": ([70, 5], 64, 512, 64, 16, torch.float16, torch.float8_e4m3fn, 2, False,
+                                       dict(block_h=64, block_n=64, num_warps=8)),
 }
 
 GQA_CASES = {  # name: (seq_lens, heads, kv heads, head dim, page_size, q dtype, cache dtype, num_splits)
@@ -157,7 +162,7 @@ def _layer_case(arch):
     return rel_err(outs[0], outs[1]) if torch.isfinite(outs[0]).all() else float("inf")
 
 
-def _mla_case(seq_lens, heads, latent, rope, page_size, q_dtype, cache_dtype, num_splits, strided):
+def _mla_case(seq_lens, heads, latent, rope, page_size, q_dtype, cache_dtype, num_splits, strided, opts=None):
     from moeserve.kernels.attention import mla_decode_ref
     from moeserve.kernels.attention_triton import mla_decode_triton
 
@@ -169,7 +174,7 @@ def _mla_case(seq_lens, heads, latent, rope, page_size, q_dtype, cache_dtype, nu
         q_latent, q_rope = q[..., :latent].contiguous(), q[..., latent:].contiguous()
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     scale = (latent + rope) ** -0.5
-    out = mla_decode_triton(q_latent, q_rope, kv, tables, lens, scale, num_splits=num_splits)
+    out = mla_decode_triton(q_latent, q_rope, kv, tables, lens, scale, num_splits=num_splits, **(opts or {}))
     ref = mla_decode_ref(q_latent, q_rope, kv, tables, lens, scale)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     return rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
@@ -308,3 +313,13 @@ def test_attention_bench_smoke_prefill(tmp_path):
 
 if __name__ == "__main__":
     print_interpreter_cases(_interpreter_cases)
+
+
+def test_mla_decode_tiles_many_heads_from_batch_16_on():
+    from moeserve.kernels.attention_triton import MLA_TILES, MLA_TILES_MANY_HEADS, mla_decode_tiles
+
+    assert mla_decode_tiles(128, 64) == MLA_TILES_MANY_HEADS == (64, 64, 8, 2)
+    assert mla_decode_tiles(64, 16) == MLA_TILES_MANY_HEADS  # V3 at tp 2
+    assert mla_decode_tiles(128, 8) == MLA_TILES  # measured even at batch 8, slower at 1
+    assert mla_decode_tiles(16, 64) == MLA_TILES  # V2-Lite: 16 heads are one block already
+    assert mla_decode_tiles(32, 128) == MLA_TILES  # V3 at tp 4

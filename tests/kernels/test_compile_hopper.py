@@ -158,6 +158,9 @@ def _cases() -> dict:
     cases["mla_decode"] = lambda: at.mla_decode_triton(
         torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf), torch.randn(8, page, 576, dtype=bf),
         tables, lens, 0.1)
+    cases["mla_decode_v3_tiles"] = lambda: at.mla_decode_triton(  # 128 heads at batch 16: the many-head tiles
+        torch.randn(16, 128, 512, dtype=bf), torch.randn(16, 128, 64, dtype=bf), torch.randn(8, page, 576, dtype=bf),
+        torch.zeros(16, 4, dtype=torch.int32), torch.full((16,), 20, dtype=torch.int32), 0.1)
     kc, vc = torch.randn(8, page, 2, 128, dtype=bf), torch.randn(8, page, 2, 128, dtype=bf)
     cases["gqa_decode"] = lambda: at.paged_decode_triton(torch.randn(b, 8, 128, dtype=bf), kc, vc, tables, lens, 0.1)
     cases["varlen_prefill_packed_mla"] = lambda: at.varlen_attention_triton(
