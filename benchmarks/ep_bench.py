@@ -362,6 +362,7 @@ def run(args, device: torch.device, peer: float | None) -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     if rank != 0:
+        dist.barrier()  # until rank 0 has written the report (see the barrier at the end)
         return
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "world": world, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -374,6 +375,10 @@ def run(args, device: torch.device, peer: float | None) -> None:
     with open(os.path.join(args.out, "ep_bench.md"), "w") as f:
         f.write(f"{report['date']} `{report['command']}` torch {report['torch']}\n\n{text}\n")
     print(text, flush=True)
+    # Every rank leaves together: a rank that tore its group down while rank 0 (the rendezvous
+    # store's host) was still writing aborted now and then on CPU ("terminate called without an
+    # active exception", 4 runs in 12).
+    dist.barrier()
 
 
 def worker(local_rank: int, nproc: int, addr: str, args) -> None:
