@@ -274,7 +274,7 @@ class LowLatencyBackend:
         d = self.d
         c, f = self.layout()
         n = d.num_ranks * f
-        sent, works = [], []
+        sent, works = [], []  # sent: the encoded ranges, alive until their transfers are waited for
         back = expert_out.new_empty(c * n, d.bytes_per_row(0)[1], dtype=torch.uint8)
         for i in range(c):
             sent.append(d.encode_rows(expert_out[i * n:(i + 1) * n], d.combine_codec))
@@ -317,8 +317,8 @@ class Dispatcher:
     kernels: "auto" (Triton where it runs), "triton" or "torch" (the references) for the row work.
     ht_chunks: token ranges the high-throughput backend pipelines (default env MOESERVE_EP_HT_CHUNKS
     or 1); ll_chunks: token ranges the low-latency backend pipelines (env MOESERVE_EP_LL_CHUNKS or 1;
-    pays off at thousands of tokens per rank, not at decode sizes). Every rank of the group must use
-    the same numbers.
+    for wires slower than the codecs: on one NVLink host it measured slower at every count, even at
+    4096 tokens per rank, docs/perf/ep.md). Every rank of the group must use the same numbers.
     One Dispatcher serves every MoE layer of a rank; each layer passes its own RoutingTable.
     """
 
