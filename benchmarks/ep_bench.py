@@ -46,6 +46,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moeserve.distributed.dispatch import Dispatcher, Placement  # noqa: E402
 from moeserve.distributed.groups import free_port, init_distributed, init_from_env  # noqa: E402
+from moeserve.engine.core_proc import exit_rank_process  # noqa: E402
 from moeserve.kernels import wire_codecs  # noqa: E402
 
 FORMATS = {"bf16": ("none", "none"), "fp8": ("fp8", "fp8"), "mxfp4+fp8": ("mxfp4", "fp8")}
@@ -375,9 +376,9 @@ def run(args, device: torch.device, peer: float | None) -> None:
     with open(os.path.join(args.out, "ep_bench.md"), "w") as f:
         f.write(f"{report['date']} `{report['command']}` torch {report['torch']}\n\n{text}\n")
     print(text, flush=True)
-    # Every rank leaves together: a rank that tore its group down while rank 0 (the rendezvous
-    # store's host) was still writing aborted now and then on CPU ("terminate called without an
-    # active exception", 4 runs in 12).
+    # Every rank leaves together, so none tears its group down while rank 0 (the rendezvous store's
+    # host) still writes; the rank processes then end through exit_rank_process, whose docstring says
+    # why (the CPU smoke test aborted at exit in 4 runs of 12 before both).
     dist.barrier()
 
 
@@ -390,6 +391,7 @@ def worker(local_rank: int, nproc: int, addr: str, args) -> None:
         run(args, device, peer)
     finally:
         dist.destroy_process_group()
+    exit_rank_process(0)  # no interpreter teardown: see exit_rank_process
 
 
 def main(argv=None) -> None:
@@ -402,7 +404,7 @@ def main(argv=None) -> None:
             run(args, device, peer)
         finally:
             dist.destroy_process_group()
-        return
+        exit_rank_process(0)
     nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
     if nproc < 2:
         raise SystemExit("expert parallelism needs at least 2 ranks")

@@ -95,7 +95,7 @@ def test_server_dp2_ep2_one_node_and_two_nodes(deepseek_v3_dir):
     # Two "nodes" on localhost: node 1 runs rank 1 headless, node 0 runs rank 0 and the HTTP server.
     # The balancer runs hierarchically (the tiny model has 4 expert groups: 2 stay on each node)
     # and moves experts between the nodes mid-generation.
-    addr = f"127.0.0.1:{free_port()}"
+    addr = f"127.0.0.1:{free_port(span=4)}"  # + output and 2 input sockets
     nodes = ["--dp", "2", "--ep", "2", "--nnodes", "2", "--dist-init-addr", addr, "--num-redundant-experts", "2",
              "--eplb-interval", "3", "--eplb-window", "4"]
     node1 = subprocess.Popen([sys.executable, "-m", "moeserve.cli", "serve", "--model", deepseek_v3_dir, *SERVE_ARGS,

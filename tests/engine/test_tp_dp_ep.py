@@ -83,7 +83,7 @@ def test_tp_over_two_nodes(refs, parallel):
     """Node 1 (a headless `moeserve serve`) runs the second half of the ranks: the TP worker of
     rank 0 (tp 2), or the second data-parallel group (dp 2 x tp 2); node 0 is an offline LLM."""
     path, ref = refs("deepseek_v3")
-    addr = f"127.0.0.1:{free_port()}"
+    addr = f"127.0.0.1:{free_port(span=4)}"  # + output and 2 input sockets
     args = dict(zip([a.lstrip("-") for a in parallel[::2]], map(int, parallel[1::2])))
     engine_args = ["--device", "cpu", "--dtype", "float32", "--block-size", str(ENGINE["block_size"]),
                    "--num-blocks", str(ENGINE["num_blocks"])]
