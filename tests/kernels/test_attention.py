@@ -311,10 +311,6 @@ def test_attention_bench_smoke_prefill(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("|")  # the table comes last
 
 
-if __name__ == "__main__":
-    print_interpreter_cases(_interpreter_cases)
-
-
 def test_mla_decode_tiles_many_heads_from_batch_16_on():
     from moeserve.kernels.attention_triton import MLA_TILES, MLA_TILES_MANY_HEADS, mla_decode_tiles
 
@@ -323,3 +319,7 @@ def test_mla_decode_tiles_many_heads_from_batch_16_on():
     assert mla_decode_tiles(128, 8) == MLA_TILES  # measured even at batch 8, slower at 1
     assert mla_decode_tiles(16, 64) == MLA_TILES  # V2-Lite: 16 heads are one block already
     assert mla_decode_tiles(32, 128) == MLA_TILES  # V3 at tp 4
+
+
+if __name__ == "__main__":
+    print_interpreter_cases(_interpreter_cases)
