@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import time
 import httpx
 
 from moeserve import SamplingParams
+from moeserve.distributed.groups import free_port  # noqa: F401 (the tests import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,28 +92,6 @@ def greedy(llm, prompts):
 
 SERVE_ARGS = ["--device", "cpu", "--dtype", "float32", "--block-size", "4", "--num-blocks", "512",
               "--max-model-len", "512"]
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(span: int = 1) -> int:
-    """A port nothing listens on, with the span - 1 ports after it free too when this returns: a
-    multi-node instance binds its sockets at dist_init_addr's port + 1, + 2, ... (engine/procs.py),
-    and a parallel test run once had one of those taken ("Address already in use")."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span <= 65536 and all(_bindable(port + i) for i in range(1, span)):
-            return port
-    raise RuntimeError(f"no {span} consecutive free ports found")
 
 
 class ServerProcess:

@@ -48,10 +48,26 @@ class ParallelState:
     ep_runtime: object = None  # moeserve.distributed.ep_moe.EPRuntime when ep > 1 (set by the worker)
 
 
-def free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(span: int = 1) -> int:
+    """A port nothing listens on, with the span - 1 ports after it free too when this returns: a
+    multi-node instance binds its sockets at dist_init_addr's port + 1, + 2, ... (engine/procs.py),
+    and a parallel test run once had one of those taken ("Address already in use")."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span <= 65536 and all(_bindable(port + i) for i in range(1, span)):
+            return port
+    raise RuntimeError(f"no {span} consecutive free ports found")
 
 
 def default_backend(device: str | torch.device | None = None) -> str:

@@ -23,9 +23,9 @@ fp8e4m3fn_from_fp32_value: round to nearest even, finite overflow and inf satura
 cast rounds wrongly across powers of two, and torch's conversion (which older torch versions did
 not saturate) is pinned here rather than left to a backend's cast. The tests compare the bytes
 with the installed torch's, so a change there shows: on the H200 (torch 2.11) they differed, so
-the dispatch keeps FP8 caches on the unfused path for now (gqa_qkv_write). Slots are taken as given, as the unfused
-write and the MLA kernel take them: CUDA-graph padding rows carry slots of scratch block 0 (never
-handed out); there are no negative slots.
+the dispatch keeps FP8 caches on the unfused path for now (gqa_qkv_write). Slots are taken as
+given, as the unfused write and the MLA kernel take them: CUDA-graph padding rows carry slots of
+scratch block 0 (never handed out); there are no negative slots.
 
 Qwen3 always has q_norm and k_norm (and GQAAttention always builds them), so both are required;
 one eps serves both (both are the config's rms_norm_eps).
