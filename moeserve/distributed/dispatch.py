@@ -190,15 +190,7 @@ class HighThroughputBackend:
             works.append(d.all_to_all(recv[r0:r0 + sum(rc)], rows[s0:s0 + sum(sc)], rc, sc, async_op=True))
             spans.append((r0, r0 + sum(rc)))
             s0, r0 = s0 + sum(sc), r0 + sum(rc)
-        n = recv.shape[0]
-        recv_x = (wire_codecs.raw_view(recv, d.hidden, codec.dtype) if codec.name == wire_codecs.RAW
-                  else torch.empty(n, d.hidden, dtype=codec.dtype, device=x.device))
-        recv_ids = torch.empty(n, k, dtype=torch.int64, device=x.device)
-        recv_w = torch.empty(n, k, dtype=torch.float32, device=x.device)
-        for work, (a, b) in zip(works, spans):
-            if work is not None:
-                work.wait()
-            d.decode_rows(recv[a:b], codec, k, out=(recv_x[a:b], recv_ids[a:b], recv_w[a:b]))
+        recv_x, recv_ids, recv_w = d.decode_as_they_land(recv, works, spans, k)
         handle = HTHandle(slots, chunks, send_counts, recv_counts, t, x.dtype)
         return recv_x.to(x.dtype), recv_ids, recv_w, handle
 
@@ -259,15 +251,7 @@ class LowLatencyBackend:
             d.encode_rows(x[a:b], codec, n, cap=f, dest=dest[a:b], local=local[a:b], weights=topk_weights[a:b],
                           out=rows[i * n:(i + 1) * n])
             works.append(d.all_to_all(recv[i * n:(i + 1) * n], rows[i * n:(i + 1) * n], async_op=c > 1))
-        recv_x = (wire_codecs.raw_view(recv, d.hidden, codec.dtype) if codec.name == wire_codecs.RAW
-                  else torch.empty(c * n, d.hidden, dtype=codec.dtype, device=x.device))
-        recv_ids = torch.empty(c * n, k, dtype=torch.int64, device=x.device)
-        recv_w = torch.empty(c * n, k, dtype=torch.float32, device=x.device)
-        for i, work in enumerate(works):
-            if work is not None:
-                work.wait()
-            s = slice(i * n, (i + 1) * n)
-            d.decode_rows(recv[s], codec, k, out=(recv_x[s], recv_ids[s], recv_w[s]))
+        recv_x, recv_ids, recv_w = d.decode_as_they_land(recv, works, [(i * n, (i + 1) * n) for i in range(c)], k)
         return recv_x.to(x.dtype), recv_ids, recv_w, LLHandle(dest, t, x.dtype)
 
     def combine(self, expert_out, h: LLHandle):
@@ -426,6 +410,20 @@ class Dispatcher:
 
     def encode_rows(self, x, codec: Codec, num_rows=None, **row_map) -> torch.Tensor:
         return wire_codecs.encode_rows(x, codec.name, codec.dtype, num_rows, triton_ok=self.triton_ok, **row_map)
+
+    def decode_as_they_land(self, recv: torch.Tensor, works: list, spans: list[tuple[int, int]], k: int):
+        """Decode the receive buffer range by range, each once its transfer (works[i], None if done)
+        is in: -> (x, local expert ids, weights) for all of recv's rows (x a view of a raw payload)."""
+        codec, n = self.dispatch_codec, recv.shape[0]
+        x = (wire_codecs.raw_view(recv, self.hidden, codec.dtype) if codec.name == wire_codecs.RAW
+             else torch.empty(n, self.hidden, dtype=codec.dtype, device=recv.device))
+        ids = torch.empty(n, k, dtype=torch.int64, device=recv.device)
+        w = torch.empty(n, k, dtype=torch.float32, device=recv.device)
+        for work, (a, b) in zip(works, spans):
+            if work is not None:
+                work.wait()
+            self.decode_rows(recv[a:b], codec, k, out=(x[a:b], ids[a:b], w[a:b]))
+        return x, ids, w
 
     def decode_rows(self, rows, codec: Codec, k: int, out=None):
         return wire_codecs.decode_rows(rows, codec.name, self.hidden, codec.dtype, k, out, triton_ok=self.triton_ok)
