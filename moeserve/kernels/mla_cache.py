@@ -2,9 +2,11 @@
 
 kv_a [T, kv_lora_rank + rope_dim] (the kv part of the merged q/kv_a GEMM's output, a strided view)
 holds per token the latent and the rope key. The cache entry is [rmsnorm(latent) | rope(k_pe)],
-written at the token's slot. Unfused this is four kernels (norm, rotary, cat, index_copy_); the
-Triton kernel normalises, rotates and stores in one (one program per token), with the norm's
-and the rotary kernel's rounding (kernels/rmsnorm.py, kernels/rotary.py).
+written at the token's slot. Given the query's rope part q_pe [T, H, rope_dim] too, the same
+launch rotates it (same positions, same cos/sin) into a new contiguous tensor: the layer's
+whole rope is then this one kernel. Unfused this is five kernels (norm, q and k rotary, cat,
+index_copy_); the Triton kernel normalises, rotates and stores in one (one program per token),
+with the norm's and the rotary kernel's rounding (kernels/rmsnorm.py, kernels/rotary.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import torch
 
 from moeserve.kernels.rmsnorm import _use_triton, rmsnorm, rmsnorm_ref, triton
 from moeserve.kernels.rotary import apply_rotary, apply_rotary_ref
+
+
+MLA_ROPE_HEAD_BLOCK = 16
 
 
 def write_cache_entries(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
@@ -26,19 +31,22 @@ def write_cache_entries(cache: torch.Tensor, slot_mapping: torch.Tensor, values:
     flat.index_copy_(0, slot_mapping, values)
 
 
-def _unfused(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cache, slot_mapping, norm, rotate):
+def _unfused(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cache, slot_mapping, q_pe, norm,
+             rotate):
     rank = kv_a.shape[-1] - cos_sin_cache.shape[-1]
     latent, k_pe = kv_a.split([rank, kv_a.shape[-1] - rank], dim=-1)
     k_pe = rotate(k_pe.unsqueeze(1), positions, cos_sin_cache, interleaved).squeeze(1)
     write_cache_entries(cache, slot_mapping, torch.cat((norm(latent, norm_weight, eps), k_pe), dim=-1))
+    return None if q_pe is None else rotate(q_pe, positions, cos_sin_cache, interleaved)
 
 
 def mla_kv_write_ref(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
                      cos_sin_cache: torch.Tensor, interleaved: bool, cache: torch.Tensor,
-                     slot_mapping: torch.Tensor) -> None:
-    """cache[slot_mapping[t]] = [rmsnorm(latent[t]) | rope(k_pe[t], positions[t])]."""
-    _unfused(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cache, slot_mapping, rmsnorm_ref,
-             apply_rotary_ref)
+                     slot_mapping: torch.Tensor, q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
+    """cache[slot_mapping[t]] = [rmsnorm(latent[t]) | rope(k_pe[t], positions[t])]; returns
+    rope(q_pe) when q_pe is given."""
+    return _unfused(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cache, slot_mapping, q_pe,
+                    rmsnorm_ref, apply_rotary_ref)
 
 
 if triton is not None:
@@ -47,52 +55,74 @@ if triton is not None:
     from moeserve.kernels.rotary import _load_cos_sin, _rotate_heads
 
     @triton.jit
-    def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr, rank, half, stride_kv,
-                             stride_cs, entry, eps, INTERLEAVED: tl.constexpr, BLOCK_L: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+    def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr, q_ptr, q_out_ptr, rank, half,
+                             stride_kv, stride_cs, entry, eps, num_q_heads, stride_qt, stride_qh,
+                             INTERLEAVED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_QH: tl.constexpr):
+        # program (token, block of query heads); the token's first program also writes its cache entry
         t = tl.program_id(0).to(tl.int64)
-        src = kv_ptr + t * stride_kv
-        dst = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * entry
-        # the latent's RMSNorm, rounded as kernels/rmsnorm.py rounds
-        cols = tl.arange(0, BLOCK_L)
-        mask = cols < rank
-        x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.sum(x * x, axis=0) / rank + eps)
-        y = (x * inv).to(kv_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst + cols, (w * y.to(tl.float32)).to(cache_ptr.dtype.element_ty), mask=mask)
-        # the rope key, rotated as kernels/rotary.py rotates one head
+        head_block = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
         d_mask = d < half
         cos, sin = _load_cos_sin(cs_ptr, pos_ptr, t, stride_cs, half, d, d_mask, kv_ptr.dtype.element_ty)
-        _rotate_heads(src + rank, dst + rank, 0, 0, 1, 0, 0, 0, 0, cos, sin, d, d_mask, half, INTERLEAVED, 1)
+        if head_block == 0:
+            src = kv_ptr + t * stride_kv
+            dst = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * entry
+            # the latent's RMSNorm, rounded as kernels/rmsnorm.py rounds
+            cols = tl.arange(0, BLOCK_L)
+            mask = cols < rank
+            x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            inv = tl.rsqrt(tl.sum(x * x, axis=0) / rank + eps)
+            y = (x * inv).to(kv_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst + cols, (w * y.to(tl.float32)).to(cache_ptr.dtype.element_ty), mask=mask)
+            # the rope key, rotated as kernels/rotary.py rotates one head
+            _rotate_heads(src + rank, dst + rank, 0, 0, 1, 0, 0, 0, 0, cos, sin, d, d_mask, half, INTERLEAVED, 1)
+        if BLOCK_QH > 0:  # the query's rope part into the contiguous q_out [T, H, rope]
+            _rotate_heads(q_ptr, q_out_ptr, t, head_block * BLOCK_QH, num_q_heads, stride_qt, stride_qh,
+                          num_q_heads * 2 * half, 2 * half, cos, sin, d, d_mask, half, INTERLEAVED, BLOCK_QH)
 
 
 def mla_kv_write_triton(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, interleaved: bool, cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
+                        slot_mapping: torch.Tensor, q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
     num_tokens, width = kv_a.shape
     rope = cos_sin_cache.shape[-1]
     rank = width - rope
     assert cache.shape[-1] == width and cache.is_contiguous() and kv_a.stride(-1) == 1
     assert cache.dtype == kv_a.dtype == norm_weight.dtype and norm_weight.shape == (rank,)
+    q_out = None
+    if q_pe is not None:
+        assert q_pe.dim() == 3 and q_pe.shape[0] == num_tokens and q_pe.shape[-1] == rope
+        assert q_pe.dtype == kv_a.dtype and q_pe.stride(-1) == 1
+        q_out = torch.empty(q_pe.shape, dtype=q_pe.dtype, device=q_pe.device)
     if num_tokens == 0:
-        return
+        return q_out
     cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
-    _mla_kv_write_kernel[(num_tokens,)](
-        kv_a, norm_weight, positions, cs, cache, slot_mapping, rank, rope // 2, kv_a.stride(0), cs.stride(0),
-        width, eps, INTERLEAVED=interleaved, BLOCK_L=triton.next_power_of_2(rank),
-        BLOCK_D=triton.next_power_of_2(rope // 2), num_warps=4)
+    q_in = kv_a if q_pe is None else q_pe  # no q_pe: the kernel's q branch is compiled out
+    heads = 0 if q_pe is None else q_pe.shape[1]
+    # up to MLA_ROPE_HEAD_BLOCK query heads a program: V3's 128 heads in one program measured 1.5x
+    # slower than its rotary kernel and cache write apart (benchmarks/kernel_bench_mla_layer.py)
+    block_qh = min(MLA_ROPE_HEAD_BLOCK, triton.next_power_of_2(heads)) if heads else 0
+    _mla_kv_write_kernel[(num_tokens, triton.cdiv(heads, block_qh) if heads else 1)](
+        kv_a, norm_weight, positions, cs, cache, slot_mapping, q_in, q_in if q_out is None else q_out,
+        rank, rope // 2, kv_a.stride(0), cs.stride(0), width, eps,
+        heads, q_in.stride(0), 0 if q_pe is None else q_pe.stride(1),
+        INTERLEAVED=interleaved, BLOCK_L=triton.next_power_of_2(rank), BLOCK_D=triton.next_power_of_2(rope // 2),
+        BLOCK_QH=block_qh, num_warps=4)
+    return q_out
 
 
 def mla_kv_write(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor, interleaved: bool, cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
     """One launch where Triton runs and the cache has the activations' dtype; else (an FP8 cache,
-    plain CPU) the norm and rotary kernels (or their references), a cat and the write."""
+    plain CPU) the norm and rotary kernels (or their references), a cat and the write. Returns
+    q_pe rotated (a new contiguous tensor) when q_pe is given."""
     if (_use_triton(kv_a, norm_weight, cache) and triton is not None and cache.dtype == kv_a.dtype
-            and norm_weight.dtype == kv_a.dtype and kv_a.stride(-1) == 1 and cache.is_contiguous()):
+            and norm_weight.dtype == kv_a.dtype and kv_a.stride(-1) == 1 and cache.is_contiguous()
+            and (q_pe is None or (q_pe.dtype == kv_a.dtype and q_pe.stride(-1) == 1))):
         return mla_kv_write_triton(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cache,
-                                   slot_mapping)
-    _unfused(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cache, slot_mapping, rmsnorm,
-             apply_rotary)
+                                   slot_mapping, q_pe)
+    return _unfused(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cache, slot_mapping, q_pe,
+                    rmsnorm, apply_rotary)

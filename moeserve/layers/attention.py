@@ -142,16 +142,15 @@ class MLAAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.reshape(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)  # a view: rows of unit stride
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        (q_pe,) = self.rotary(positions, q_pe)
-        # the latent's norm, the rope key's rotation and the cache write: one kernel
-        mla_kv_write(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, positions,
-                     self.rotary.cos_sin_cache, self.rotary.interleaved, self.kv_cache, meta.slot_mapping)
+        # the latent's norm, the rope key's and the query's rotation and the cache write: one kernel
+        q_pe = mla_kv_write(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, positions,
+                            self.rotary.cos_sin_cache, self.rotary.interleaved, self.kv_cache, meta.slot_mapping,
+                            q_pe)
 
         out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
         nd = meta.num_decodes
         if nd:
             q_latent = torch.einsum("thd,hdl->thl", q_nope[:nd], self.w_uk)
-            # q_pe: a strided view into q (the kernel takes its strides), no copy
             o_latent = mla_decode(q_latent, q_pe[:nd], self.kv_cache, meta.block_tables[:nd],
                                   meta.seq_lens[:nd], self.scale)
             # per head [nd, L] x [L, v], written straight into out's rows (no copy kernel)

@@ -1,31 +1,40 @@
-"""MLA's fused cache write (latent RMSNorm + rope key rotation + store at the slot) against its torch
-reference: under the Triton interpreter on CPU (fp32/fp16, in a child process: TRITON_INTERPRET=1
-must be set before triton is imported) and on a GPU in bf16 (skipped without one). Fresh random
-inputs every run; the whole cache is compared, so entries the step must not touch stay as they were.
+"""MLA's fused cache write (latent RMSNorm + rope key rotation + store at the slot, and the query's
+rope part rotated in the same launch) against its torch reference: under the Triton interpreter on
+CPU (fp32/fp16, in a child process: TRITON_INTERPRET=1 must be set before triton is imported) and
+on a GPU in bf16 (skipped without one). Fresh random inputs every run; the whole cache is compared,
+so entries the step must not touch stay as they were.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from tests.helpers import REPO
 from tests.helpers import interpreter_results as run_interpreted
 from tests.helpers import print_interpreter_cases
 
-CASES = {  # name: (tokens, kv_lora_rank, rope_dim, q columns before kv_a in the GEMM output, interleaved, dtype)
-    "v2lite_decode_t1": (1, 512, 64, 3072, True, "fp32"),
-    "v3_t9_interleaved": (9, 512, 64, 1536, True, "fp32"),
-    "neox_t5": (5, 96, 32, 40, False, "fp32"),
-    "fp16_t7": (7, 128, 32, 64, True, "fp16"),
-    "no_tokens": (0, 64, 16, 8, True, "fp32"),
+CASES = {  # name: (tokens, kv_lora_rank, rope_dim, q columns before kv_a in the GEMM output, query heads
+    #                 (0: no q_pe given), interleaved, dtype)
+    "v2lite_decode_t1": (1, 512, 64, 3072, 16, True, "fp32"),
+    "v3_t9_interleaved": (9, 512, 64, 1536, 128, True, "fp32"),
+    "v3_tp8_t3": (3, 512, 64, 1536, 16, True, "fp32"),
+    "neox_t5": (5, 96, 32, 40, 3, False, "fp32"),
+    "no_q_t4": (4, 96, 32, 40, 0, True, "fp32"),
+    "fp16_t7": (7, 128, 32, 64, 5, True, "fp16"),
+    "no_tokens": (0, 64, 16, 8, 2, True, "fp32"),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def cache_err(tokens, rank, rope, q_cols, interleaved, dtype, device="cpu") -> float:
+def cache_err(tokens, rank, rope, q_cols, heads, interleaved, dtype, device="cpu") -> float:
+    """The larger of the cache's and the rotated query's relative errors."""
     from moeserve.kernels.mla_cache import mla_kv_write_ref, mla_kv_write_triton
 
     num_blocks, block = 6, 4
@@ -37,9 +46,16 @@ def cache_err(tokens, rank, rope, q_cols, interleaved, dtype, device="cpu") -> f
     slots = torch.randperm(num_blocks * block)[:tokens].to(device)
     cache = torch.randn(num_blocks, block, rank + rope).to(dtype).to(device)
     ref = cache.clone()
-    mla_kv_write_triton(kv_a, weight, 1e-6, positions, cos_sin, interleaved, cache, slots)
-    mla_kv_write_ref(kv_a, weight, 1e-6, positions, cos_sin, interleaved, ref, slots)
-    return ((cache.float() - ref.float()).norm() / ref.float().norm()).item()
+    # the query as the layer has it: [T, H, nope + rope], its rope part a strided view
+    q_pe = torch.randn(tokens, heads, 8 + rope).to(dtype).to(device)[..., 8:] if heads else None
+    q_out = mla_kv_write_triton(kv_a, weight, 1e-6, positions, cos_sin, interleaved, cache, slots, q_pe)
+    q_ref = mla_kv_write_ref(kv_a, weight, 1e-6, positions, cos_sin, interleaved, ref, slots, q_pe)
+    err = ((cache.float() - ref.float()).norm() / ref.float().norm()).item()
+    if q_pe is None:
+        assert q_out is None and q_ref is None
+        return err
+    assert q_out.shape == q_pe.shape and q_out.is_contiguous()
+    return max(err, ((q_out.float() - q_ref.float()).norm() / q_ref.float().norm().clamp(min=1e-30)).item())
 
 
 def _interpreter_cases() -> dict:
@@ -64,10 +80,24 @@ def test_cpu_dispatch_is_the_reference():
         pytest.skip("interpreter set for the whole run")
     kv_a, weight, cos_sin = torch.randn(3, 24), torch.randn(16), torch.randn(10, 8)
     positions, slots = torch.tensor([1, 5, 9]), torch.tensor([7, 0, 3])
+    q_pe = torch.randn(3, 2, 8)
     caches = [torch.zeros(2, 4, 24), torch.zeros(2, 4, 24)]
-    mla_kv_write(kv_a, weight, 1e-6, positions, cos_sin, True, caches[0], slots)
-    mla_kv_write_ref(kv_a, weight, 1e-6, positions, cos_sin, True, caches[1], slots)
-    assert torch.equal(*caches)
+    q_out = mla_kv_write(kv_a, weight, 1e-6, positions, cos_sin, True, caches[0], slots, q_pe)
+    q_ref = mla_kv_write_ref(kv_a, weight, 1e-6, positions, cos_sin, True, caches[1], slots, q_pe)
+    assert torch.equal(*caches) and torch.equal(q_out, q_ref)
+
+
+def test_mla_layer_bench_smoke(tmp_path):
+    """benchmarks/kernel_bench_mla_layer.py --smoke: the fused rope and the chunked argmax agree with the
+    launches they replace (tiny shapes, CPU, interpreter)."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_bench_mla_layer.py"), "--smoke",
+                           "--batches", "1,9", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernels_mla_layer.json").read_text())["rows"]
+    assert {(r["model"], r["batch"], r["piece"]) for r in rows} == {
+        (m, b, p) for m in ("V2-Lite", "V3") for b in (1, 9) for p in ("rope", "argmax")}
+    assert all(r["ok"] and r["old_us"] > 0 and r["new_us"] > 0 for r in rows)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
