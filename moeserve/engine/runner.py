@@ -25,6 +25,7 @@ from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.engine.step_io import SampledStep, TokenFixup
 from moeserve.engine.tp import StepBatch, TPChannel
 from moeserve.host_copy import pack_int64, to_device
+from moeserve.kernels.argmax import greedy_argmax
 from moeserve.layers.attention import AttentionMetadata
 from moeserve.layers.linear import use_gemv_kernel
 from moeserve.layers.sampler import SamplingBatch, sample_tokens
@@ -248,7 +249,7 @@ class ModelRunner:
             step = SampledStep([], None, None, [])
         elif all(self._plain_greedy(r) for r in sample_reqs):
             # The common serving case: no per-row parameter tensors, one argmax.
-            step = SampledStep(request_ids, logits.argmax(dim=-1), None, [None] * len(sample_reqs))
+            step = SampledStep(request_ids, greedy_argmax(logits), None, [None] * len(sample_reqs))
         else:
             batch = self._sampling_batch(sample_reqs)
             tokens, logprobs = sample_tokens(logits, batch)

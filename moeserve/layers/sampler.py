@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.host_copy import to_device
+from moeserve.kernels.argmax import greedy_argmax
 
 
 @dataclass
@@ -77,7 +78,7 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Ten
         logits = logits.index_put((to_device(rows, torch.int64, logits.device), to_device(cols, torch.int64, logits.device)),
                                   torch.tensor(float("-inf"), device=logits.device))
     greedy = batch.temperature == 0
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy_argmax(logits)
     all_greedy = bool(greedy.all()) if batch.all_greedy is None else batch.all_greedy
     if not all_greedy:
         temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)

@@ -44,7 +44,7 @@ def _defined_kernels() -> set[str]:
 def _cases() -> dict:
     """name -> wrapper call (a thunk). Tiny shapes, valid on a GPU: dot tiles >= 16, heads of 128."""
     from moeserve.distributed.dispatch import Placement
-    from moeserve.kernels import activation, attention_triton as at, fp8, fused_moe, gemv, gqa_cache, mla_cache
+    from moeserve.kernels import activation, argmax, attention_triton as at, fp8, fused_moe, gemv, gqa_cache, mla_cache
     from moeserve.kernels import moe_config
     from moeserve.kernels import moe_align, rmsnorm, rotary, router_gemm, routing
     from moeserve.kernels import wire_codecs as wc
@@ -73,6 +73,9 @@ def _cases() -> dict:
     for inter in (False, True):
         cases[f"mla_kv_write_interleaved{inter}"] = lambda inter=inter: mla_cache.mla_kv_write_triton(
             kv_a, torch.randn(512, dtype=bf), 1e-6, pos, cos_sin, inter, kv_cache, torch.arange(t))
+    cases["mla_kv_write_with_q_rope"] = lambda: mla_cache.mla_kv_write_triton(  # q's rope part of a [t, 16, 192] q
+        kv_a, torch.randn(512, dtype=bf), 1e-6, pos, cos_sin, True, kv_cache, torch.arange(t),
+        torch.randn(t, 16, 192, dtype=bf)[..., 128:])
 
     # GQA's prologue (q/k norms + rope + k/v cache write): Qwen3's neox layout into a bf16 cache and
     # into an FP8 one (stored as bytes), and the interleaved layout
@@ -161,6 +164,7 @@ def _cases() -> dict:
     cases["mla_decode_v3_tiles"] = lambda: at.mla_decode_triton(  # 128 heads at batch 16: the many-head tiles
         torch.randn(16, 128, 512, dtype=bf), torch.randn(16, 128, 64, dtype=bf), torch.randn(8, page, 576, dtype=bf),
         torch.zeros(16, 4, dtype=torch.int32), torch.full((16,), 20, dtype=torch.int32), 0.1)
+    cases["greedy_argmax"] = lambda: argmax.greedy_argmax_triton(torch.randn(3, 102400))
     kc, vc = torch.randn(8, page, 2, 128, dtype=bf), torch.randn(8, page, 2, 128, dtype=bf)
     cases["gqa_decode"] = lambda: at.paged_decode_triton(torch.randn(b, 8, 128, dtype=bf), kc, vc, tables, lens, 0.1)
     cases["varlen_prefill_packed_mla"] = lambda: at.varlen_attention_triton(
