@@ -70,15 +70,16 @@ def install(constexpr_overrides: dict | None = None) -> list[str]:
     """Activate the stub driver and make every kernel call compile-only. Returns the list that then
     gets the name of each kernel compiled to a cubin (once per call, in call order).
 
-    constexpr_overrides: keyword arguments forced on every launch that passes them (the wrappers
-    choose some CUDA-only paths from tensor.is_cuda, which is False for the CPU tensors used here)."""
+    constexpr_overrides: keyword arguments forced on every launch of a kernel that has them (the
+    wrappers choose some CUDA-only paths from tensor.is_cuda, which is False for the CPU tensors used
+    here, and pass PDL only on a Hopper GPU)."""
     driver.set_active(HopperStubDriver())
     compiled: list[str] = []
     run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         for key, value in (constexpr_overrides or {}).items():
-            if key in kwargs:
+            if key in kwargs or key in self.arg_names:
                 kwargs[key] = value
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         if "cubin" not in kernel.asm:

@@ -21,9 +21,12 @@ def silu_and_mul_ref(y: torch.Tensor, n: int, up_offset: int) -> torch.Tensor:
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     @triton.jit
-    def _silu_and_mul_kernel(y_ptr, out_ptr, n, up_offset, stride_y, stride_out, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(y_ptr, out_ptr, n, up_offset, stride_y, stride_out, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # program (row, column block)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -48,7 +51,8 @@ def silu_and_mul_triton(y: torch.Tensor, n: int, up_offset: int) -> torch.Tensor
         return out
     block = min(1024, triton.next_power_of_2(n))
     _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](y2, out.view(-1, n), n, up_offset, y2.stride(0), n,
-                                                        BLOCK=block, num_warps=4 if block >= 512 else 1)
+                                                        BLOCK=block, num_warps=4 if block >= 512 else 1,
+                                                        **pdl_launch(y2.device))
     return out
 
 

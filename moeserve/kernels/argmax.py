@@ -22,10 +22,12 @@ def greedy_argmax_ref(logits: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     @triton.jit(do_not_specialize=["num_rows"])
     def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, num_rows, vocab, stride_row, num_chunks,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -35,7 +37,9 @@ if triton is not None:
         tl.store(idx_ptr + row * num_chunks + chunk, chunk * BLOCK + best)
 
     @triton.jit(do_not_specialize=["num_rows"])
-    def _pick_chunk_kernel(val_ptr, idx_ptr, out_ptr, num_rows, num_chunks, BLOCK_C: tl.constexpr):
+    def _pick_chunk_kernel(val_ptr, idx_ptr, out_ptr, num_rows, num_chunks, BLOCK_C: tl.constexpr,
+                           PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_C)
         vals = tl.load(val_ptr + row * num_chunks + offs, mask=offs < num_chunks, other=float("-inf"))
@@ -53,9 +57,9 @@ def greedy_argmax_triton(logits: torch.Tensor) -> torch.Tensor:
     vals = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
     idx = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)
     _chunk_argmax_kernel[(rows, chunks)](logits, vals, idx, rows, vocab, logits.stride(0), chunks,
-                                         BLOCK=ARGMAX_CHUNK, num_warps=8)
+                                         BLOCK=ARGMAX_CHUNK, num_warps=8, **pdl_launch(logits.device))
     _pick_chunk_kernel[(rows,)](vals, idx, out, rows, chunks, BLOCK_C=triton.next_power_of_2(chunks),
-                                num_warps=1)
+                                num_warps=1, **pdl_launch(logits.device))
     return out
 
 

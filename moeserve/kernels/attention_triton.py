@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.attention import memoized, to_device_async
+from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
 MAX_SPLITS = 32
 MIN_HEAD_BLOCK = 16  # tl.dot needs M >= 16
@@ -90,7 +91,8 @@ def _mla_decode_split_kernel(
         stride_ql_b, stride_ql_h, stride_qr_b, stride_qr_h, stride_kv_page, stride_kv_tok, stride_bt,
         LATENT: tl.constexpr, ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     b = tl.program_id(0)
     head_block = tl.program_id(1)
     split = tl.program_id(2)
@@ -145,7 +147,8 @@ def _gqa_decode_split_kernel(
         stride_q_b, stride_q_h, stride_k_page, stride_k_tok, stride_k_head,
         stride_v_page, stride_v_tok, stride_v_head, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_begin(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -193,8 +196,9 @@ def _gqa_decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_heads, num_splits, stride_out_b, stride_out_h,
-                         DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                         DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """out[row] = sum_s exp(lse_s) * part_s / sum_s exp(lse_s) for one (sequence, head) row."""
+    pdl_begin(PDL)
     row = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     s_mask = offs_s < num_splits
@@ -360,7 +364,7 @@ def _merge(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, dim: int) -
     _merge_splits_kernel[(batch * num_heads,)](
         part, lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
         DIM=dim, BLOCK_D=part.shape[-1], BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=4)
+        num_warps=4, **pdl_launch(part.device))
     return out
 
 
@@ -399,7 +403,8 @@ def mla_decode_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: to
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         LATENT=latent, ROPE=rope, BLOCK_L=block_l, BLOCK_R=triton.next_power_of_2(rope),
         BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=page_size,
-        DOT_PRECISION=_dot_precision(q_latent.dtype), num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION=_dot_precision(q_latent.dtype), num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch(q_latent.device))
     out = torch.empty(batch, num_heads, latent, dtype=q_latent.dtype, device=q_latent.device)
     return _merge(part, lse, out, latent)
 
@@ -431,7 +436,7 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(MIN_HEAD_BLOCK, triton.next_power_of_2(group)), BLOCK_N=block_n, PAGE_SIZE=page_size,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
     return _merge(part, lse, out, head_dim)
 
 

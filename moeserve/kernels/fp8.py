@@ -69,6 +69,7 @@ import os  # noqa: E402
 try:  # noqa: E402
     import triton
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     triton = None
 
@@ -127,7 +128,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_rows"])
     def _group_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows, k, num_groups, stride_xm, stride_qm, stride_sm,
                             GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, FP8_MAX_C: tl.constexpr,
-                            FAST: tl.constexpr = False):
+                            FAST: tl.constexpr = False, PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # One row of the tile is one (row, group) pair of x; the scale is the group's amax / 448.
         gid = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
         row, grp = gid // num_groups, gid % num_groups
@@ -145,7 +147,8 @@ if triton is not None:
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_SIZE_M: tl.constexpr, SCALED: tl.constexpr, FUSE_QUANT: tl.constexpr,
                               PARTIALS: tl.constexpr, HAS_BIAS: tl.constexpr, FP8_MAX_C: tl.constexpr,
-                              FAST: tl.constexpr):
+                              FAST: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # c = (a * a_scale) @ (b * b_scale).T over the K range of groups_per_split whole scale groups
         # [pid_k * k_per_split, + k_per_split). BLOCK_K divides GROUP_K, so one K step has one
         # activation scale per row and one weight scale per output column.
@@ -203,7 +206,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["numel", "splits"])
     def _splitk_reduce_kernel(p_ptr, c_ptr, bias_ptr, numel, n, splits, stride_cm, HAS_BIAS: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # c[i] = sum over s = 0, 1, ..., splits-1 of p[s, i], always in that order: the result does
         # not depend on which split finished first (float atomics would), so it is the same run to run.
         # The bias joins the fp32 sum last, before the one rounding to c's dtype.
@@ -237,7 +241,7 @@ def per_token_group_quant_fp8_triton(x: torch.Tensor, group_size: int = 128) -> 
     grid = (triton.cdiv(m * num_groups, groups_per_prog),)
     _group_quant_kernel[grid](x, q, s, m, k, num_groups, x.stride(0), q.stride(0), s.stride(0),
                               GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, FP8_MAX_C=FP8_MAX,
-                              FAST=x.is_cuda, num_warps=4)
+                              FAST=x.is_cuda, num_warps=4, **pdl_launch(x.device))
     return q, s
 
 
@@ -288,12 +292,12 @@ def splitk_matmul(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict
         a, a_s, w, w_s, c, bias, m, n, k, groups_per_split,
         a.stride(0), a_s.stride(0), w.stride(0), w_s.stride(0), c.stride(-2), m * n,
         GROUP_N=block[0], GROUP_K=block[1], SCALED=scales is not None, FUSE_QUANT=fuse_quant, PARTIALS=split > 1,
-        HAS_BIAS=has_bias and split == 1, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda, **cfg)
+        HAS_BIAS=has_bias and split == 1, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda, **cfg, **pdl_launch(a.device))
     if split > 1:
         reduce_block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, reduce_block),)](c, out, bias, m * n, n, split, out.stride(0),
                                                                    HAS_BIAS=has_bias, BLOCK=reduce_block,
-                                                                   num_warps=4)
+                                                                   num_warps=4, **pdl_launch(a.device))
     return out
 
 

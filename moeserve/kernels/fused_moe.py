@@ -28,6 +28,7 @@ from moeserve.kernels.moe_align import moe_align_block_size_triton
 try:
     import triton
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     from moeserve.kernels.fp8 import _grouped_pid, _quant_group_tile
 except ImportError:  # pragma: no cover
@@ -106,7 +107,7 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_SIZE_M: tl.constexpr, GATE_UP: tl.constexpr, W_FP8: tl.constexpr,
                          A_FP8: tl.constexpr, A_QUANT: tl.constexpr = False, FP8_MAX_C: tl.constexpr = 448.0,
-                         FAST: tl.constexpr = False):
+                         FAST: tl.constexpr = False, PDL: tl.constexpr = False):
         """One program: BLOCK_M sorted pairs (all of one expert) x BLOCK_N output columns.
 
         GATE_UP: out[pair, j] = silu(a @ w[e, j].T) * (a @ w[e, n + j].T), a row = pair // a_row_div.
@@ -114,6 +115,7 @@ if triton is not None:
         A_QUANT (FP8 weights, BLOCK_K == GROUP_K): a is unquantized; each K step quantizes its A tile
         per row and group exactly as the separate quant kernel would (W8A8 without its launch).
         """
+        pdl_begin(PDL)
         pid = tl.program_id(0)
         pid_m, pid_n = _grouped_pid(pid, max_padded // BLOCK_M, tl.cdiv(n, BLOCK_N), GROUP_SIZE_M)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -176,7 +178,8 @@ if triton is not None:
 
     @triton.jit
     def _moe_sum_kernel(y_ptr, ids_ptr, add_ptr, out_ptr, top_k, h, stride_ym, stride_am, stride_om,
-                        HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr):
+                        HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # out[t] = sum of y[t * top_k + j] over the j whose expert id is >= 0 (rows of the others
         # were never written), plus add[t] when given (the shared experts: one launch less)
         t = tl.program_id(0).to(tl.int64)
@@ -209,7 +212,7 @@ def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_r
         GROUP_N=block[0], GROUP_K=block[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=min(cfg["BLOCK_K"], block[1]) if w_fp8 else cfg["BLOCK_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
         GATE_UP=gate_up, W_FP8=w_fp8, A_FP8=a.dtype == FP8_DTYPE, A_QUANT=a_quant, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(a.device))
 
 
 def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,7 +224,7 @@ def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, addend: 
     _moe_sum_kernel[(t, triton.cdiv(h, block_h))](
         y, topk_ids, addend if addend is not None else out, out, top_k, h, y.stride(0),
         addend.stride(0) if addend is not None else 0, out.stride(0), HAS_ADD=addend is not None,
-        BLOCK_H=block_h, num_warps=4)
+        BLOCK_H=block_h, num_warps=4, **pdl_launch(y.device))
     return out
 
 

@@ -67,6 +67,7 @@ def gqa_qkv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weigh
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     from moeserve.kernels.rotary import _load_cos_sin
 
@@ -119,7 +120,9 @@ if triton is not None:
     def _gqa_qkv_write_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr, q_out_ptr, k_cache_ptr,
                               v_cache_ptr, slot_ptr, num_q_heads, num_kv_heads, half, eps, stride_qt, stride_qh,
                               stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, FP8_CACHE: tl.constexpr,
-                              INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                              INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                              PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # program (token, head block); the first head blocks are q's, the rest the KV heads'
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
@@ -178,7 +181,7 @@ def gqa_qkv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_we
     _gqa_qkv_write_kernel[grid](
         q, k, v, q_weight, k_weight, positions, cs, q_out, kc, vc, slot_mapping, num_q_heads, num_kv_heads, half,
         eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs.stride(0),
-        FP8_CACHE=fp8, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+        FP8_CACHE=fp8, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pdl_launch(q.device))
     return q_out
 
 

@@ -51,6 +51,7 @@ def mla_kv_write_ref(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     from moeserve.kernels.rotary import _load_cos_sin, _rotate_heads
 
@@ -58,7 +59,8 @@ if triton is not None:
     def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr, q_ptr, q_out_ptr, rank, half,
                              stride_kv, stride_cs, entry, eps, num_q_heads, stride_qt, stride_qh,
                              INTERLEAVED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_QH: tl.constexpr):
+                             BLOCK_QH: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # program (token, block of query heads); the token's first program also writes its cache entry
         t = tl.program_id(0).to(tl.int64)
         head_block = tl.program_id(1)
@@ -109,7 +111,7 @@ def mla_kv_write_triton(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: floa
         rank, rope // 2, kv_a.stride(0), cs.stride(0), width, eps,
         heads, q_in.stride(0), 0 if q_pe is None else q_pe.stride(1),
         INTERLEAVED=interleaved, BLOCK_L=triton.next_power_of_2(rank), BLOCK_D=triton.next_power_of_2(rope // 2),
-        BLOCK_QH=block_qh, num_warps=4)
+        BLOCK_QH=block_qh, num_warps=4, **pdl_launch(kv_a.device))
     return q_out
 
 

@@ -24,6 +24,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -72,7 +73,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_pairs", "max_padded", "num_blocks"])
     def _align_one_program_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_experts,
                                   max_padded, num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                                  N_PAD: tl.constexpr, FILL: tl.constexpr, BLOCK_FILL: tl.constexpr):
+                                  N_PAD: tl.constexpr, FILL: tl.constexpr, BLOCK_FILL: tl.constexpr,
+                                  PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # The whole align in one program, for up to N_PAD pairs (a power of two >= num_pairs). Uses
         # tl.histogram, tl.cumsum, tl.sort and tl.gather: all in Triton 3.6 (the GPU) and 3.9 (CPU).
         lanes = tl.arange(0, N_PAD)
@@ -203,7 +206,8 @@ def _launch_one_program(ids, sorted_ids, block_expert, num_padded, block_m, num_
     _align_one_program_kernel[(1,)](ids, sorted_ids, block_expert, num_padded, num_pairs, num_experts,
                                     sorted_ids.numel(), block_expert.numel(), BLOCK_M=block_m, E_PAD=e_pad,
                                     N_PAD=n_pad, FILL=1024, BLOCK_FILL=256,
-                                    num_warps=num_warps or (4 if n_pad < 1024 else 8))  # measured best
+                                    num_warps=num_warps or (4 if n_pad < 1024 else 8),  # measured best
+                                    **pdl_launch(ids.device))
 
 
 def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_experts: int,

@@ -31,6 +31,7 @@ def fused_add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch
 try:
     import triton
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     triton = None
 
@@ -39,7 +40,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_rows"])
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, num_rows, n, eps,
                         x_heads, stride_xt, stride_xh, stride_r, stride_out, stride_r_out,
-                        HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         mask = (rows[:, None] < num_rows) & (cols[None, :] < n)
@@ -97,7 +99,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2, r2, weight, out2, r_out2, num_rows, n, eps,
         heads, stride_xt, stride_xh, r2.stride(0), out2.stride(0), r_out2.stride(0),
         HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
-        num_warps=min(16, max(1, rows * block // 256)))
+        num_warps=min(16, max(1, rows * block // 256)), **pdl_launch(x.device))
     return out, r_out
 
 

@@ -32,6 +32,7 @@ def apply_rotary_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: to
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     @triton.jit
     def _load_cos_sin(cache_ptr, pos_ptr, t, stride_cache, half, d, d_mask, ty):
@@ -62,7 +63,9 @@ if triton is not None:
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr, num_q_heads, num_k_heads, half,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-                       stride_cache, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                       stride_cache, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # program (token, head block); the first head blocks are q's, the rest k's
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
@@ -107,7 +110,7 @@ def rotary_qk_triton(q: torch.Tensor, k: torch.Tensor | None, positions: torch.T
     _rotary_kernel[grid](q, kk, q_out, ko, positions, cache, q.shape[1], k_heads, half,
                          q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), q_out.stride(0), q_out.stride(1),
                          ko.stride(0), ko.stride(1), cache.stride(0),
-                         INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+                         INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pdl_launch(q.device))
     return q_out, k_out
 
 

@@ -26,6 +26,7 @@ from moeserve.kernels.rmsnorm import _use_triton, triton
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
 ROUTER_TRITON_MAX_T = 64
 ROUTER_TILES = dict(BLOCK_T=4, BLOCK_E=1, BLOCK_K=2048, num_warps=4)  # GPU tiles, capped by T and H
@@ -42,7 +43,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_tokens"])
     def _router_logits_kernel(x_ptr, w_ptr, out_ptr, num_tokens, num_experts, hidden, stride_x, stride_w, stride_o,
-                              BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                              BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         e_mask = offs_e < num_experts
@@ -77,7 +80,7 @@ def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, tiles: dict | No
     tiles = tiles or default_router_tiles(num_tokens, num_experts, hidden, x.is_cuda)
     grid = (triton.cdiv(num_experts, tiles["BLOCK_E"]), triton.cdiv(num_tokens, tiles["BLOCK_T"]))
     _router_logits_kernel[grid](x, weight, out, num_tokens, num_experts, hidden, x.stride(0), weight.stride(0),
-                                out.stride(0), num_stages=2, **tiles)
+                                out.stride(0), num_stages=2, **tiles, **pdl_launch(x.device))
     return out
 
 

@@ -87,13 +87,15 @@ def select_experts_ref(router_logits: torch.Tensor, cfg: RoutingConfig,
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     @triton.jit
     def _routing_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, n_group, group_size, stride_l, scale,
                         TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP_SCORE: tl.constexpr, MASK_NEG_INF: tl.constexpr,
                         RENORM: tl.constexpr, G_PAD: tl.constexpr, EG_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                        NUM_SHARED: tl.constexpr = 0):
+                        NUM_SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
+        pdl_begin(PDL)
         # One token row. The row is held as a [group, expert in group] tile (one group when
         # ungrouped), so group scores are row reductions. GROUP_SCORE: 0 none, 1 max, 2 top-2 sum.
         # The output row is TOP_K + NUM_SHARED wide: the fused shared experts' columns come last.
@@ -183,7 +185,7 @@ def select_experts_triton(router_logits: torch.Tensor, cfg: RoutingConfig,
         TOP_K=cfg.top_k, TOPK_GROUP=cfg.topk_group, SIGMOID=cfg.scoring == "sigmoid",
         HAS_BIAS=correction_bias is not None, GROUP_SCORE=group_score, MASK_NEG_INF=cfg.topk_method == "noaux_tc",
         RENORM=renorm, G_PAD=g_pad, EG_PAD=eg_pad, K_PAD=triton.next_power_of_2(width),
-        NUM_SHARED=cfg.num_fused_shared, num_warps=1 if g_pad * eg_pad <= 128 else 2)
+        NUM_SHARED=cfg.num_fused_shared, num_warps=1 if g_pad * eg_pad <= 128 else 2, **pdl_launch(logits.device))
     return weights, ids
 
 

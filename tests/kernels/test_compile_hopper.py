@@ -6,8 +6,9 @@ that serving uses: bf16 mostly, fp16 where the dot path differs, FP8 e4m3 weight
 constexpr switches (fused/unfused quant, split-K, bias, residual, strided heads, rotary layouts,
 FP8 KV cache, decode splits, paged/packed prefill, routing methods with and without fused shared
 experts, wire codecs). Each kernel is compiled down to a cubin by the bundled ptxas; nothing is launched and no
-values are checked (the interpreter tests do that). Wrappers pass FAST=tensor.is_cuda; the child
-forces FAST=True, the GPU's path.
+values are checked (the interpreter tests do that). Wrappers pass FAST=tensor.is_cuda and, off a
+Hopper GPU, no PDL; the child forces FAST=True and PDL=True (where a launch passes them), the GPU's
+path with programmatic dependent launch (kernels/pdl.py).
 
 Coverage: every @triton.jit function named *_kernel defined in a moeserve.kernels module must
 compile in at least one case, so a new kernel without a case in _cases() fails this test: add one.
@@ -194,7 +195,7 @@ def _cases() -> dict:
 def _compile_all() -> dict:
     from tests.hopper_stub import install
 
-    compiled = install(constexpr_overrides={"FAST": True})
+    compiled = install(constexpr_overrides={"FAST": True, "PDL": True})
     errors = {}
     for name, call in _cases().items():
         try:
