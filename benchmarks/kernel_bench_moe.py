@@ -19,7 +19,7 @@ sub-dict (moe_config.down_config) under the fused shape's key; its rows also tim
 engine would take before (t_before_us). The decode batches of the CUDA-graph ladder:
 
     PYTHONUNBUFFERED=1 python benchmarks/kernel_bench_moe.py --models V2-Lite-fused \
-        --tokens 1,2,4,8,16,32,64,128 --tune --no-dense --out $OUT
+        --tokens 1,2,4,8,16,32,64,128 --tune --no-dense --budget-s 540 --out $OUT
 
 --fp8-gemm: the dense FP8 block GEMM at decode and prefill shapes instead (V2-Lite's and V3's
 projections, M in 1, 8, 32, 64, 128, 4096): the previous kernel (separate quant launch + one program
@@ -297,12 +297,13 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
 #  3. at that row block, 3/4/5 stages x 4/8 warps (and GROUP_SIZE_M 1 <-> 8 where an expert has
 #     several row blocks) around each GEMM's best 2 configs, until MAX_TRIALS.
 
-MAX_TRIALS = 24  # ~0.1-0.3 s each on an H200 (graph replays), plus a compile for each new config
-SMEM_BYTES = 220 * 1024  # the H200's 227 KB a block may use, less some room
+MAX_TRIALS = 24  # each ~0.1 s of graph replays, plus ~0.3-1 s to compile a config not compiled yet
+SMEM_BYTES = 220 * 1024  # the H200 gives a block 227 KB
 
 
 def smem_fits(c, gate_up, a_bytes, w_bytes) -> bool:
-    """The pipeline's A tiles and W tiles (gate_up loads a gate and an up tile) fit in shared memory."""
+    """The pipeline's A tiles and W tiles (gate_up loads a gate and an up tile) fit in shared memory.
+    An upper bound: sm_90 compiles of the candidates took 0.67-1.0 of it (Triton 3.9)."""
     per_stage = c["BLOCK_M"] * c["BLOCK_K"] * a_bytes + (2 if gate_up else 1) * c["BLOCK_K"] * c["BLOCK_N"] * w_bytes
     return c["num_stages"] * per_stage <= SMEM_BYTES
 
@@ -360,11 +361,11 @@ def tune_split(tokens, e, k, shared, weights, xs, routes, act_fp8, timer, smoke)
     act, y = torch.empty(pairs, inter, device=dev, dtype=dt), torch.empty(pairs, hidden, device=dev, dtype=dt)
     route_w = [r[0].reshape(-1).float().contiguous() for r in routes]
     bms = block_m_candidates(busiest, rows_per_expert)
+    # GROUP_SIZE_M as the former candidates until step 3: then the decode rows' tiles (all at 1) are
+    # compiled once for every token count (a compile costs ~0.3-1 s, more than a timing)
+    group = 8 if rows_per_expert > 48 else 1
     aligns = {bm: [moe_align_block_size_triton(r[1], bm, e) for r in routes] for bm in bms}
     trials = {True: [], False: []}  # gate_up?: [(us, config)]
-
-    def group(bm):
-        return 8 if busiest > bm else 1
 
     def trial(gate_up, c):
         done = [tc[1] for tc in trials[gate_up]]
@@ -390,11 +391,11 @@ def tune_split(tokens, e, k, shared, weights, xs, routes, act_fp8, timer, smoke)
         return min((t for t, c in trials[gate_up] if c["BLOCK_M"] == bm), default=math.inf)
 
     for gate_up in (True, False):
-        for c in tile_candidates(gate_up, bms[0], group(bms[0]), s13 is not None, a_bytes, w_bytes):
+        for c in tile_candidates(gate_up, bms[0], group, s13 is not None, a_bytes, w_bytes):
             trial(gate_up, c)
         for bm in bms[1:]:
             for _, c in best(gate_up, bms[0], 3):
-                trial(gate_up, dict(c, BLOCK_M=bm, GROUP_SIZE_M=group(bm)))
+                trial(gate_up, dict(c, BLOCK_M=bm))
     bm = min(bms, key=lambda bm: least(True, bm) + least(False, bm))
     for gate_up in (True, False):
         for _, c in best(gate_up, bm, 2):

@@ -8,6 +8,7 @@ FP8 weights run too: the interpreter does e4m3 loads and dots.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -250,6 +251,46 @@ def test_moe_bench_smoke_tunes_fused_shared_experts(tmp_path):
     assert len(rows) == 5  # bf16 and fp8 (tuned) at 1 and 3 tokens, fp8_w8a16 at 1
     tuned = [r for r in rows if r["variant"] != "fp8_w8a16"]
     assert all(r["trials"] == 6 and r["t_us"] > 0 and "down" in r["config"] and r["experts_hit"] >= 2 for r in tuned)
+
+
+def test_tune_split_search(monkeypatch):
+    """kernel_bench_moe.tune_split's search at V2-Lite-fused's 64 tokens, launching nothing: a fake timer
+    prices each config it is handed. Within MAX_TRIALS per GEMM it tries every BLOCK_M, keeps the one of
+    the least gate_up + down (32, though down alone would take 64), and finds each GEMM's best tile and
+    pipeline (down's only among the stage x warp variants of step 3)."""
+    spec = importlib.util.spec_from_file_location("kernel_bench_moe", os.path.join(REPO, "benchmarks",
+                                                                                   "kernel_bench_moe.py"))
+    kb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kb)
+    launched = []
+    monkeypatch.setattr(kb, "_launch_moe_gemm", lambda *args: launched.append((args[9], args[10])))
+    monkeypatch.setattr(kb, "moe_align_block_size_triton", lambda ids, block_m, experts: None)
+    best = {True: (128, 128, 3, 8), False: (256, 64, 5, 8)}  # gate_up?: BLOCK_N, BLOCK_K, stages, warps
+    per_bm = {True: {16: 10, 32: 6, 64: 9}, False: {16: 10, 32: 9, 64: 8}}
+
+    def timer(fn, n_inputs):
+        fn(0)
+        gate_up, c = launched[-1]
+        tile, pipe = best[gate_up][:2], best[gate_up][2:]
+        return (per_bm[gate_up][c["BLOCK_M"]] + 2 * ((c["BLOCK_N"], c["BLOCK_K"]) != tile)
+                + ((c["num_stages"], c["num_warps"]) != pipe))
+
+    tokens, e, k, shared = 64, 66, 8, 2
+    bf = torch.bfloat16  # only the shapes and the element size count
+    weights = (torch.zeros(e, 2 * 32, 64, dtype=bf), torch.zeros(e, 64, 32, dtype=bf), None, None)
+    xs = [torch.zeros(tokens, 64, dtype=bf)]
+    routes = [kb.routing(tokens, e, 64, k, torch.device("cpu"), shared)]
+    assert (routes[0][1][:, -2:] == torch.tensor([64, 65])).all() and (routes[0][0][:, -2:] == 1).all()
+    config, t_gate, t_down, n = kb.tune_split(tokens, e, k, shared, weights, xs, routes, False, timer, False)
+    tried = {gate_up: [c for g, c in launched if g == gate_up] for gate_up in (True, False)}
+    assert n == len(launched) and all(len(cs) <= kb.MAX_TRIALS for cs in tried.values())
+    assert all({c["BLOCK_M"] for c in cs} == {16, 32, 64} for cs in tried.values())
+    assert all(kb.smem_fits(c, gate_up, 2, 2) for gate_up, cs in tried.items() for c in cs)
+    assert (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_stages"], config["num_warps"]) == \
+        (32, 128, 128, 3, 8) and t_gate == 6
+    down = moe_config.down_config(config)
+    assert (down["BLOCK_M"], down["BLOCK_N"], down["BLOCK_K"], down["num_stages"], down["num_warps"]) == \
+        (32, 256, 64, 5, 8) and t_down == 9
 
 
 if __name__ == "__main__":
