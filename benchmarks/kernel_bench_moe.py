@@ -12,6 +12,15 @@ all measured in this run. Times are medians of CUDA-graph replays (decode runs i
 inputs rotate over several routings / weight copies so that repeats do not hit in L2.
 --smoke runs tiny shapes on CPU under TRITON_INTERPRET=1 to check the script itself.
 
+V2-Lite-fused is V2-Lite as the engine runs it: its 2 shared experts fused as expert slots 64 and 65
+(E=66, top-8: 6 random routed experts, then 64 and 65 with weight 1.0 in every token's row). --tune
+tunes its gate_up and down GEMMs apart (tune_split) and writes the gate_up config with a "down"
+sub-dict (moe_config.down_config) under the fused shape's key; its rows also time the config the
+engine would take before (t_before_us). The decode batches of the CUDA-graph ladder:
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernel_bench_moe.py --models V2-Lite-fused \
+        --tokens 1,2,4,8,16,32,64,128 --tune --no-dense --budget-s 540 --out $OUT
+
 --fp8-gemm: the dense FP8 block GEMM at decode and prefill shapes instead (V2-Lite's and V3's
 projections, M in 1, 8, 32, 64, 128, 4096): the previous kernel (separate quant launch + one program
 per tile, with its configs), the current one (split-K + fused quant, configs from moe_config),
@@ -57,14 +66,17 @@ from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_
                                   block_fp8_matmul_triton,
                                   dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton)
-from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref  # noqa: E402
+from moeserve.kernels.fused_moe import (_launch_moe_gemm, fused_moe, fused_moe_ref, fused_moe_triton,  # noqa: E402
+                                        fused_moe_w8a8_ref)
 from moeserve.kernels import moe_align  # noqa: E402
 from moeserve.kernels.moe_align import moe_align_block_size_ref, moe_align_block_size_triton  # noqa: E402
 
-MODELS = {  # name: (E, H, I, top_k, experts routed over: > E means only E are local, the rest -1)
-    "V2-Lite": (64, 2048, 1408, 6, 64),
-    "V3": (256, 7168, 2048, 8, 256),
-    "V3-EP8-local": (32, 7168, 2048, 8, 256),
+MODELS = {  # name: (E, H, I, top_k, routed experts: > E - S means only E - S are local, the rest -1,
+    #                 S: shared experts fused as the last S of the E slots and of the top_k columns)
+    "V2-Lite": (64, 2048, 1408, 6, 64, 0),
+    "V2-Lite-fused": (66, 2048, 1408, 8, 64, 2),  # as the engine runs it (ModelConfig.fuse_shared_experts)
+    "V3": (256, 7168, 2048, 8, 256, 0),
+    "V3-EP8-local": (32, 7168, 2048, 8, 256, 0),
 }
 TOKENS = [1, 8, 64, 256, 2048, 8192]
 DENSE_NK = [(2112, 7168), (24576, 1536), (4096, 7168), (7168, 2048), (7168, 16384)]
@@ -191,22 +203,25 @@ def make_experts(e, h, i, fp8, device, smoke):
     return w13, w2, s13, s2
 
 
-def routing(tokens, e_local, e_routed, k, device):
-    ids = torch.rand(tokens, e_routed, device=device).topk(k, dim=1).indices
-    ids = torch.where(ids < e_local, ids, -1).to(torch.int32)
-    weights = torch.softmax(torch.randn(tokens, k, device=device), dim=-1)
-    return weights, ids
+def routing(tokens, e_local, e_routed, k, device, shared=0):
+    """k - shared distinct random experts of e_routed (those past the e_local - shared local ones -1),
+    then the shared slots e_local - shared .. e_local - 1 with weight 1.0, as kernels/routing.py appends them."""
+    ids = torch.rand(tokens, e_routed, device=device).topk(k - shared, dim=1).indices
+    ids = torch.where(ids < e_local - shared, ids, -1).to(torch.int32)
+    weights = torch.softmax(torch.randn(tokens, k - shared, device=device), dim=-1)
+    slots = torch.arange(e_local - shared, e_local, device=device, dtype=torch.int32).expand(tokens, shared)
+    return torch.cat([weights, torch.ones(tokens, shared, device=device)], 1), torch.cat([ids, slots], 1)
 
 
 def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, device):
     """variant: bf16 | fp8 (W8A8) | fp8_w8a16. Returns a result row."""
-    e, h, i, k, e_routed = MODELS[name]
+    e, h, i, k, e_routed, shared = MODELS[name]
     w13, w2, s13, s2 = weights
     fp8 = s13 is not None
     act_fp8 = variant == "fp8"
     n_inputs = 1 if smoke else 4
     xs = [torch.randn(tokens, h, device=device, dtype=torch.bfloat16) for _ in range(n_inputs)]
-    routes = [routing(tokens, e, e_routed, k, device) for _ in range(n_inputs)]
+    routes = [routing(tokens, e, e_routed, k, device, shared) for _ in range(n_inputs)]
 
     # correctness on fresh inputs first
     x, (rw, ids) = xs[0], routes[0]
@@ -214,7 +229,7 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
     row = {"model": name, "tokens": tokens, "variant": variant}
     row["err_vs_ref"] = rel_err(out, fused_moe_ref(x, w13, w2, rw, ids, s13, s2, BLOCK))
     if variant != "fp8_w8a16":  # the public name must dispatch to the kernel on CUDA
-        row["dispatch_err"] = rel_err(fused_moe(x, w13, w2, rw, ids, s13, s2, BLOCK), out)
+        row["dispatch_err"] = rel_err(fused_moe(x, w13, w2, rw, ids, s13, s2, BLOCK, num_fused_shared=shared), out)
     if act_fp8:
         row["err_vs_w8a8_ref"] = rel_err(out, fused_moe_w8a8_ref(x, w13, w2, rw, ids, s13, s2, BLOCK))
     if tokens <= 256:
@@ -230,7 +245,14 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
     key = moe_config.moe_shape_key(e, h, i, k, wdtype)
     valid_pairs = sum(int((r[1] >= 0).sum()) for r in routes) / n_inputs
     rows_per_expert = valid_pairs / e
-    if tune and variant != "fp8_w8a16":
+    if tune and variant != "fp8_w8a16" and shared:
+        config, row["t_gate_up_us"], row["t_down_us"], row["trials"] = tune_split(
+            tokens, e, k, shared, weights, xs, routes, act_fp8, timer, smoke)
+        tuned.setdefault(key, {})[str(tokens)] = config
+        row["t_us"] = timer(run_with(config), n_inputs)  # the whole layer, as the untuned rows time it
+        before = moe_config.moe_config(tokens, e, h, i, k, wdtype, x.device, shared)  # what the engine runs now
+        row["config_before"], row["t_before_us"] = before, timer(run_with(before), n_inputs)
+    elif tune and variant != "fp8_w8a16":
         best = None
         for c in moe_candidates(rows_per_expert):
             try:
@@ -243,7 +265,7 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
         row["t_us"], config = best
         tuned.setdefault(key, {})[str(tokens)] = config
     else:
-        config = moe_config.moe_config(tokens, e, h, i, k, wdtype, x.device)
+        config = moe_config.moe_config(tokens, e, h, i, k, wdtype, x.device, shared)
         row["t_us"] = timer(run_with(config), n_inputs)
     row["config"] = config
     if tokens == 1 and not smoke:
@@ -263,6 +285,127 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
     row["ratio"] = row["t_us"] / row["roof_us"]
     row["experts_hit"] = hit
     return row
+
+
+# ---- gate_up and down tuned apart (models with fused shared experts) ----------------------------
+#
+# The two GEMMs differ in shape (V2-Lite: gate_up N = I = 1408 with two accumulators, K = H = 2048;
+# down N = H = 2048, K = I = 1408), so each gets its own tiles; only BLOCK_M is one for both (they
+# walk the same moe_align blocks). Per token count and GEMM, at most MAX_TRIALS timed configs:
+#  1. every tile shape (BLOCK_N x BLOCK_K) at the first row block, then the best 3 at the other row blocks;
+#  2. the row block whose best gate_up + best down is least;
+#  3. at that row block, 3/4/5 stages x 4/8 warps (and GROUP_SIZE_M 1 <-> 8 where an expert has
+#     several row blocks) around each GEMM's best 2 configs, until MAX_TRIALS.
+
+MAX_TRIALS = 24  # each ~0.1 s of graph replays, plus ~0.3-1 s to compile a config not compiled yet
+SMEM_BYTES = 220 * 1024  # the H200 gives a block 227 KB
+
+
+def smem_fits(c, gate_up, a_bytes, w_bytes) -> bool:
+    """The pipeline's A tiles and W tiles (gate_up loads a gate and an up tile) fit in shared memory.
+    An upper bound: sm_90 compiles of the candidates took 0.67-1.0 of it (Triton 3.9)."""
+    per_stage = c["BLOCK_M"] * c["BLOCK_K"] * a_bytes + (2 if gate_up else 1) * c["BLOCK_K"] * c["BLOCK_N"] * w_bytes
+    return c["num_stages"] * per_stage <= SMEM_BYTES
+
+
+def block_m_candidates(busiest: float, rows_per_expert: float) -> list[int]:
+    """16 (tl.dot's least) and the larger blocks that the busiest expert's rows fill; past decode
+    sizes (routed experts' rows) the former candidates' 64 and 128."""
+    if rows_per_expert > 48:
+        return [64, 128]
+    return [bm for bm in (16, 32, 64) if bm == 16 or bm <= busiest]
+
+
+def tile_candidates(gate_up, bm, group, w_fp8, a_bytes, w_bytes) -> list[dict]:
+    """Each BLOCK_N x BLOCK_K at 4 warps (8 from BLOCK_M 64), the deepest of 4 or 3 stages that fits.
+    Wide N tiles make fewer programs (at 1 token gate_up has 8 experts x I / BLOCK_N of them for 132
+    SMs), narrow ones more; FP8 K tiles stop at the 128 scale group (the launcher clamps them to it)."""
+    decode = bm <= 32
+    bns = (32, 64, 128, 256) if decode else (64, 128, 256)
+    bks = (64, 128) if w_fp8 or not decode else (64, 128, 256)
+    out = []
+    for bn in bns:
+        for bk in bks:
+            fits = [c for c in (cfg(bm, bn, bk, group, 4 if decode else 8, s) for s in (4, 3))
+                    if smem_fits(c, gate_up, a_bytes, w_bytes)]
+            out += fits[:1]
+    return out
+
+
+def pipeline_variants(c, multi_block) -> list[dict]:
+    out = [dict(c, num_stages=s, num_warps=w) for s in (3, 4, 5) for w in (4, 8)]
+    if multi_block:  # grouped, the programs of one expert's row blocks run together and share its W tiles in L2
+        out.append(dict(c, GROUP_SIZE_M=1 if c["GROUP_SIZE_M"] > 1 else 8))
+    return out
+
+
+def tune_split(tokens, e, k, shared, weights, xs, routes, act_fp8, timer, smoke):
+    """A model with `shared` fused shared-expert slots -> (gate_up config with its "down" overrides,
+    gate_up us, down us, configs timed)."""
+    w13, w2, s13, s2 = weights
+    pairs, inter, hidden = tokens * k, w2.shape[2], w2.shape[1]
+    n_inputs, dev, dt = len(xs), xs[0].device, xs[0].dtype
+    rows_per_expert = tokens * (k - shared) / (e - shared)  # of a routed expert
+    busiest = tokens  # a shared slot: every token
+    a_bytes = 1 if act_fp8 else 2
+    w_bytes = w13.element_size()
+    limit = 3 if smoke else MAX_TRIALS
+
+    # W8A8: each GEMM's input is quantized once here, outside the timed region: the quant launches
+    # cost the same whatever the tiles. (The row's t_us, the whole fused_moe_triton, includes them.)
+    def inputs(a):
+        return per_token_group_quant_fp8_triton(a, BLOCK[1]) if act_fp8 else (a, None)
+
+    gate_in = [inputs(x) for x in xs]
+    down_in = [inputs(torch.randn(pairs, inter, device=dev, dtype=dt)) for _ in range(n_inputs)]
+    act, y = torch.empty(pairs, inter, device=dev, dtype=dt), torch.empty(pairs, hidden, device=dev, dtype=dt)
+    route_w = [r[0].reshape(-1).float().contiguous() for r in routes]
+    bms = block_m_candidates(busiest, rows_per_expert)
+    # GROUP_SIZE_M as the former candidates until step 3: then the decode rows' tiles (all at 1) are
+    # compiled once for every token count (a compile costs ~0.3-1 s, more than a timing)
+    group = 8 if rows_per_expert > 48 else 1
+    aligns = {bm: [moe_align_block_size_triton(r[1], bm, e) for r in routes] for bm in bms}
+    trials = {True: [], False: []}  # gate_up?: [(us, config)]
+
+    def trial(gate_up, c):
+        done = [tc[1] for tc in trials[gate_up]]
+        if len(done) >= limit or c in done or not smem_fits(c, gate_up, a_bytes, w_bytes):
+            return
+        al = aligns[c["BLOCK_M"]]
+        if gate_up:
+            def fn(j):
+                _launch_moe_gemm(*gate_in[j], w13, s13, act, None, al[j], pairs, k, True, c, BLOCK)
+        else:
+            def fn(j):
+                _launch_moe_gemm(*down_in[j], w2, s2, y, route_w[j], al[j], pairs, 1, False, c, BLOCK)
+        try:
+            trials[gate_up].append((timer(fn, n_inputs), c))
+        except Exception as ex:  # a config that does not compile or fit is skipped, not fatal
+            print(f"  {'gate_up' if gate_up else 'down'} config {c} failed: {type(ex).__name__}: {str(ex)[:120]}")
+            trials[gate_up].append((math.inf, c))
+
+    def best(gate_up, bm, n=1):
+        return sorted((tc for tc in trials[gate_up] if tc[1]["BLOCK_M"] == bm), key=lambda tc: tc[0])[:n]
+
+    def least(gate_up, bm):
+        return min((t for t, c in trials[gate_up] if c["BLOCK_M"] == bm), default=math.inf)
+
+    for gate_up in (True, False):
+        for c in tile_candidates(gate_up, bms[0], group, s13 is not None, a_bytes, w_bytes):
+            trial(gate_up, c)
+        for bm in bms[1:]:
+            for _, c in best(gate_up, bms[0], 3):
+                trial(gate_up, dict(c, BLOCK_M=bm))
+    bm = min(bms, key=lambda bm: least(True, bm) + least(False, bm))
+    for gate_up in (True, False):
+        for _, c in best(gate_up, bm, 2):
+            for v in pipeline_variants(c, busiest > bm):
+                trial(gate_up, v)
+    if math.isinf(least(True, bm) + least(False, bm)):
+        raise RuntimeError(f"no config ran at BLOCK_M {bm}")
+    (t_gate, c_gate), (t_down, c_down) = best(True, bm)[0], best(False, bm)[0]
+    down = {key: c_down[key] for key in sorted(moe_config.DOWN_KEYS)}
+    return dict(c_gate, down=down), t_gate, t_down, len(trials[True]) + len(trials[False])
 
 
 # ---- dense FP8 -----------------------------------------------------------------------------------
@@ -499,7 +642,7 @@ def gemm_case(model, name, n, k, m, inputs, timer, ceil, tune, tuned, device, sm
 
 def moe_quant_case(tokens, weights, timer, device, smoke) -> dict:
     """V2-Lite FP8 fused MoE: activation quant inside the GEMMs vs two separate quant launches."""
-    e, h, i, k, e_routed = MODELS["V2-Lite"]
+    e, h, i, k, e_routed, _ = MODELS["V2-Lite"]
     w13, w2, s13, s2 = weights
     n_inputs = 1 if smoke else 4
     dt = torch.float32 if smoke else torch.bfloat16
@@ -544,7 +687,7 @@ def fp8_gemm_main(args, timer, device, t_start):
     if args.smoke:
         groups = [("tiny", [("a", 96, 160, 2)])]
         ms = [1, 3]
-        MODELS["V2-Lite"] = (4, 128, 128, 2, 4)
+        MODELS["V2-Lite"] = (4, 128, 128, 2, 4, 0)
     rows, moe_rows, tuned = [], [], {}
 
     def dump():
@@ -768,7 +911,8 @@ def main():
         device = torch.device("cpu" if args.smoke else "cuda")
         return fp8_gemm_main(args, Timer(args.smoke), device, t_start)
     if args.smoke:
-        MODELS.update({"V2-Lite": (4, 64, 32, 2, 4), "V3": (8, 64, 64, 3, 8), "V3-EP8-local": (2, 64, 64, 3, 8)})
+        MODELS.update({"V2-Lite": (4, 64, 32, 2, 4, 0), "V2-Lite-fused": (5, 64, 32, 3, 4, 1),
+                       "V3": (8, 64, 64, 3, 8, 0), "V3-EP8-local": (2, 64, 64, 3, 8, 0)})
         DENSE_NK[:] = [(96, 128)]
         device = torch.device("cpu")
     else:
@@ -791,7 +935,7 @@ def main():
     def record(row):
         rows.append(row)
         extra = ("config", "t_eager_us", "t_align_us", "t_align_3pass_us", "align_mismatch", "q_mismatch",
-                 "dispatch_err")
+                 "dispatch_err", "t_gate_up_us", "t_down_us", "trials", "t_before_us", "config_before")
         print(fmt_row(row), json.dumps({k: v for k, v in row.items() if k in extra}))
         write_report(args.out, meta, rows, tuned_moe, tuned_dense)
 
@@ -805,7 +949,7 @@ def main():
     guarded(lambda: quant_check(timer, ceil, device, args.smoke), "quant")
     tokens = [int(t) for t in args.tokens.split(",")]
     for name in args.models.split(","):
-        e, h, i, k, _ = MODELS[name]
+        e, h, i, k, _, _ = MODELS[name]
         for fp8 in (False, True):
             weights = make_experts(e, h, i, fp8, device, args.smoke)
             variants = ["fp8", "fp8_w8a16"] if fp8 else ["bf16"]

@@ -8,11 +8,15 @@ The Triton path (`fused_moe_triton`):
   2. grouped GEMM x @ w13[e].T for each block's expert, SiLU(gate) * up in the epilogue -> [pairs, I];
   3. grouped GEMM act @ w2[e].T, times the pair's router weight -> [pairs, H];
   4. sum over each token's top-k pairs, skipping pairs of experts < 0 -> [T, H].
+The block-size config (moe_config.moe_config, or `config`) is the gate_up GEMM's; its optional
+"down" sub-dict overrides BLOCK_N, BLOCK_K, GROUP_SIZE_M, num_warps or num_stages for the down GEMM
+(moe_config.down_config). BLOCK_M is one for both: they share step 1's blocks.
 With FP8 weights (block scales given) the activations entering each GEMM are quantized per
 1 x block[1] group (W8A8, DeepSeek's recipe; `fp8_activations=False` keeps them in x.dtype and
 converts weight tiles instead, W8A16, which is what fused_moe_ref computes). A config's
 FUSE_QUANT (default: moe_config.moe_fuse_quant, off after the H200 measurements) quantizes those
-activations inside the GEMMs instead of in two separate launches, bit-identically.
+activations inside the GEMMs instead of in two separate launches, bit-identically; each GEMM whose
+BLOCK_K covers one scale group does, the other keeps its separate quant launch.
 """
 
 from __future__ import annotations
@@ -244,23 +248,25 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     wdtype = "fp8" if w_fp8 else str(w13.dtype).removeprefix("torch.")
     cfg = config or moe_config.moe_config(tokens, num_experts, hidden, intermediate, top_k, wdtype, x.device,
                                           num_fused_shared)
+    down_cfg = moe_config.down_config(cfg)
     x = x if x.stride(-1) == 1 else x.contiguous()
     topk_ids = topk_ids.contiguous()
     route_w = topk_weights.to(torch.float32).contiguous()
     align = moe_align_block_size_triton(topk_ids, cfg["BLOCK_M"], num_experts)
     quant = w_fp8 and fp8_activations
-    # Quantize the activations inside the GEMMs (no quant launches) where a K step is one scale
-    # group; the config (or moe_config's default: decode sizes only) says whether it pays.
-    fuse = quant and cfg.get("FUSE_QUANT", moe_config.moe_fuse_quant(tokens, num_experts, top_k)) \
-        and min(cfg["BLOCK_K"], block[1]) == block[1]
+    # Quantize the activations inside a GEMM (no quant launch) where its K step is one scale group;
+    # the config (or moe_config's default: decode sizes only) says whether it pays.
+    fuse = quant and cfg.get("FUSE_QUANT", moe_config.moe_fuse_quant(tokens, num_experts, top_k))
+    fuse_gate_up = fuse and min(cfg["BLOCK_K"], block[1]) == block[1]
+    fuse_down = fuse and min(down_cfg["BLOCK_K"], block[1]) == block[1]
 
-    a, a_scale = per_token_group_quant_fp8_triton(x, block[1]) if quant and not fuse else (x, None)
+    a, a_scale = per_token_group_quant_fp8_triton(x, block[1]) if quant and not fuse_gate_up else (x, None)
     act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
-    _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block, fuse)
+    _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block, fuse_gate_up)
 
-    a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant and not fuse else (act, None)
+    a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant and not fuse_down else (act, None)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, cfg, block, fuse)
+    _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, down_cfg, block, fuse_down)
     return moe_sum(y, topk_ids, out, addend)
 
 

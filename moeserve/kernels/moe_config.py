@@ -6,6 +6,12 @@ tuning on an H100 holds well enough on an H200 of the same architecture. Each fi
 to {"<tokens>": config}; a lookup takes the entry whose token count is nearest the actual one.
 benchmarks/kernel_bench_moe.py --tune writes the first two, benchmarks/kernel_bench_dense.py --tune
 the third.
+
+A fused-MoE config is the gate_up GEMM's; an optional "down" sub-dict overrides some of its keys
+(DOWN_KEYS) for the down GEMM, whose shape differs (V2-Lite: gate_up N = I = 1408 with two
+accumulators, K = H = 2048; down N = H = 2048, K = I = 1408), so their best tiles differ. BLOCK_M is
+never overridden: both GEMMs walk the blocks of one moe_align. A config without "down" runs both
+GEMMs with the same tiles.
 """
 
 from __future__ import annotations
@@ -45,9 +51,25 @@ def load_configs(kind: str, arch: str) -> dict:
 
 
 def _nearest(table: dict, tokens: int) -> dict:
-    # Nearest on a log scale: 100 tokens behave more like 64 than like 256.
+    # Nearest on a log scale: 100 tokens behave more like 64 than like 256. A copy down to the
+    # "down" sub-dict: the cached table must not change under a caller that edits its config.
     best = min(table, key=lambda t: abs(math.log(int(t)) - math.log(max(tokens, 1))))
-    return dict(table[best])
+    return {key: dict(v) if isinstance(v, dict) else v for key, v in table[best].items()}
+
+
+DOWN_KEYS = frozenset({"BLOCK_N", "BLOCK_K", "GROUP_SIZE_M", "num_warps", "num_stages"})
+
+
+def down_config(cfg: dict) -> dict:
+    """The down GEMM's config: cfg with its "down" overrides (module docstring), without "down"."""
+    down = cfg.get("down") or {}
+    if "BLOCK_M" in down:
+        raise ValueError(f"fused MoE config {cfg}: 'down' may not set BLOCK_M; both GEMMs share the "
+                         f"moe_align blocks of the top-level BLOCK_M")
+    if not set(down) <= DOWN_KEYS:
+        raise ValueError(f"fused MoE config {cfg}: 'down' sets {sorted(set(down) - DOWN_KEYS)}; it may "
+                         f"only override {sorted(DOWN_KEYS)}")
+    return {key: v for key, v in cfg.items() if key != "down"} | down
 
 
 def default_moe_config(tokens: int, num_experts: int, top_k: int, on_cpu: bool) -> dict:

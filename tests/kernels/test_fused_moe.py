@@ -8,13 +8,20 @@ FP8 weights run too: the interpreter does e4m3 loads and dots.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from moeserve.kernels import moe_config
 from moeserve.kernels.fp8 import quant_block_fp8_ref
-from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref
+from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton
 from moeserve.kernels.moe_align import max_padded_size, moe_align_block_size_ref
+from tests.helpers import REPO
 from tests.helpers import interpreter_results as run_interpreted
 from tests.helpers import print_interpreter_cases
 
@@ -77,6 +84,13 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     results["fp32_grouped_order"] = (rel_err(fused_moe_triton(x, w13, w2, w, ids, config=cfg),
                                              fused_moe_ref(x, w13, w2, w, ids)), 1e-5)
     results["all_dropped_is_zero"] = (float(fused_moe(x, w13, w2, w, torch.full_like(ids, -1)).abs().max()), 0.0)
+    # the down GEMM on its own tiles; the routing of fused shared experts (the last 2 of 6 slots, weight 1.0)
+    x, w13, w2, w, ids = random_moe(7, 6, 48, 80, 3, torch.float32, drop=0.0)
+    ids = torch.cat([torch.rand(7, 4).topk(3, dim=1).indices, torch.tensor([4, 5]).expand(7, 2)], 1)
+    w = torch.cat([w, torch.ones(7, 2)], 1)
+    down = dict(cfg, down=dict(BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=2, num_stages=2))
+    results["fp32_down_override"] = (rel_err(fused_moe_triton(x, w13, w2, w, ids, config=down),
+                                             fused_moe_ref(x, w13, w2, w, ids)), 1e-5)
     # the shared experts' output added in the sum kernel (fp16: rounded as the reference rounds)
     for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
         x, w13, w2, w, ids = random_moe(9, 4, 64, 32, 3, dtype)
@@ -94,6 +108,12 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     # moves one of the 7 x 2 x 48 intermediates by a step, a few 1e-3 of the output's norm at most.
     results["fp8_w8a8"] = (rel_err(fused_moe(x, q13, q2, w, ids, s13, s2, block),
                                    fused_moe_w8a8_ref(x, q13, q2, w, ids, s13, s2, block)), 2e-2)
+    # in-GEMM quant where a GEMM's K step is one scale group (gate_up), the separate launch where not (down)
+    split = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1, FUSE_QUANT=True,
+                 down=dict(BLOCK_K=16))
+    results["fp8_w8a8_fused_gate_up_only"] = (
+        rel_err(fused_moe_triton(x, q13, q2, w, ids, s13, s2, block, config=split),
+                fused_moe_w8a8_ref(x, q13, q2, w, ids, s13, s2, block)), 2e-2)
     results["fp8_w8a16"] = (rel_err(fused_moe(x, q13, q2, w, ids, s13, s2, block, fp8_activations=False),
                                     fused_moe_ref(x, q13, q2, w, ids, s13, s2, block)), 1e-5)
     # W8A8 against the reference that keeps activations unquantized: e4m3 rounding of both GEMMs'
@@ -110,7 +130,8 @@ def interpreter_results():
 
 CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
          "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
-         "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts"]
+         "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a8_fused_gate_up_only",
+         "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -151,6 +172,125 @@ def test_ref_drops_negative_ids():
     part0 = fused_moe_ref(x, w13[:2], w2[:2], w, local0)
     part1 = fused_moe_ref(x, w13[2:], w2[2:], w, local1)
     assert rel_err(part0 + part1, fused_moe_ref(x, w13, w2, w, ids)) < 1e-6
+
+
+# ---- configs: the down GEMM's overrides, the fused shared experts' table ----------------------
+
+@pytest.mark.parametrize("key", ["BLOCK_M", "BLOCK_SIZE_N"])
+def test_down_override_of_other_keys_raises(key):
+    x, w13, w2, w, ids = random_moe(4, 3, 16, 8, 2, torch.float32)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_SIZE_M=1, num_warps=4, num_stages=1, down={key: 32})
+    with pytest.raises(ValueError, match=key):  # before anything launches: no interpreter needed
+        fused_moe_triton(x, w13, w2, w, ids, config=cfg)
+
+
+def test_each_gemm_gets_its_config(monkeypatch):
+    """The launches fused_moe_triton makes (none run: recorded): gate_up with the config, down with its
+    overrides; the in-GEMM quant only where the GEMM's K step is a whole scale group."""
+    from moeserve.kernels import fused_moe as fm
+
+    launches, quants = [], []
+    monkeypatch.setattr(fm, "moe_align_block_size_triton", lambda ids, block_m, experts: None)
+    monkeypatch.setattr(fm, "_launch_moe_gemm", lambda *args: launches.append((args[9], args[10], args[12])))
+    monkeypatch.setattr(fm, "per_token_group_quant_fp8_triton", lambda a, group: quants.append(a.shape) or (a, None))
+    monkeypatch.setattr(fm, "moe_sum", lambda y, ids, out, addend: out)
+    x, w13, w2, w, ids = random_moe(3, 4, 64, 32, 2, torch.float32)
+    q13, s13 = quant_block_fp8_ref(w13, (32, 32))
+    q2, s2 = quant_block_fp8_ref(w2, (32, 32))
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=3, FUSE_QUANT=True,
+               down=dict(BLOCK_N=64, BLOCK_K=16, num_stages=5))
+    fused_moe_triton(x, q13, q2, w, ids, s13, s2, (32, 32), config=cfg)
+    (gate_up, gate_cfg, gate_fused), (down, down_cfg, down_fused) = launches
+    assert gate_up and gate_cfg is cfg and gate_fused
+    assert not down and down_cfg == moe_config.down_config(cfg) and not down_fused
+    assert (down_cfg["BLOCK_M"], down_cfg["BLOCK_N"], down_cfg["BLOCK_K"], down_cfg["num_stages"]) == (16, 64, 16, 5)
+    assert quants == [(3 * 2, 32)]  # only the down GEMM's input [pairs, I] is quantized apart
+
+
+def test_down_config():
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
+    assert moe_config.down_config(cfg) == cfg  # no "down": both GEMMs alike
+    down = moe_config.down_config(dict(cfg, down=dict(BLOCK_N=128, num_stages=3)))
+    assert down == dict(cfg, BLOCK_N=128, num_stages=3)
+
+
+def test_moe_config_takes_the_fused_shape_first(monkeypatch):
+    fused_key = moe_config.moe_shape_key(66, 2048, 1408, 8, "fp8")
+    routed_key = moe_config.moe_shape_key(64, 2048, 1408, 6, "fp8")
+    fused = {"1": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4,
+                       down=dict(BLOCK_N=64, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=5)),
+             "64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=3)}
+    routed = {"1": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=5)}
+    tables = json.loads(json.dumps({fused_key: fused, routed_key: routed}))  # as read from the file
+    monkeypatch.setattr(moe_config, "load_configs", lambda kind, arch: tables)
+    cpu = torch.device("cpu")
+    cfg = moe_config.moe_config(2, 66, 2048, 1408, 8, "fp8", cpu, num_fused_shared=2)
+    assert cfg == fused["1"] and moe_config.down_config(cfg)["BLOCK_N"] == 64
+    cfg["down"]["BLOCK_N"] = 256  # a copy: the cached table stays as read
+    assert tables[fused_key]["1"]["down"]["BLOCK_N"] == 64
+    assert moe_config.moe_config(100, 66, 2048, 1408, 8, "fp8", cpu, 2) == fused["64"]
+    del tables[fused_key]  # no fused table: the routed experts' one
+    assert moe_config.moe_config(2, 66, 2048, 1408, 8, "fp8", cpu, 2) == routed["1"]
+
+
+def test_moe_bench_smoke_tunes_fused_shared_experts(tmp_path):
+    """kernel_bench_moe.py --smoke --tune on V2-Lite-fused (tiny: 4 routed experts top-2 + 1 shared slot):
+    gate_up and down tuned apart, the table written under the fused shape's key with "down" overrides."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_bench_moe.py"), "--smoke",
+                           "--tune", "--models", "V2-Lite-fused", "--tokens", "1,3", "--no-dense", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = json.loads((tmp_path / "fused_moe_sm90.json").read_text())
+    assert set(table) == {moe_config.moe_shape_key(5, 64, 32, 3, w) for w in ("bfloat16", "fp8")}
+    for by_tokens in table.values():
+        assert set(by_tokens) == {"1", "3"}
+        for cfg in by_tokens.values():
+            assert set(cfg["down"]) == moe_config.DOWN_KEYS and moe_config.down_config(cfg)
+    rows = [r for r in json.loads((tmp_path / "kernels_moe.json").read_text())["cases"]
+            if r["model"] == "V2-Lite-fused"]
+    assert len(rows) == 5  # bf16 and fp8 (tuned) at 1 and 3 tokens, fp8_w8a16 at 1
+    tuned = [r for r in rows if r["variant"] != "fp8_w8a16"]
+    assert all(r["trials"] == 6 and r["t_us"] > 0 and "down" in r["config"] and r["experts_hit"] >= 2 for r in tuned)
+
+
+def test_tune_split_search(monkeypatch):
+    """kernel_bench_moe.tune_split's search at V2-Lite-fused's 64 tokens, launching nothing: a fake timer
+    prices each config it is handed. Within MAX_TRIALS per GEMM it tries every BLOCK_M, keeps the one of
+    the least gate_up + down (32, though down alone would take 64), and finds each GEMM's best tile and
+    pipeline (down's only among the stage x warp variants of step 3)."""
+    spec = importlib.util.spec_from_file_location("kernel_bench_moe", os.path.join(REPO, "benchmarks",
+                                                                                   "kernel_bench_moe.py"))
+    kb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kb)
+    launched = []
+    monkeypatch.setattr(kb, "_launch_moe_gemm", lambda *args: launched.append((args[9], args[10])))
+    monkeypatch.setattr(kb, "moe_align_block_size_triton", lambda ids, block_m, experts: None)
+    best = {True: (128, 128, 3, 8), False: (256, 64, 5, 8)}  # gate_up?: BLOCK_N, BLOCK_K, stages, warps
+    per_bm = {True: {16: 10, 32: 6, 64: 9}, False: {16: 10, 32: 9, 64: 8}}
+
+    def timer(fn, n_inputs):
+        fn(0)
+        gate_up, c = launched[-1]
+        tile, pipe = best[gate_up][:2], best[gate_up][2:]
+        return (per_bm[gate_up][c["BLOCK_M"]] + 2 * ((c["BLOCK_N"], c["BLOCK_K"]) != tile)
+                + ((c["num_stages"], c["num_warps"]) != pipe))
+
+    tokens, e, k, shared = 64, 66, 8, 2
+    bf = torch.bfloat16  # only the shapes and the element size count
+    weights = (torch.zeros(e, 2 * 32, 64, dtype=bf), torch.zeros(e, 64, 32, dtype=bf), None, None)
+    xs = [torch.zeros(tokens, 64, dtype=bf)]
+    routes = [kb.routing(tokens, e, 64, k, torch.device("cpu"), shared)]
+    assert (routes[0][1][:, -2:] == torch.tensor([64, 65])).all() and (routes[0][0][:, -2:] == 1).all()
+    config, t_gate, t_down, n = kb.tune_split(tokens, e, k, shared, weights, xs, routes, False, timer, False)
+    tried = {gate_up: [c for g, c in launched if g == gate_up] for gate_up in (True, False)}
+    assert n == len(launched) and all(len(cs) <= kb.MAX_TRIALS for cs in tried.values())
+    assert all({c["BLOCK_M"] for c in cs} == {16, 32, 64} for cs in tried.values())
+    assert all(kb.smem_fits(c, gate_up, 2, 2) for gate_up, cs in tried.items() for c in cs)
+    assert (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_stages"], config["num_warps"]) == \
+        (32, 128, 128, 3, 8) and t_gate == 6
+    down = moe_config.down_config(config)
+    assert (down["BLOCK_M"], down["BLOCK_N"], down["BLOCK_K"], down["num_stages"], down["num_warps"]) == \
+        (32, 256, 64, 5, 8) and t_down == 9
 
 
 if __name__ == "__main__":
