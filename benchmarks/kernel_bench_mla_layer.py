@@ -6,9 +6,6 @@ Per model (V2-Lite: 16 heads; V3: 128) and decode batch, at a 1,024-token contex
 both ways of one piece of an MLA layer's decode step and checks that they agree:
 - rope: the query's rope part rotated by its own kernel + the fused cache write (norm, k rotation,
   store), against the cache write that rotates the query too;
-- absorb, value: the query into the latent space (W_UK per head) and the attention output out of it
-  (W_UV per head), cuBLAS (torch.bmm) against the Triton per-head matrix-vector kernel (batches up
-  to HEAD_MATVEC_MAX_BATCH);
 - argmax: greedy sampling over the vocabulary, torch.argmax against the two-launch chunked argmax.
 Times are medians of CUDA-graph replays (decode runs in graphs). At these sizes every piece is
 latency-bound (a few us for at most a few MB), so the ratio new / old is the result, not a roofline.
@@ -34,7 +31,6 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imp
 from kernel_bench_attention import git_commit, rel_err, time_us  # noqa: E402
 
 from moeserve.kernels.argmax import greedy_argmax_ref, greedy_argmax_triton  # noqa: E402
-from moeserve.kernels.head_matvec import HEAD_MATVEC_MAX_BATCH, head_matvec_ref, head_matvec_triton  # noqa: E402
 from moeserve.kernels.mla_cache import mla_kv_write_triton  # noqa: E402
 from moeserve.kernels.rotary import apply_rotary_triton  # noqa: E402
 
@@ -42,7 +38,7 @@ MODELS = {  # heads, nope, rope, latent, vocab
     "V2-Lite": (16, 128, 64, 512, 102400),
     "V3": (128, 128, 64, 512, 129280),
 }
-BATCHES = [1, 8, 16, 64]
+BATCHES = [1, 8, 64]
 CONTEXT, PAGE = 1024, 64  # the cache write touches one slot a token: the context only sets positions
 MAX_ERR = 1e-2
 
@@ -58,9 +54,6 @@ def cases(model, batch, dtype, device, context):
     slots = torch.randperm(cache.shape[0] * PAGE, device=device)[:batch]
     q_pe = q[..., nope:]  # a view, as the layer has it
     logits = torch.randn(batch, vocab, device=device)
-    w_uk = (torch.randn(heads, nope, latent, device=device) * nope ** -0.5).to(dtype)
-    w_uv = (torch.randn(heads, nope, latent, device=device) * latent ** -0.5).to(dtype)  # [H, v, L]; v = nope
-    o_latent = torch.randn(batch, heads, latent, device=device).to(dtype)
 
     def rope_old():
         r = apply_rotary_triton(q_pe, pos, cos_sin, True)
@@ -70,14 +63,8 @@ def cases(model, batch, dtype, device, context):
     def rope_new():
         return mla_kv_write_triton(kv_a, norm_w, 1e-6, pos, cos_sin, True, cache, slots, q_pe)
 
-    pieces = {"rope": (rope_old, rope_new)}
-    if batch <= HEAD_MATVEC_MAX_BATCH:
-        q_nope = q[..., :nope]
-        pieces["absorb"] = (lambda: head_matvec_ref(q_nope, w_uk), lambda: head_matvec_triton(q_nope, w_uk))
-        pieces["value"] = (lambda: head_matvec_ref(o_latent, w_uv, True),
-                           lambda: head_matvec_triton(o_latent, w_uv, True))
     return {
-        **pieces,
+        "rope": (rope_old, rope_new),
         "argmax": (lambda: greedy_argmax_ref(logits), lambda: greedy_argmax_triton(logits)),
     }
 
