@@ -5,6 +5,7 @@ An expert id < 0 means "not computed here" (an expert on another rank) and adds 
 
 The Triton path (`fused_moe_triton`):
   1. moe_align: sort (token, expert) pairs by expert into blocks of BLOCK_M rows (moe_align.py);
+     a single token skips it: its pairs have distinct experts, so each is a block of its own;
   2. grouped GEMM x @ w13[e].T for each block's expert, SiLU(gate) * up in the epilogue -> [pairs, I];
   3. grouped GEMM act @ w2[e].T, times the pair's router weight -> [pairs, H];
   4. sum over each token's top-k pairs, skipping pairs of experts < 0 -> [T, H].
@@ -111,8 +112,10 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_SIZE_M: tl.constexpr, GATE_UP: tl.constexpr, W_FP8: tl.constexpr,
                          A_FP8: tl.constexpr, A_QUANT: tl.constexpr = False, FP8_MAX_C: tl.constexpr = 448.0,
-                         FAST: tl.constexpr = False, PDL: tl.constexpr = False):
+                         FAST: tl.constexpr = False, PAIR_BLOCKS: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
         """One program: BLOCK_M sorted pairs (all of one expert) x BLOCK_N output columns.
+        PAIR_BLOCKS: no align pass, one pair a block (one token: its top-k experts are distinct).
 
         GATE_UP: out[pair, j] = silu(a @ w[e, j].T) * (a @ w[e, n + j].T), a row = pair // a_row_div.
         else:    out[pair, j] = route_w[pair] * (a[pair] @ w[e, j].T).
@@ -122,10 +125,16 @@ if triton is not None:
         pdl_begin(PDL)
         pid = tl.program_id(0)
         pid_m, pid_n = _grouped_pid(pid, max_padded // BLOCK_M, tl.cdiv(n, BLOCK_N), GROUP_SIZE_M)
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-            return
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        if PAIR_BLOCKS:  # block i is pair i alone (its expert: block_expert[i], the flat topk ids)
+            expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+            if expert < 0:
+                return
+            pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+        else:
+            if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+                return
+            expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+            pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         mask_m = pair < num_pairs
         a_row = (pair // a_row_div).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,22 +210,26 @@ if triton is not None:
 
 def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_row_div, gate_up, cfg, block,
                      a_quant=False):
+    """align: moe_align's (sorted ids, block experts, padded count), or (None, flat topk ids, None):
+    one pair a block, no align pass."""
     sorted_ids, block_expert, num_padded = align
+    pair_blocks = sorted_ids is None
     n = w.shape[1] // 2 if gate_up else w.shape[1]
     k = w.shape[2]
     w_fp8 = w_scale is not None
     grid = (block_expert.numel() * triton.cdiv(n, cfg["BLOCK_N"]),)
+    max_padded = block_expert.numel() * cfg["BLOCK_M"] if pair_blocks else sorted_ids.numel()
     dummy = out  # stands in for pointers a variant does not read
     _moe_gemm_kernel[grid](
         a, a_scale if a_scale is not None else dummy, w, w_scale if w_fp8 else dummy, out,
-        route_w if route_w is not None else dummy, sorted_ids, block_expert, num_padded,
-        num_pairs, n, k, a_row_div, sorted_ids.numel(),
+        route_w if route_w is not None else dummy, dummy if pair_blocks else sorted_ids, block_expert,
+        dummy if pair_blocks else num_padded, num_pairs, n, k, a_row_div, max_padded,
         a.stride(0), a_scale.stride(0) if a_scale is not None else 0, w.stride(0), w.stride(1),
         w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0),
         GROUP_N=block[0], GROUP_K=block[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=min(cfg["BLOCK_K"], block[1]) if w_fp8 else cfg["BLOCK_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
         GATE_UP=gate_up, W_FP8=w_fp8, A_FP8=a.dtype == FP8_DTYPE, A_QUANT=a_quant, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(a.device))
+        PAIR_BLOCKS=pair_blocks, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(a.device))
 
 
 def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,7 +265,10 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     x = x if x.stride(-1) == 1 else x.contiguous()
     topk_ids = topk_ids.contiguous()
     route_w = topk_weights.to(torch.float32).contiguous()
-    align = moe_align_block_size_triton(topk_ids, cfg["BLOCK_M"], num_experts)
+    if tokens == 1:  # its top-k experts are distinct: one pair a block as they come, no align launch
+        align = (None, topk_ids.view(-1), None)
+    else:
+        align = moe_align_block_size_triton(topk_ids, cfg["BLOCK_M"], num_experts)
     quant = w_fp8 and fp8_activations
     # Quantize the activations inside a GEMM (no quant launch) where its K step is one scale group;
     # the config (or moe_config's default: decode sizes only) says whether it pays.

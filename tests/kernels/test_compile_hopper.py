@@ -147,6 +147,8 @@ def _cases() -> dict:
     s13, s2 = torch.rand(experts, 2 * inter // 128, h // 128), torch.rand(experts, h // 128, inter // 128)
     mcfg = moe_config.default_moe_config(tokens, experts, top_k, False)
     cases["fused_moe_bf16"] = lambda: fused_moe.fused_moe_triton(xm, w13, w2, topk_w, topk_ids, config=mcfg)
+    cases["fused_moe_bf16_one_token"] = lambda: fused_moe.fused_moe_triton(  # one pair a block, no align
+        xm[:1], w13, w2, topk_w[:1], topk_ids[:1], config=mcfg)
     cases["fused_moe_bf16_addend"] = lambda: fused_moe.fused_moe_triton(
         xm, w13, w2, topk_w, topk_ids, config=mcfg, addend=torch.randn(tokens, h, dtype=bf))
     for fuse in (False, True):

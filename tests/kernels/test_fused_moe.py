@@ -19,7 +19,7 @@ import torch
 
 from moeserve.kernels import moe_config
 from moeserve.kernels.fp8 import quant_block_fp8_ref
-from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton
+from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref
 from moeserve.kernels.moe_align import max_padded_size, moe_align_block_size_ref
 from tests.helpers import REPO
 from tests.helpers import interpreter_results as run_interpreted
@@ -68,7 +68,8 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     cases = {  # name: (tokens, experts, hidden, inter, top_k, dtype, extra)
         "fp32_dropped_ids": (5, 6, 64, 48, 2, torch.float32, {}),
         "fp16": (9, 4, 64, 32, 2, torch.float16, {}),
-        "fp32_T1": (1, 8, 32, 64, 3, torch.float32, {}),
+        "fp32_T1": (1, 8, 32, 64, 3, torch.float32, {}),  # one token: one pair a block, no align
+        "fp32_T1_ep": (1, 8, 32, 64, 4, torch.float32, {"ep_experts": 16}),  # ... some of its pairs -1
         "fp32_T37_multi_block": (37, 3, 48, 40, 2, torch.float32, {"drop": 0.0}),  # 37*2/3 rows per expert > 16
         # most ids -1, some experts empty
         "fp32_ep_local_experts": (20, 4, 32, 32, 4, torch.float32, {"ep_experts": 16}),
@@ -114,6 +115,8 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     results["fp8_w8a8_fused_gate_up_only"] = (
         rel_err(fused_moe_triton(x, q13, q2, w, ids, s13, s2, block, config=split),
                 fused_moe_w8a8_ref(x, q13, q2, w, ids, s13, s2, block)), 2e-2)
+    results["fp32_T1_fp8"] = (rel_err(fused_moe(x[:1], q13, q2, w[:1], ids[:1], s13, s2, block),
+                                      fused_moe_w8a8_ref(x[:1], q13, q2, w[:1], ids[:1], s13, s2, block)), 2e-2)
     results["fp8_w8a16"] = (rel_err(fused_moe(x, q13, q2, w, ids, s13, s2, block, fp8_activations=False),
                                     fused_moe_ref(x, q13, q2, w, ids, s13, s2, block)), 1e-5)
     # W8A8 against the reference that keeps activations unquantized: e4m3 rounding of both GEMMs'
@@ -129,7 +132,7 @@ def interpreter_results():
 
 
 CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
-         "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
+         "fp32_T1_ep", "fp32_T1_fp8", "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
          "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a8_fused_gate_up_only",
          "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts"]
 
@@ -305,3 +308,16 @@ def test_shared_addend_on_gpu_bf16():
     args = [t.cuda() for t in (x, w13, w2, w, ids)]
     out = fused_moe(*args, addend=addend.cuda())
     assert rel_err(out.cpu(), fused_moe_ref(x, w13, w2, w, ids, addend=addend)) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_one_token_on_gpu_bf16_and_fp8():
+    """A single token (one pair a block, no align launch), V2-Lite's widths with some ids -1, in bf16 and
+    in FP8 W8A8 against the references."""
+    x, w13, w2, w, ids = random_moe(1, 64, 2048, 1408, 8, torch.bfloat16, ep_experts=80)
+    args = [t.cuda() for t in (x, w13, w2, w, ids)]
+    assert rel_err(fused_moe(*args).cpu(), fused_moe_ref(x, w13, w2, w, ids)) < 1e-2
+    q13, s13 = quant_block_fp8_ref(w13.cuda())
+    q2, s2 = quant_block_fp8_ref(w2.cuda())
+    out = fused_moe(args[0], q13, q2, args[3], args[4], s13, s2)
+    assert rel_err(out, fused_moe_w8a8_ref(args[0], q13, q2, args[3], args[4], s13, s2)) < 3e-2
