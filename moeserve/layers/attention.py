@@ -22,6 +22,7 @@ from moeserve.config import ModelConfig
 from moeserve.host_copy import to_device
 from moeserve.kernels.attention import gather_sequences, mla_decode, paged_decode, paged_prefill, varlen_attention
 from moeserve.kernels.gqa_cache import gqa_qkv_write
+from moeserve.kernels.head_matvec import head_matvec
 from moeserve.kernels.mla_cache import mla_kv_write
 from moeserve.layers.linear import LinearPart, MergedColumnLinear, column_parallel, row_parallel, tp_world
 from moeserve.layers.norm import RMSNorm
@@ -150,11 +151,11 @@ class MLAAttention(nn.Module):
         out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
         nd = meta.num_decodes
         if nd:
-            q_latent = torch.einsum("thd,hdl->thl", q_nope[:nd], self.w_uk)
+            q_latent = head_matvec(q_nope[:nd], self.w_uk)  # per head [nd, nope] x [nope, L]
             o_latent = mla_decode(q_latent, q_pe[:nd], self.kv_cache, meta.block_tables[:nd],
                                   meta.seq_lens[:nd], self.scale)
             # per head [nd, L] x [L, v], written straight into out's rows (no copy kernel)
-            torch.bmm(o_latent.transpose(0, 1), self.w_uv.transpose(1, 2), out=out[:nd].transpose(0, 1))
+            head_matvec(o_latent, self.w_uv, w_transposed=True, out=out[:nd])
         if meta.num_prefills:
             out[nd:] = self._prefill(q_nope[nd:], q_pe[nd:], meta)
         return self.o_proj(out.view(num_tokens, self.num_heads * self.v_dim))

@@ -46,7 +46,7 @@ def _cases() -> dict:
     """name -> wrapper call (a thunk). Tiny shapes, valid on a GPU: dot tiles >= 16, heads of 128."""
     from moeserve.distributed.dispatch import Placement
     from moeserve.kernels import activation, argmax, attention_triton as at, fp8, fused_moe, gemv, gqa_cache, mla_cache
-    from moeserve.kernels import moe_config
+    from moeserve.kernels import head_matvec, moe_config
     from moeserve.kernels import moe_align, rmsnorm, rotary, router_gemm, routing
     from moeserve.kernels import wire_codecs as wc
 
@@ -167,6 +167,11 @@ def _cases() -> dict:
     cases["mla_decode_v3_tiles"] = lambda: at.mla_decode_triton(  # 128 heads at batch 16: the many-head tiles
         torch.randn(16, 128, 512, dtype=bf), torch.randn(16, 128, 64, dtype=bf), torch.randn(8, page, 576, dtype=bf),
         torch.zeros(16, 4, dtype=torch.int32), torch.full((16,), 20, dtype=torch.int32), 0.1)
+    for tiles in ((16, 64, 64), (1, 64, 128)):  # tl.dot rows, and one row a program
+        cases[f"head_matvec_absorb_b{tiles[0]}"] = lambda tiles=tiles: head_matvec.head_matvec_triton(
+            torch.randn(b, 16, 192, dtype=bf)[..., :128], torch.randn(16, 128, 512, dtype=bf), tiles=tiles)
+    cases["head_matvec_value"] = lambda: head_matvec.head_matvec_triton(
+        torch.randn(b, 16, 512, dtype=bf), torch.randn(16, 128, 512, dtype=bf), True)
     cases["greedy_argmax"] = lambda: argmax.greedy_argmax_triton(torch.randn(3, 102400))
     kc, vc = torch.randn(8, page, 2, 128, dtype=bf), torch.randn(8, page, 2, 128, dtype=bf)
     cases["gqa_decode"] = lambda: at.paged_decode_triton(torch.randn(b, 8, 128, dtype=bf), kc, vc, tables, lens, 0.1)

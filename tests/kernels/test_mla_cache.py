@@ -88,15 +88,15 @@ def test_cpu_dispatch_is_the_reference():
 
 
 def test_mla_layer_bench_smoke(tmp_path):
-    """benchmarks/kernel_bench_mla_layer.py --smoke: the fused rope and the chunked argmax agree with the
-    launches they replace (tiny shapes, CPU, interpreter)."""
+    """benchmarks/kernel_bench_mla_layer.py --smoke: the fused rope, the per-head matrix-vector kernel and
+    the chunked argmax agree with the launches they replace (tiny shapes, CPU, interpreter)."""
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_bench_mla_layer.py"), "--smoke",
                            "--batches", "1,9", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "kernels_mla_layer.json").read_text())["rows"]
     assert {(r["model"], r["batch"], r["piece"]) for r in rows} == {
-        (m, b, p) for m in ("V2-Lite", "V3") for b in (1, 9) for p in ("rope", "argmax")}
+        (m, b, p) for m in ("V2-Lite", "V3") for b in (1, 9) for p in ("rope", "absorb", "value", "argmax")}
     assert all(r["ok"] and r["old_us"] > 0 and r["new_us"] > 0 for r in rows)
 
 
