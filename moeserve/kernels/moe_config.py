@@ -104,14 +104,19 @@ def moe_config(tokens: int, num_experts: int, hidden: int, intermediate: int, to
     """num_experts and top_k count the fused shared experts' slots (num_fused_shared of them) too.
     A shape tuned with them is used first; else the table of the routed experts alone (E - S
     experts, top-(k - S): the same weight widths, each token's S more rows going to S more
-    experts), else the default."""
+    experts), else the default. A table speaks for token counts up to twice its largest entry: a
+    fused-shape table tuned for decode batches leaves prefill sizes to the routed table."""
     configs = load_configs("fused_moe", arch_tag(device))
-    table = configs.get(moe_shape_key(num_experts, hidden, intermediate, top_k, wdtype))
-    if not table and num_fused_shared:
-        table = configs.get(moe_shape_key(num_experts - num_fused_shared, hidden, intermediate,
-                                          top_k - num_fused_shared, wdtype))
-    if table:
-        return _nearest(table, tokens)
+    tables = [configs.get(moe_shape_key(num_experts, hidden, intermediate, top_k, wdtype))]
+    if num_fused_shared:
+        tables.append(configs.get(moe_shape_key(num_experts - num_fused_shared, hidden, intermediate,
+                                                top_k - num_fused_shared, wdtype)))
+    tables = [t for t in tables if t]
+    for table in tables:
+        if tokens <= 2 * max(int(t) for t in table):
+            return _nearest(table, tokens)
+    if tables:
+        return _nearest(tables[-1], tokens)
     cfg = default_moe_config(tokens, num_experts, top_k, device.type == "cpu")
     if wdtype in ("float32", "fp32") and device.type != "cpu":
         # fp32 tiles take twice the shared memory of bf16 ones: halve K and the pipeline depth.

@@ -232,6 +232,11 @@ def test_moe_config_takes_the_fused_shape_first(monkeypatch):
     cfg["down"]["BLOCK_N"] = 256  # a copy: the cached table stays as read
     assert tables[fused_key]["1"]["down"]["BLOCK_N"] == 64
     assert moe_config.moe_config(100, 66, 2048, 1408, 8, "fp8", cpu, 2) == fused["64"]
+    # past twice the fused table's largest entry (a prefill), the routed table, tuned that far
+    routed["8192"] = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+    tables[routed_key] = json.loads(json.dumps(routed))
+    assert moe_config.moe_config(128, 66, 2048, 1408, 8, "fp8", cpu, 2) == fused["64"]
+    assert moe_config.moe_config(4096, 66, 2048, 1408, 8, "fp8", cpu, 2) == routed["8192"]
     del tables[fused_key]  # no fused table: the routed experts' one
     assert moe_config.moe_config(2, 66, 2048, 1408, 8, "fp8", cpu, 2) == routed["1"]
 
