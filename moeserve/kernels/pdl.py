@@ -25,14 +25,17 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - installs without triton
     triton = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - a Triton without grid dependency control: no PDL
+    gdc_wait = None
 
 
 @functools.lru_cache(maxsize=None)
 def pdl_enabled(device: torch.device) -> bool:
-    if device.type != "cuda" or os.environ.get("MOESERVE_PDL", "1") == "0" or triton is None:
+    if device.type != "cuda" or os.environ.get("MOESERVE_PDL", "1") == "0" or gdc_wait is None:
         return False
     return torch.cuda.get_device_capability(device) >= (9, 0) and torch.version.cuda is not None
 
@@ -42,10 +45,16 @@ def pdl_launch(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {}
 
 
-if triton is not None:
+if triton is not None and gdc_wait is not None:
 
     @triton.jit
     def pdl_begin(PDL: tl.constexpr):
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+
+elif triton is not None:  # pragma: no cover - never launched with PDL (pdl_enabled is False)
+
+    @triton.jit
+    def pdl_begin(PDL: tl.constexpr):
+        pass
