@@ -17,7 +17,7 @@ from moeserve.kernels.rmsnorm import _use_triton, triton
 
 HEAD_MATVEC_MAX_BATCH = 16
 # Up to this many weight bytes a call is latency-bound and the kernel wins (H200, batch 1-16:
-# V2-Lite's 2 MB, 0.63-0.73x cuBLAS); DeepSeek-V3's 16 MB (128 heads) streams near the copy
+# V2-Lite's 2 MB, 0.63-0.78x cuBLAS); DeepSeek-V3's 16 MB (128 heads) streams near the copy
 # bandwidth through cuBLAS already and the kernel's absorb was 1.1-1.3x slower there
 # (benchmarks/kernel_bench_mla_layer.py --sweep-matvec, docs/perf/kernels_attention.md).
 HEAD_MATVEC_MAX_WEIGHT_BYTES = 4 << 20
