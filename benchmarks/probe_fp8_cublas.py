@@ -19,17 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from kernel_bench_attention import time_us  # noqa: E402
+from kernel_bench_attention import rel_err, time_us  # noqa: E402
 
 from moeserve.kernels.fp8 import (block_fp8_matmul_ref, block_fp8_matmul_triton,  # noqa: E402
                                   per_token_group_quant_fp8_triton, quant_block_fp8_ref)
 
 SHAPES = {"q_kv_a": (3648, 2048), "o_proj": (2048, 2048), "dense_gate_up": (21888, 2048), "dense_down": (2048, 10944),
           "lm_head": (102400, 2048), "v3_q_b": (24576, 1536), "v3_o": (7168, 16384), "v3_qkv_a": (2112, 7168)}
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def main():

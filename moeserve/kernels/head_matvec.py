@@ -39,6 +39,7 @@ def head_matvec_ref(x: torch.Tensor, w: torch.Tensor, w_transposed: bool = False
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.attention_triton import _dot_precision
     from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     @triton.jit(do_not_specialize=["batch"])
@@ -87,7 +88,7 @@ def head_matvec_triton(x: torch.Tensor, w: torch.Tensor, w_transposed: bool = Fa
     _head_matvec_kernel[(triton.cdiv(batch, block_b), heads, triton.cdiv(n, block_n))](
         x, w, out, batch, x.stride(0), x.stride(1), w.stride(0), stride_wk, stride_wn, out.stride(0), out.stride(1),
         K=k, N=n, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, **pdl_launch(x.device))
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4, **pdl_launch(x.device))
     return out
 
 
