@@ -248,6 +248,7 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
     if tune and variant != "fp8_w8a16" and shared:
         config, row["t_gate_up_us"], row["t_down_us"], row["trials"] = tune_split(
             tokens, e, k, shared, weights, xs, routes, act_fp8, timer, smoke)
+        row["n_trials"] = sum(len(t) for t in row["trials"].values())
         tuned.setdefault(key, {})[str(tokens)] = config
         row["t_us"] = timer(run_with(config), n_inputs)  # the whole layer, as the untuned rows time it
         before = moe_config.moe_config(tokens, e, h, i, k, wdtype, x.device, shared)  # what the engine runs now
@@ -341,7 +342,7 @@ def pipeline_variants(c, multi_block) -> list[dict]:
 
 def tune_split(tokens, e, k, shared, weights, xs, routes, act_fp8, timer, smoke):
     """A model with `shared` fused shared-expert slots -> (gate_up config with its "down" overrides,
-    gate_up us, down us, configs timed)."""
+    gate_up us, down us, {"gate_up": [config with its t_us], "down": [...]} of every config timed)."""
     w13, w2, s13, s2 = weights
     pairs, inter, hidden = tokens * k, w2.shape[2], w2.shape[1]
     n_inputs, dev, dt = len(xs), xs[0].device, xs[0].dtype
@@ -405,7 +406,8 @@ def tune_split(tokens, e, k, shared, weights, xs, routes, act_fp8, timer, smoke)
         raise RuntimeError(f"no config ran at BLOCK_M {bm}")
     (t_gate, c_gate), (t_down, c_down) = best(True, bm)[0], best(False, bm)[0]
     down = {key: c_down[key] for key in sorted(moe_config.DOWN_KEYS)}
-    return dict(c_gate, down=down), t_gate, t_down, len(trials[True]) + len(trials[False])
+    timed = {"gate_up" if g else "down": [dict(c, t_us=t) for t, c in trials[g]] for g in (True, False)}
+    return dict(c_gate, down=down), t_gate, t_down, timed
 
 
 # ---- dense FP8 -----------------------------------------------------------------------------------
@@ -463,10 +465,11 @@ def quant_check(timer, ceil, device, smoke):
 
 # ---- dense FP8 GEMM at decode shapes (--fp8-gemm) -------------------------------------------------
 
-V2LITE_DENSE = [  # (name, N, K, calls per decode step: 27 layers, the first dense, 26 MoE with 2 shared experts)
-    ("q_proj", 3072, 2048, 27), ("kv_a_proj", 576, 2048, 27), ("kv_b_proj", 4096, 512, 27),
-    ("o_proj", 2048, 2048, 27), ("shared gate_up", 5632, 2048, 26), ("shared down", 2048, 2816, 26),
-    ("dense gate_up", 21888, 2048, 1), ("dense down", 2048, 10944, 1)]
+V2LITE_DENSE = [  # (name, N, K, calls per decode step) as the engine runs it: 27 layers, the first dense; q_proj
+    # and kv_a_proj are one GEMM (MergedColumnLinear), kv_b_proj is absorbed (bf16 per-head kernels), and
+    # the 2 shared experts run inside the fused MoE (ModelConfig.fuse_shared_experts)
+    ("q_kv_a_proj", 3648, 2048, 27), ("o_proj", 2048, 2048, 27), ("dense gate_up", 21888, 2048, 1),
+    ("dense down", 2048, 10944, 1)]
 V3_DENSE = [("q_a+kv_a", 2112, 7168, 0), ("q_b", 24576, 1536, 0), ("shared gate_up", 4096, 7168, 0),
             ("shared down", 7168, 2048, 0), ("o_proj", 7168, 16384, 0)]
 GEMM_M = [1, 8, 32, 64, 128, 4096]
@@ -538,8 +541,8 @@ def old_block_fp8_matmul(x, w, w_scale, config):
 
 
 def splitk_candidates(m, n, k, default) -> list[dict]:
-    """Decode sweep: BLOCK_N x SPLIT_K at the default's BLOCK_M and fusion; the caller then flips
-    the fusion (and tries 8 warps) on the best two."""
+    """Decode sweep: BLOCK_N x SPLIT_K at the default's BLOCK_M and fusion, the split summed in the
+    GEMM (REDUCE_IN_GEMM); gemm_case then tries dense_variants of the best two."""
     if m > moe_config.DECODE_MAX_M:
         return [default, cfg(128, 128, 128, 8, 8, 4) | dict(SPLIT_K=1, FUSE_QUANT=False)]
     groups = -(-k // BLOCK[1])
@@ -550,9 +553,18 @@ def splitk_candidates(m, n, k, default) -> list[dict]:
             for split in (1, 2, 4, 8, 16):
                 if split > groups:
                     continue
-                c = dict(default, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split)
+                c = dict(default, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, REDUCE_IN_GEMM=True)
                 if c not in out:
                     out.append(c)
+    return out
+
+
+def dense_variants(c) -> list[dict]:
+    """Around a good decode config: the split summed by a second launch instead, 8 warps, and the
+    activation quant inside the GEMM or not."""
+    out = [dict(c, num_warps=8), dict(c, FUSE_QUANT=not c.get("FUSE_QUANT", False))]
+    if c.get("SPLIT_K", 1) > 1:
+        out.append(dict(c, REDUCE_IN_GEMM=not c.get("REDUCE_IN_GEMM", False)))
     return out
 
 
@@ -599,9 +611,25 @@ def gemm_case(model, name, n, k, m, inputs, timer, ceil, tune, tuned, device, sm
     q_ref, qs_ref = per_token_group_quant_fp8_ref(x, BLOCK[1])
     row["quant_value_mismatch"] = int((q.float() != q_ref.float()).sum())  # the separate quant vs torch
     row["quant_scale_err"] = rel_err(qs, qs_ref)
+    # the split summed by the GEMM's last program (on a CUDA graph's replays too: the arrival counters
+    # must be back at zero after every call) must equal the separate reduce pass bit for bit
+    split4 = dict(new_cfg, SPLIT_K=4, REDUCE_IN_GEMM=True)
+    out4 = block_fp8_matmul_triton(x, w, s, BLOCK, split4)
+    row["reduce_flip_maxdiff"] = float((block_fp8_matmul_triton(x, w, s, BLOCK, dict(split4, REDUCE_IN_GEMM=False))
+                                        .float() - out4.float()).abs().max())
+    if not smoke:  # (the eager call above allocated the counters; a capture cannot)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = block_fp8_matmul_triton(x, w, s, BLOCK, split4)
+        mism = 0
+        for _ in range(3):
+            graph.replay()
+            mism += int((replayed != out4).sum())
+        row["graph_replay_mismatch"] = mism
     row["ok"] = (row["err_new_vs_bf16_ref"] < 3e-2 and row["repeat_mismatch"] == 0 and row["fuse_flip_maxdiff"] == 0
-                 and row["dispatch_mismatch"] == 0)
-    del ref, out, same
+                 and row["dispatch_mismatch"] == 0 and row["reduce_flip_maxdiff"] == 0
+                 and row.get("graph_replay_mismatch", 0) == 0)
+    del ref, out, same, out4
 
     def run_new(c):
         return lambda j: block_fp8_matmul_triton(xs[j % x_copies], ws[j], ss[j], BLOCK, c)
@@ -614,6 +642,8 @@ def gemm_case(model, name, n, k, m, inputs, timer, ceil, tune, tuned, device, sm
         trials = []
 
         def trial(c):
+            if any(c == tc for _, tc in trials):
+                return
             try:
                 t = timer(run_new(c), copies)
             except Exception as ex:  # a config that does not compile or fit is skipped, not fatal
@@ -625,8 +655,8 @@ def gemm_case(model, name, n, k, m, inputs, timer, ceil, tune, tuned, device, sm
             trial(c)
         if m <= moe_config.DECODE_MAX_M:
             for _, c in sorted(trials, key=lambda tc: tc[0])[:2]:
-                trial(dict(c, FUSE_QUANT=not c["FUSE_QUANT"]))
-                trial(dict(c, num_warps=8))
+                for v in dense_variants(c):
+                    trial(v)
         row["trials"] = [{"t_us": t, **c} for t, c in trials]
         t_best, c_best = min(trials, key=lambda tc: tc[0])
         row["t_best_us"], row["best_config"] = t_best, c_best
@@ -682,7 +712,7 @@ def fp8_gemm_main(args, timer, device, t_start):
             "git_commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
             "triton": _triton.__version__ if _triton else None, "ceilings": ceil}
     print(json.dumps(meta))
-    groups = [("V2-Lite", V2LITE_DENSE), ("V3", V3_DENSE)]
+    groups = [(name, {"V2-Lite": V2LITE_DENSE, "V3": V3_DENSE}[name]) for name in args.gemm_models.split(",")]
     ms = [int(t) for t in args.tokens.split(",")] if args.tokens != ",".join(map(str, TOKENS)) else GEMM_M
     if args.smoke:
         groups = [("tiny", [("a", 96, 160, 2)])]
@@ -714,9 +744,9 @@ def fp8_gemm_main(args, timer, device, t_start):
                     continue
                 r["calls_per_step"] = calls
                 rows.append(r)
-                print(fmt_gemm_row(r), json.dumps({kk: r[kk] for kk in ("err_new_vs_w8a8_ref", "t_quant_us",
-                                                                        "fuse_flip_maxdiff", "repeat_mismatch",
-                                                                        "quant_value_mismatch")}))
+                print(fmt_gemm_row(r), json.dumps({kk: r.get(kk) for kk in (
+                    "err_new_vs_w8a8_ref", "t_quant_us", "fuse_flip_maxdiff", "repeat_mismatch", "quant_value_mismatch",
+                    "reduce_flip_maxdiff", "graph_replay_mismatch", "best_config")}))
                 dump()
             del inputs
             if not args.smoke:
@@ -900,7 +930,9 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--dtypes", default="bf16,fp8", help="MoE weight formats to run: bf16, fp8 or both")
     ap.add_argument("--fp8-gemm", action="store_true", help="dense FP8 GEMM old/new/bf16 at decode shapes (only)")
+    ap.add_argument("--gemm-models", default="V2-Lite,V3", help="--fp8-gemm: the models whose GEMM shapes to run")
     ap.add_argument("--no-moe-quant", action="store_true", help="--fp8-gemm without the fused-MoE quant rows")
     ap.add_argument("--align", action="store_true", help="moe_align alone: one-program vs three-pass path (only)")
     args = ap.parse_args()
@@ -935,7 +967,7 @@ def main():
     def record(row):
         rows.append(row)
         extra = ("config", "t_eager_us", "t_align_us", "t_align_3pass_us", "align_mismatch", "q_mismatch",
-                 "dispatch_err", "t_gate_up_us", "t_down_us", "trials", "t_before_us", "config_before")
+                 "dispatch_err", "t_gate_up_us", "t_down_us", "n_trials", "t_before_us", "config_before")
         print(fmt_row(row), json.dumps({k: v for k, v in row.items() if k in extra}))
         write_report(args.out, meta, rows, tuned_moe, tuned_dense)
 
@@ -950,7 +982,7 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",")]
     for name in args.models.split(","):
         e, h, i, k, _, _ = MODELS[name]
-        for fp8 in (False, True):
+        for fp8 in [d == "fp8" for d in args.dtypes.split(",")]:
             weights = make_experts(e, h, i, fp8, device, args.smoke)
             variants = ["fp8", "fp8_w8a16"] if fp8 else ["bf16"]
             for t in tokens:

@@ -140,14 +140,14 @@ if triton is not None:
         tl.store(q_ptr + row[:, None] * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row * stride_sm + grp, scale, mask=row < num_rows)
 
-    @triton.jit(do_not_specialize=["m", "groups_per_split", "stride_asm", "stride_bsn"])
-    def _splitk_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, m, n, k, groups_per_split,
-                              stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, stride_cs,
+    @triton.jit(do_not_specialize=["m", "groups_per_split", "splits", "stride_asm", "stride_bsn"])
+    def _splitk_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, p_ptr, count_ptr, bias_ptr, m, n, k,
+                              groups_per_split, splits, stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
                               GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_SIZE_M: tl.constexpr, SCALED: tl.constexpr, FUSE_QUANT: tl.constexpr,
-                              PARTIALS: tl.constexpr, HAS_BIAS: tl.constexpr, FP8_MAX_C: tl.constexpr,
-                              FAST: tl.constexpr, PDL: tl.constexpr = False):
+                              PARTIALS: tl.constexpr, REDUCE_IN_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              FP8_MAX_C: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = False):
         pdl_begin(PDL)
         # c = (a * a_scale) @ (b * b_scale).T over the K range of groups_per_split whole scale groups
         # [pid_k * k_per_split, + k_per_split). BLOCK_K divides GROUP_K, so one K step has one
@@ -156,10 +156,11 @@ if triton is not None:
         #   "group" is then just the unit the K ranges are cut in (GROUP_K == BLOCK_K).
         # FUSE_QUANT: a is the unquantized activation (bf16/fp16/fp32) and BLOCK_K == GROUP_K: each
         #   step quantizes its A tile (one group per row) exactly as _group_quant_kernel does.
-        # PARTIALS: split-K; write this K range's fp32 sum to c[pid_k] (c is [splits, m, n] fp32,
-        #   stride_cs apart); _splitk_reduce_kernel adds them in a fixed order. Else c is the output.
-        # HAS_BIAS (not with PARTIALS: the reduce adds it then): c += bias[n], in fp32 before the
-        #   one rounding to c's dtype.
+        # PARTIALS: split-K; this K range's fp32 sum goes to p[pid_k] ([splits, m, n] fp32); the
+        #   splits are added in a fixed order (s = 0, 1, ...), so a result is the same run to run:
+        #   REDUCE_IN_GEMM: by the tile's last program to finish (an arrival counter a tile, which
+        #   that program resets to 0 for the next call); else by _splitk_reduce_kernel, a launch more.
+        # HAS_BIAS: c += bias[n], in fp32 before the one rounding to c's dtype.
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_m, num_pid_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
@@ -194,11 +195,25 @@ if triton is not None:
                 acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             else:
                 acc += tl.dot(a, b)
-        c_ptrs = (c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm
-                  + offs_n[None, :])
         c_mask = mask_m[:, None] & mask_n[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tile_offs = offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]  # in a [m, n] partial
+        part_stride = m.to(tl.int64) * n
         if PARTIALS:
-            tl.store(c_ptrs, acc, mask=c_mask)
+            tl.store(p_ptr + pid_k * part_stride + tile_offs, acc, mask=c_mask)
+            if REDUCE_IN_GEMM:
+                # Every thread's partial stored before the (release) arrival; the program that
+                # arrives last sees all of them (acquire) and reads them from L2 (.cg, not L1).
+                tl.debug_barrier()
+                if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == splits - 1:
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for s in range(0, splits):
+                        total += tl.load(p_ptr + s * part_stride + tile_offs, mask=c_mask, other=0.0,
+                                         cache_modifier=".cg")
+                    if HAS_BIAS:
+                        total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                    tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=c_mask)
+                    tl.atomic_xchg(count_ptr + pid, 0)
         else:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -248,8 +263,9 @@ def per_token_group_quant_fp8_triton(x: torch.Tensor, group_size: int = 128) -> 
 def block_fp8_matmul_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                             block: tuple[int, int] = (128, 128), config: dict | None = None) -> torch.Tensor:
     """config: BLOCK_M/N/K, GROUP_SIZE_M, num_warps, num_stages, and optionally SPLIT_K (K ranges
-    summed by a second, fixed-order pass) and FUSE_QUANT (quantize x inside the GEMM, no separate
-    quant launch); moe_config.dense_fp8_config picks them per shape."""
+    summed in a fixed order), REDUCE_IN_GEMM (that sum by the GEMM's last program, not a second
+    launch) and FUSE_QUANT (quantize x inside the GEMM, no separate quant launch);
+    moe_config.dense_fp8_config picks them per shape."""
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -268,11 +284,35 @@ def block_fp8_matmul_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
     return splitk_matmul(a, w, out, cfg, scales=(a_s, w_scale, block), fuse_quant=fuse)
 
 
+# Arrival counters of REDUCE_IN_GEMM, one int32 a (BLOCK_M x BLOCK_N) output tile, one set a device:
+# zero between calls (each tile's last program resets its own), so a call needs no memset launch.
+# Allocated at the first call outside a CUDA-graph capture (the graph runner warms up before it
+# captures) and never freed, since captured graphs keep its address; a call with more tiles than
+# this, or a first call inside a capture, takes the separate reduce launch instead. One set a device
+# means one stream at a time may run these GEMMs on it (the engine's case: a step's kernels run on
+# one stream, eager or replayed); GEMMs on two streams at once could share a counter.
+SPLIT_COUNTERS = 16384
+_split_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    if tiles > SPLIT_COUNTERS:
+        return None
+    counters = _split_counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _split_counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return counters
+
+
 def splitk_matmul(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict,
                   scales: tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None = None,
                   bias: torch.Tensor | None = None, fuse_quant: bool = False) -> torch.Tensor:
     """out = a @ w.T (+ bias) by _splitk_matmul_kernel over cfg's SPLIT_K ranges of K, their fp32
-    partials summed by _splitk_reduce_kernel in a fixed order (so the same run to run).
+    partials summed in a fixed order (so the same run to run): by the GEMM's last program of each
+    tile where cfg's REDUCE_IN_GEMM (default moe_config.REDUCE_IN_GEMM) says so and counters are
+    free, else by _splitk_reduce_kernel.
 
     scales: (a's per-group scales, w's per-block scales, block) of the FP8 GEMM; None: unscaled, and
     the K ranges are cut in whole BLOCK_K steps. a and w have unit last strides."""
@@ -280,24 +320,29 @@ def splitk_matmul(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict
     n = w.shape[0]
     cfg = dict(cfg)
     split = max(1, int(cfg.pop("SPLIT_K", 1)))
+    reduce_in_gemm = bool(cfg.pop("REDUCE_IN_GEMM", moe_config.REDUCE_IN_GEMM))
     a_s, w_s, block = scales if scales is not None else (a, w, (1, cfg["BLOCK_K"]))  # unscaled: not read
     num_groups = triton.cdiv(k, block[1])
     groups_per_split = triton.cdiv(num_groups, min(split, num_groups))
     split = triton.cdiv(num_groups, groups_per_split)  # no empty K ranges
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
+    partials = torch.empty(split, m, n, dtype=torch.float32, device=a.device) if split > 1 else out
+    counters = split_counters(a.device, tiles) if split > 1 and reduce_in_gemm else None
+    reduce_in_gemm = counters is not None
     has_bias = bias is not None
     bias = bias if has_bias else out  # not read
     _splitk_matmul_kernel[(tiles, split)](
-        a, a_s, w, w_s, c, bias, m, n, k, groups_per_split,
-        a.stride(0), a_s.stride(0), w.stride(0), w_s.stride(0), c.stride(-2), m * n,
+        a, a_s, w, w_s, out, partials, counters if reduce_in_gemm else out, bias, m, n, k, groups_per_split,
+        split, a.stride(0), a_s.stride(0), w.stride(0), w_s.stride(0), out.stride(0),
         GROUP_N=block[0], GROUP_K=block[1], SCALED=scales is not None, FUSE_QUANT=fuse_quant, PARTIALS=split > 1,
-        HAS_BIAS=has_bias and split == 1, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda, **cfg, **pdl_launch(a.device))
-    if split > 1:
+        REDUCE_IN_GEMM=reduce_in_gemm, HAS_BIAS=has_bias, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda, **cfg,
+        **pdl_launch(a.device))
+    if split > 1 and not reduce_in_gemm:
         reduce_block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, reduce_block),)](c, out, bias, m * n, n, split, out.stride(0),
-                                                                   HAS_BIAS=has_bias, BLOCK=reduce_block,
-                                                                   num_warps=4, **pdl_launch(a.device))
+        _splitk_reduce_kernel[(triton.cdiv(m * n, reduce_block),)](partials, out, bias, m * n, n, split,
+                                                                   out.stride(0), HAS_BIAS=has_bias,
+                                                                   BLOCK=reduce_block, num_warps=4,
+                                                                   **pdl_launch(a.device))
     return out
 
 

@@ -158,6 +158,11 @@ MIN_GROUPS_PER_SPLIT = 2
 FUSE_MAX_M = 16
 
 
+# The split-K sum by the GEMM's last program of each tile (fp8.splitk_matmul), not a second launch:
+# 1-2 us less a split call on an H200 (docs/perf/kernels_moe.md).
+REDUCE_IN_GEMM = True
+
+
 def default_dense_fp8_config(m: int, n: int, k: int, sms: int, on_cpu: bool, group_k: int = 128) -> dict:
     if on_cpu:  # the interpreter: tiny blocks keep tests fast
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1)

@@ -119,6 +119,10 @@ def _cases() -> dict:
             cfg = dict(base, FUSE_QUANT=fuse, SPLIT_K=split)
             cases[f"fp8_gemm_fuse{fuse}_split{split}"] = lambda cfg=cfg: fp8.block_fp8_matmul_triton(
                 xk, w8, w8_s, (128, 128), cfg)
+    # ... the split summed by a second launch instead of by the GEMM's last program
+    cfg = dict(base, SPLIT_K=4, REDUCE_IN_GEMM=False)
+    cases["fp8_gemm_split4_reduce_pass"] = lambda cfg=cfg: fp8.block_fp8_matmul_triton(
+        xk, w8, w8_s, (128, 128), cfg)
     gcfg = moe_config.default_gemv_config(n, k, 132, False)
     for dtype in (bf, fp16):
         wk, bias = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)

@@ -1,5 +1,6 @@
-"""The FP8 block GEMM's decode paths (split-K with a fixed-order reduce, activation quantization
-fused into the GEMM) and the fused MoE's in-GEMM quantization, against the torch references.
+"""The FP8 block GEMM's decode paths (split-K with a fixed-order reduce, by a second launch or by
+each tile's last program, activation quantization fused into the GEMM) and the fused MoE's in-GEMM
+quantization, against the torch references.
 
 The Triton cases run under the interpreter (TRITON_INTERPRET=1) in a child process, as in
 test_fp8.py; fp32/fp16 activations only (bf16 is wrong under the interpreter). The fused-quant
@@ -67,6 +68,9 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
             block_fp8_matmul_triton(x, w, ws, block, one_group)
         flipped = block_fp8_matmul_triton(x, w, ws, block, dict(one_group, FUSE_QUANT=not cfg["FUSE_QUANT"]))
         results[name + "_fused_eq_unfused"] = (float((same_steps.float() - flipped.float()).abs().max()), 0.0)
+        # the split summed by each tile's last program or by the second launch: the same order, the same bits
+        in_gemm, by_pass = (block_fp8_matmul_triton(x, w, ws, block, dict(cfg, REDUCE_IN_GEMM=r)) for r in (True, False))
+        results[name + "_reduce_in_gemm_eq_pass"] = (float((in_gemm.float() - by_pass.float()).abs().max()), 0.0)
 
     # the default CPU config (a pretend 4-SM device) through the public name
     x = torch.randn(2, 256)
@@ -76,6 +80,16 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     x_strided = torch.randn(5, 512)[:, :256]
     results["fused_strided_x"] = (rel_err(block_fp8_matmul_triton(x_strided, w, ws, (32, 32), _cfg(16, 32, 2, True)),
                                           block_fp8_matmul_ref(x_strided, w, ws, (32, 32))), 1e-5)
+
+    # the unquantized gemv (same kernel) with a bias, its split summed in the GEMM
+    from moeserve.kernels.gemv import gemv_ref, gemv_triton
+    x, wb, bias = torch.randn(3, 150), torch.randn(40, 150), torch.randn(40)
+    gcfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1, SPLIT_K=3,
+                REDUCE_IN_GEMM=True)
+    results["gemv_bias_reduce_in_gemm"] = (rel_err(gemv_triton(x, wb, bias, gcfg), gemv_ref(x, wb, bias)), 1e-5)
+    # every tile's last program put its arrival counter back to zero (the next call's start)
+    from moeserve.kernels.fp8 import _split_counters
+    results["split_counters_back_to_zero"] = (float(sum(int(c.abs().sum()) for c in _split_counters.values())), 0.0)
 
     # fused MoE, W8A8 with the quantization inside both GEMMs
     block = (32, 32)
@@ -104,8 +118,8 @@ def interpreter_results():
     return run_interpreted(__file__)
 
 
-CASES = ([f"{n}{s}" for n in GEMM_CASES for s in ("", "_vs_unsplit", "_fused_eq_unfused")]
-         + ["dispatch_default_config", "fused_strided_x"]
+CASES = ([f"{n}{s}" for n in GEMM_CASES for s in ("", "_vs_unsplit", "_fused_eq_unfused", "_reduce_in_gemm_eq_pass")]
+         + ["dispatch_default_config", "fused_strided_x", "gemv_bias_reduce_in_gemm", "split_counters_back_to_zero"]
          + [f"{n}{s}" for n in ("moe_T1", "moe_T9_fp16", "moe_T40") for s in ("_fused", "_fused_eq_unfused")])
 
 
@@ -140,6 +154,33 @@ def test_prefill_config_is_one_program_per_tile():
 def test_moe_fuse_quant_never_at_prefill_sizes():
     # off by default after the H200 measurements (see moe_config); never at prefill sizes
     assert not moe_config.moe_fuse_quant(8192, 64, 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_reduce_in_gemm_on_gpu_eager_and_graph():
+    """On the GPU, a split summed by each tile's last program equals the second-launch sum bit for bit,
+    eager and on every replay of a CUDA graph (the arrival counters are back at zero after each call)."""
+    from moeserve.kernels.fp8 import _split_counters, block_fp8_matmul_triton
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    w, ws = quant_block_fp8_ref(torch.randn(2048, 2048), (128, 128))
+    w, ws = w.to(dev), ws.to(dev)
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4, SPLIT_K=4,
+               FUSE_QUANT=True, REDUCE_IN_GEMM=True)
+    x = torch.randn(8, 2048, device=dev, dtype=torch.bfloat16)
+    in_gemm = block_fp8_matmul_triton(x, w, ws, (128, 128), cfg)
+    by_pass = block_fp8_matmul_triton(x, w, ws, (128, 128), dict(cfg, REDUCE_IN_GEMM=False))
+    assert torch.equal(in_gemm, by_pass)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = block_fp8_matmul_triton(x, w, ws, (128, 128), cfg)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, block_fp8_matmul_triton(x, w, ws, (128, 128), dict(cfg, REDUCE_IN_GEMM=False)))
+    assert int(_split_counters[x.device].abs().sum()) == 0
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ def test_moe_bench_smoke_tunes_fused_shared_experts(tmp_path):
             if r["model"] == "V2-Lite-fused"]
     assert len(rows) == 5  # bf16 and fp8 (tuned) at 1 and 3 tokens, fp8_w8a16 at 1
     tuned = [r for r in rows if r["variant"] != "fp8_w8a16"]
-    assert all(r["trials"] == 6 and r["t_us"] > 0 and "down" in r["config"] and r["experts_hit"] >= 2 for r in tuned)
+    assert all(r["n_trials"] == 6 and r["t_us"] > 0 and "down" in r["config"] and r["experts_hit"] >= 2 for r in tuned)
 
 
 def test_tune_split_search(monkeypatch):
@@ -289,9 +289,9 @@ def test_tune_split_search(monkeypatch):
     xs = [torch.zeros(tokens, 64, dtype=bf)]
     routes = [kb.routing(tokens, e, 64, k, torch.device("cpu"), shared)]
     assert (routes[0][1][:, -2:] == torch.tensor([64, 65])).all() and (routes[0][0][:, -2:] == 1).all()
-    config, t_gate, t_down, n = kb.tune_split(tokens, e, k, shared, weights, xs, routes, False, timer, False)
+    config, t_gate, t_down, timed = kb.tune_split(tokens, e, k, shared, weights, xs, routes, False, timer, False)
     tried = {gate_up: [c for g, c in launched if g == gate_up] for gate_up in (True, False)}
-    assert n == len(launched) and all(len(cs) <= kb.MAX_TRIALS for cs in tried.values())
+    assert sum(len(v) for v in timed.values()) == len(launched) and all(len(cs) <= kb.MAX_TRIALS for cs in tried.values())
     assert all({c["BLOCK_M"] for c in cs} == {16, 32, 64} for cs in tried.values())
     assert all(kb.smem_fits(c, gate_up, 2, 2) for gate_up, cs in tried.items() for c in cs)
     assert (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_stages"], config["num_warps"]) == \
