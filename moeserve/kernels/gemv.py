@@ -4,8 +4,8 @@ At these sizes the GEMM is a read of W and nothing else: V2-Lite's per-layer pro
 of bf16, 2-5.5 us at an H200's copy bandwidth, yet cuBLAS spends 6-9 us on each (docs/perf/).
 The kernel is the FP8 GEMM's split-K kernel without its scales (kernels/fp8.py,
 _splitk_matmul_kernel with SCALED=False): K is cut into enough ranges that every SM streams its own
-slices of W, and the ranges' fp32 partial sums are added in a fixed order by a second pass, so a
-result is the same run to run. Accumulation in fp32, one rounding to x's dtype, bias included.
+slices of W, and the ranges' fp32 partial sums are added in a fixed order (by each output tile's
+last program to finish, or a second pass), so a result is the same run to run. Accumulation in fp32, one rounding to x's dtype, bias included.
 """
 
 from __future__ import annotations

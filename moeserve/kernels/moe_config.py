@@ -140,8 +140,9 @@ def num_sms(device: torch.device) -> int:
 #  - BLOCK_M just covers M (16/32/64: tl.dot needs >= 16), BLOCK_N = 64;
 #  - split K into SPLIT_K ranges of whole 128-groups until there are ~PROGRAMS_PER_SM programs
 #    per SM, keeping >= MIN_GROUPS_PER_SPLIT groups per range and the fp32 partials (splits x M x N
-#    x 4 bytes, written and read back through L2 by the fixed-order reduce pass) under a quarter of
-#    the weight bytes; each split range then streams ~BLOCK_N x K / SPLIT_K weight bytes;
+#    x 4 bytes, written and read back through L2 by the fixed-order sum: each tile's last program,
+#    REDUCE_IN_GEMM below) under a quarter of the weight bytes; each split range then streams
+#    ~BLOCK_N x K / SPLIT_K weight bytes;
 #  - FUSE_QUANT for M <= FUSE_MAX_M: quantizing the A tile inside the GEMM saves the separate quant
 #    launch (1.4-1.8 us measured) but every N-tile program redoes its rows' quantization: it won
 #    only at M <= 8 in the H200 sweep (never at M >= 32).
@@ -159,7 +160,8 @@ FUSE_MAX_M = 16
 
 
 # The split-K sum by the GEMM's last program of each tile (fp8.splitk_matmul), not a second launch:
-# 1-2 us less a split call on an H200 (docs/perf/kernels_moe.md).
+# 1-7 us less a split call on an H200 (docs/perf/kernels_moe.md, "five ideas that did not pay").
+# A config's REDUCE_IN_GEMM overrides it (the tuning sweep tries both).
 REDUCE_IN_GEMM = True
 
 
@@ -197,9 +199,9 @@ def dense_fp8_config(m: int, n: int, k: int, device: torch.device) -> dict:
 #  - SPLIT_K ranges of whole BLOCK_K steps until there are >= PROGRAMS_PER_SM programs per SM, each
 #    range >= GEMV_MIN_STEPS steps long (a shorter one never fills its load pipeline). The fp32
 #    partials (splits x M x N x 4 bytes) then stay under 1/8 of the weight bytes at M <= 16, and the
-#    fixed-order reduce is one more launch (~1.5-2 us at these sizes, kernels_norm.md's floor).
-# Measured on an H200 (docs/perf/engine_v2lite.md, 2026-12-01): slower than cuBLAS at V2-Lite shapes,
-# even with V3; hence off by default (EngineConfig.dense_gemv). These are the FP8 decode config's choices;
+#    fixed-order sum is done by each tile's last program (REDUCE_IN_GEMM).
+# Measured on an H200 (docs/perf/engine_v2lite.md, 2026-12-01, before the sum moved into the GEMM):
+# slower than cuBLAS at V2-Lite shapes, even with V3; hence off by default (EngineConfig.dense_gemv). These are the FP8 decode config's choices;
 # benchmarks/kernel_bench_dense.py --tune sweeps BLOCK_N x BLOCK_K x SPLIT_K and writes the table
 # `dense_gemv_<arch>.json`, which gemv_config reads first. The config does not depend on M, so the
 # CUDA graphs of batch 1..16 share one compiled kernel per shape.
