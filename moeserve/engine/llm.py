@@ -122,6 +122,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fuse-shared-experts", action="store_true",
                         help="run DeepSeek's shared experts as a separate MLP, not as extra slots of the "
                              "routed experts' fused MoE pass (ep == 1)")
+    parser.add_argument("--no-warmup-prefill", action="store_true",
+                        help="skip the start-up forwards at prefill sizes (their kernels then compile on first use)")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="wait for each step before scheduling the next (default: overlap them)")
     par = parser.add_argument_group("parallelism (one process per rank; gloo on CPU, NCCL on GPU)")
@@ -151,7 +153,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, dense_gemv=args.dense_gemv,
-                fuse_shared_experts=not args.no_fuse_shared_experts, async_scheduling=not args.no_async_scheduling,
+                fuse_shared_experts=not args.no_fuse_shared_experts, warmup_prefill=not args.no_warmup_prefill,
+                async_scheduling=not args.no_async_scheduling,
                 dp=args.dp, ep=args.ep, tp=args.tp, nnodes=args.nnodes, node_rank=args.node_rank,
                 dist_init_addr=args.dist_init_addr, dist_timeout_s=args.dist_timeout,
                 dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype,

@@ -14,6 +14,7 @@ All ranks of a TP group size the KV cache alike: the fewest blocks any of them h
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -32,6 +33,20 @@ from moeserve.layers.sampler import SamplingBatch, sample_tokens
 from moeserve.models.loader import load_model
 
 log = logging.getLogger(__name__)
+
+
+def prefill_warmup_sizes(max_tokens: int, smallest: int = 16) -> list[int]:
+    """Token counts whose forwards compile the kernel variants prefill steps use: the powers of two from
+    `smallest` up to max_tokens, and max_tokens (the kernels' block-size tables are keyed by token counts
+    and looked up nearest on a log scale), each also one token past it (Triton compiles integer
+    arguments divisible by 16 apart). Smaller steps take the decode sizes' variants, compiled when the
+    CUDA graphs are captured."""
+    sizes = {max_tokens}
+    p = smallest
+    while p <= max_tokens:
+        sizes.update((p, min(p + 1, max_tokens)))
+        p *= 2
+    return sorted(sizes)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -76,11 +91,13 @@ class ModelRunner:
         if tp_channel is not None:  # every TP rank holds the same block ids
             self.num_blocks = tp_channel.min_over_ranks(self.num_blocks)
         self._allocate_kv_cache(self.num_blocks)
+        state = get_parallel_state()
+        self.ep_runtime = ep_runtime = state.ep_runtime if state is not None else None
+        if self.device.type == "cuda" and config.warmup_prefill and ep_runtime is None:
+            self._warm_up_prefill()
         self.graphs: CudaGraphs | None = None
         self.last_step: SampledStep | None = None  # the latest launched step (its tokens may be pending)
         self.num_pending_inputs = 0  # input tokens read from the step in flight, in total
-        state = get_parallel_state()
-        self.ep_runtime = ep_runtime = state.ep_runtime if state is not None else None
         if ep_runtime is not None:
             ep_runtime.start()
         if self.device.type == "cuda" and not config.enforce_eager and (ep_runtime is None or
@@ -138,13 +155,33 @@ class ModelRunner:
         return self.config.scheduler.max_model_len or self.model_config.max_position_embeddings
 
     @torch.inference_mode()
-    def _profile_forward(self, num_tokens: int) -> None:
-        table = list(range(1, -(-num_tokens // self.block_size) + 1))
-        meta = AttentionMetadata.build([num_tokens], [num_tokens], [table], self.block_size, self.device)
+    def _profile_forward(self, num_tokens: int, num_seqs: int = 1) -> torch.Tensor:
+        """The prefill of num_seqs sequences of num_tokens in all (their KV into blocks 1, 2, ...,
+        free at start) -> the logits of the last rows, at most max_num_seqs of them."""
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        tables, first = [], 1
+        for n in lens:
+            tables.append(list(range(first, first + -(-n // self.block_size))))
+            first += len(tables[-1])
+        meta = AttentionMetadata.build(lens, lens, tables, self.block_size, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        pos = torch.arange(num_tokens, device=self.device)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
         hidden = self.model(ids, pos, meta)
-        self.model.compute_logits(hidden[-min(num_tokens, self.config.scheduler.max_num_seqs):])
+        return self.model.compute_logits(hidden[-min(num_tokens, self.config.scheduler.max_num_seqs):])
+
+    def _warm_up_prefill(self) -> None:
+        """Compile the prefill kernel variants now (EngineConfig.warmup_prefill): the forward (and greedy
+        sampling) at prefill_warmup_sizes, one sequence each, and a few small batches of several."""
+        cap = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len_hint(),
+                  (self.num_blocks - 4) * self.block_size)
+        if cap < 2:
+            return
+        t0 = time.perf_counter()
+        runs = [(n, 1) for n in prefill_warmup_sizes(cap)] + [(n, 3) for n in (17, 48) if n <= cap]
+        for num_tokens, num_seqs in runs:
+            greedy_argmax(self._profile_forward(num_tokens, num_seqs))
+        torch.cuda.synchronize(self.device)
+        log.info("warmed up %d prefill forwards (up to %d tokens) in %.1f s", len(runs), cap, time.perf_counter() - t0)
 
     # ---- one step ---------------------------------------------------------------------------
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
