@@ -184,8 +184,10 @@ def default_dense_fp8_config(m: int, n: int, k: int, sms: int, on_cpu: bool, gro
 
 
 def dense_fp8_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """The shape's tuned entry nearest m, for m up to twice the table's largest entry (a table tuned at
+    decode sizes only must not hand its split-K tiles to a prefill); else the heuristic."""
     table = load_configs("dense_fp8", arch_tag(device)).get(dense_shape_key(n, k))
-    if table:
+    if table and m <= 2 * max(int(t) for t in table):
         return _nearest(table, m)
     return default_dense_fp8_config(m, n, k, num_sms(device), device.type == "cpu")
 

@@ -146,6 +146,16 @@ def test_decode_config_fills_the_gpu(m, n, k):
     assert cfg["FUSE_QUANT"] == (m <= moe_config.FUSE_MAX_M)
 
 
+def test_table_speaks_up_to_twice_its_largest_entry(monkeypatch):
+    # a shape tuned at decode sizes only: its split-K tiles for up to 2 x 128 rows, the heuristic past that
+    tables = {"dense_fp8": {moe_config.dense_shape_key(2048, 2048): {"1": {"SPLIT_K": 4}, "128": {"SPLIT_K": 2}}}}
+    monkeypatch.setattr(moe_config, "load_configs", lambda kind, arch: tables.get(kind, {}))
+    cpu = torch.device("cpu")
+    assert moe_config.dense_fp8_config(200, 2048, 2048, cpu) == {"SPLIT_K": 2}
+    assert moe_config.dense_fp8_config(4096, 2048, 2048, cpu) == moe_config.default_dense_fp8_config(
+        4096, 2048, 2048, moe_config.num_sms(cpu), True)
+
+
 def test_prefill_config_is_one_program_per_tile():
     cfg = moe_config.default_dense_fp8_config(4096, 2048, 2048, sms=132, on_cpu=False)
     assert cfg["SPLIT_K"] == 1 and not cfg["FUSE_QUANT"] and cfg["BLOCK_M"] == 128
