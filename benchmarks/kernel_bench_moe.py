@@ -23,12 +23,16 @@ engine would take before (t_before_us). The decode batches of the CUDA-graph lad
 
 --fp8-gemm: the dense FP8 block GEMM at decode and prefill shapes instead (V2-Lite's and V3's
 projections, M in 1, 8, 32, 64, 128, 4096): the previous kernel (separate quant launch + one program
-per tile, with its configs), the current one (split-K + fused quant, configs from moe_config),
-bf16 cuBLAS (F.linear) on the same shapes and the bytes roofline; checks every case against the bf16
-reference on the GPU (rel. err < 3e-2), that it repeats bit for bit, and that fusing the quant
-changes no bit; sums V2-Lite's 162 calls of one decode step; times the fused MoE's in-GEMM quant
-against separate quant launches (V2-Lite FP8). Writes kernels_fp8_gemm.json (and with --tune
+per tile, with its configs), the current one (split-K + fused quant, the split summed in the GEMM,
+configs from moe_config), bf16 cuBLAS (F.linear) on the same shapes and the bytes roofline; checks
+every case against the bf16 reference on the GPU (rel. err < 3e-2), that it repeats bit for bit, and
+that fusing the quant or moving the split's sum changes no bit; sums V2-Lite's 56 calls of one
+decode step (--gemm-models V2-Lite for those alone); times the fused MoE's in-GEMM quant against
+separate quant launches (V2-Lite FP8). Writes kernels_fp8_gemm.json (and with --tune
 dense_fp8_<arch>.json) to --out.
+
+A --tune table holds only the token counts tuned: merge it into configs/ entry by entry (a shape
+replaced whole loses the counts not tuned, e.g. its prefill entry).
 
     PYTHONUNBUFFERED=1 python benchmarks/kernel_bench_moe.py --fp8-gemm --out $OUT
 
