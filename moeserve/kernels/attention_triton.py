@@ -46,8 +46,10 @@ MLA_RESIDENT = 2  # MLA decode programs per SM at once (default tiles): see choo
 # 64 a rank at tp 2) a 64-head block reads each KV tile for 2 head blocks instead of 8, with 64-token
 # tiles: on an H200 1.7-2.1x faster than the default tiles at batch 16-128 with a bf16 cache and
 # 2.2-2.6x with an FP8 one; even with the default at batch 8, slower at batch 1
-# (docs/perf/kernels_attention.md), so it is used from batch 16 on.
-MLA_TILES = (16, 32, 4, 2)
+# (docs/perf/kernels_attention.md), so it is used from batch 16 on. The default tiles take 3 stages
+# since the block-table entries are loaded a tile ahead (with them 33 vs 38 us at V2-Lite batch 64);
+# two such programs still fit an SM's shared memory (MLA_RESIDENT).
+MLA_TILES = (16, 32, 4, 3)
 MLA_TILES_MANY_HEADS = (64, 64, 8, 2)
 MANY_HEADS, MANY_HEADS_MIN_BATCH = 64, 16
 # prefill launch table, one row per program: (block-table row, first query token, q_len, k_len,
@@ -117,10 +119,16 @@ def _mla_decode_split_kernel(
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
+    # Each tile's block-table entries are loaded an iteration ahead, so its cache loads never wait
+    # on a block-table load issued just before them (with 3 stages: 0.84x the split kernel's time
+    # on an H200, V2-Lite batch 64; docs/perf/kernels_attention.md).
+    offs_n = start + tl.arange(0, BLOCK_N)
+    pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < end
-        slots = _paged_slots(bt_row, offs_n, valid, PAGE_SIZE, stride_kv_page, stride_kv_tok)
+        slots = pages.to(tl.int64) * stride_kv_page + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kv_tok
+        pages = tl.load(bt_row + (offs_n + BLOCK_N) // PAGE_SIZE, mask=offs_n + BLOCK_N < end, other=0)
         kv_lat = tl.load(kv_ptr + slots[:, None] + offs_l[None, :], mask=valid[:, None] & l_mask[None, :],
                          other=0.0).to(q_lat.dtype)
         kv_rope = tl.load(kv_ptr + slots[:, None] + LATENT + offs_r[None, :], mask=valid[:, None] & r_mask[None, :],
@@ -335,7 +343,7 @@ def choose_num_splits(batch: int, programs_per_seq: int, sm_count: int, max_spli
     capture; splits past a short sequence's end cost one empty program each).
 
     resident: how many programs of the kernel fit on one SM at once, where that is few (the MLA
-    kernel: 2, with its 16 x 512 fp32 accumulator and two 36 KB tile stages). The splits then stop
+    kernel: 2, with its 16 x 512 fp32 accumulator and three 36 KB tile stages). The splits then stop
     at one full wave of resident programs, because a partial second wave takes as long as a whole
     one (H200, V2-Lite batch 64 at 1024 tokens: 4 splits 39.7 us, 5 splits 46.2;
     docs/perf/kernels_attention_splits_h200.json). Without it (the GQA kernel: small tiles, many

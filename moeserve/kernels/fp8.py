@@ -47,12 +47,15 @@ def per_token_group_quant_fp8_ref(x: torch.Tensor, group_size: int = 128) -> tup
 
 
 def block_fp8_matmul_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                         block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+                         block: tuple[int, int] = (128, 128),
+                         x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """y = quant(x) @ dequant(w).T with x quantized per 1 x block[1] group, as the FP8 kernel computes it.
 
     x [M, K] (bf16/fp32), w [N, K] e4m3, w_scale [ceil(N/bn), ceil(K/bk)] -> [M, N] in x.dtype.
+    x_fp8: x already quantized so (per_token_group_quant_fp8's (e4m3, scales); e.g. by the RMSNorm
+    that made x), used as it is.
     """
-    xq, xs = per_token_group_quant_fp8_ref(x, block[1])
+    xq, xs = x_fp8 if x_fp8 is not None else per_token_group_quant_fp8_ref(x, block[1])
     k = x.shape[1]
     x_deq = xq.to(torch.float32) * xs.repeat_interleave(block[1], dim=1)[:, :k]
     w_deq = dequant_block_fp8_ref(w, w_scale, block)
@@ -261,11 +264,13 @@ def per_token_group_quant_fp8_triton(x: torch.Tensor, group_size: int = 128) -> 
 
 
 def block_fp8_matmul_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                            block: tuple[int, int] = (128, 128), config: dict | None = None) -> torch.Tensor:
+                            block: tuple[int, int] = (128, 128), config: dict | None = None,
+                            x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """config: BLOCK_M/N/K, GROUP_SIZE_M, num_warps, num_stages, and optionally SPLIT_K (K ranges
     summed in a fixed order), REDUCE_IN_GEMM (that sum by the GEMM's last program, not a second
     launch) and FUSE_QUANT (quantize x inside the GEMM, no separate quant launch);
-    moe_config.dense_fp8_config picks them per shape."""
+    moe_config.dense_fp8_config picks them per shape. x_fp8: x already quantized per 1 x block[1]
+    (no quant at all here; FUSE_QUANT is then moot)."""
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -274,11 +279,13 @@ def block_fp8_matmul_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
     w = w if w.stride(-1) == 1 else w.contiguous()
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = dict(config or moe_config.dense_fp8_config(m, n, k, x.device))
-    fuse = bool(cfg.pop("FUSE_QUANT", False)) and block[1] <= 256
+    fuse = bool(cfg.pop("FUSE_QUANT", False)) and block[1] <= 256 and x_fp8 is None
     # A fused K step quantizes one whole scale group per row, so it is exactly one group wide.
     cfg["BLOCK_K"] = block[1] if fuse else min(cfg["BLOCK_K"], block[1])
     if fuse:
         a, a_s = x, x  # the scale pointer is not read
+    elif x_fp8 is not None:
+        a, a_s = x_fp8
     else:
         a, a_s = per_token_group_quant_fp8_triton(x, block[1])
     return splitk_matmul(a, w, out, cfg, scales=(a_s, w_scale, block), fuse_quant=fuse)
@@ -359,9 +366,14 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[t
 
 
 def block_fp8_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                     block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """W8A8 block-scaled GEMM: Triton where it can run, else the reference."""
+                     block: tuple[int, int] = (128, 128),
+                     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """W8A8 block-scaled GEMM: Triton where it can run, else the reference. x_fp8: x's quantization
+    per 1 x block[1] when the caller has it already (the RMSNorm before the GEMM made it)."""
+    if x_fp8 is not None:
+        assert x_fp8[0].shape == x.shape and x_fp8[1].shape == (x.shape[0], -(-x.shape[1] // block[1])), \
+            f"x_fp8 {x_fp8[0].shape} / {x_fp8[1].shape} is not x {tuple(x.shape)} in groups of {block[1]}"
     if (x.dim() == 2 and triton_runs_on(x, w, w_scale) and w.dtype == FP8_DTYPE and _fp8_shapes_ok(block)
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
-        return block_fp8_matmul_triton(x, w, w_scale, tuple(block))
-    return block_fp8_matmul_ref(x, w, w_scale, block)
+        return block_fp8_matmul_triton(x, w, w_scale, tuple(block), x_fp8=x_fp8)
+    return block_fp8_matmul_ref(x, w, w_scale, block, x_fp8)

@@ -17,7 +17,10 @@ With FP8 weights (block scales given) the activations entering each GEMM are qua
 converts weight tiles instead, W8A16, which is what fused_moe_ref computes). A config's
 FUSE_QUANT (default: moe_config.moe_fuse_quant, off after the H200 measurements) quantizes those
 activations inside the GEMMs instead of in two separate launches, bit-identically; each GEMM whose
-BLOCK_K covers one scale group does, the other keeps its separate quant launch.
+BLOCK_K covers one scale group does, the other keeps its separate quant launch. Two launches go
+another way, also bit-identically: `x_fp8`, x already quantized by the RMSNorm that made it, and
+ACT_QUANT_IN_GATE_UP (default moe_config.ACT_QUANT_IN_GATE_UP), gate_up quantizing its own output in
+its epilogue (its N tile is then one scale group), which also halves the intermediate's bytes.
 """
 
 from __future__ import annotations
@@ -104,15 +107,16 @@ def fused_moe_w8a8_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
 if triton is not None:
 
     @triton.jit(do_not_specialize=["num_pairs", "max_padded"])
-    def _moe_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, route_w_ptr,
+    def _moe_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, outs_ptr, route_w_ptr,
                          sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
                          num_pairs, n, k, a_row_div, max_padded,
-                         stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,
+                         stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_osm,
                          GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_SIZE_M: tl.constexpr, GATE_UP: tl.constexpr, W_FP8: tl.constexpr,
                          A_FP8: tl.constexpr, A_QUANT: tl.constexpr = False, FP8_MAX_C: tl.constexpr = 448.0,
                          FAST: tl.constexpr = False, PAIR_BLOCKS: tl.constexpr = False,
+                         OUT_QUANT: tl.constexpr = False, ACT_DTYPE: tl.constexpr = tl.float32,
                          PDL: tl.constexpr = False):
         """One program: BLOCK_M sorted pairs (all of one expert) x BLOCK_N output columns.
         PAIR_BLOCKS: no align pass, one pair a block (one token: its top-k experts are distinct).
@@ -121,6 +125,8 @@ if triton is not None:
         else:    out[pair, j] = route_w[pair] * (a[pair] @ w[e, j].T).
         A_QUANT (FP8 weights, BLOCK_K == GROUP_K): a is unquantized; each K step quantizes its A tile
         per row and group exactly as the separate quant kernel would (W8A8 without its launch).
+        OUT_QUANT (GATE_UP, BLOCK_N == GROUP_K): out gets the e4m3 of the output rounded to ACT_DTYPE,
+        outs [pair, pid_n] its scale: what the separate quant kernel makes of the stored output.
         """
         pdl_begin(PDL)
         pid = tl.program_id(0)
@@ -187,7 +193,12 @@ if triton is not None:
         else:
             acc = acc * tl.load(route_w_ptr + pair, mask=mask_m, other=0.0)[:, None]
         out = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if OUT_QUANT:  # this tile's columns are one scale group of the row (columns past n are zeros)
+            q, scale = _quant_group_tile(acc.to(ACT_DTYPE).to(tl.float32), FP8_MAX_C, FAST)
+            tl.store(out, q.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            tl.store(outs_ptr + pair.to(tl.int64) * stride_osm + pid_n, scale, mask=mask_m)
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _moe_sum_kernel(y_ptr, ids_ptr, add_ptr, out_ptr, top_k, h, stride_ym, stride_am, stride_om,
@@ -209,9 +220,10 @@ if triton is not None:
 
 
 def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_row_div, gate_up, cfg, block,
-                     a_quant=False):
+                     a_quant=False, out_scale=None, act_dtype=torch.float32):
     """align: moe_align's (sorted ids, block experts, padded count), or (None, flat topk ids, None):
-    one pair a block, no align pass."""
+    one pair a block, no align pass. out_scale: out is e4m3 and gets the output's quantization (the
+    output rounded to act_dtype first), one scale a BLOCK_N = block[1] tile."""
     sorted_ids, block_expert, num_padded = align
     pair_blocks = sorted_ids is None
     n = w.shape[1] // 2 if gate_up else w.shape[1]
@@ -220,16 +232,20 @@ def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_r
     grid = (block_expert.numel() * triton.cdiv(n, cfg["BLOCK_N"]),)
     max_padded = block_expert.numel() * cfg["BLOCK_M"] if pair_blocks else sorted_ids.numel()
     dummy = out  # stands in for pointers a variant does not read
+    act_tl = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[act_dtype]
     _moe_gemm_kernel[grid](
         a, a_scale if a_scale is not None else dummy, w, w_scale if w_fp8 else dummy, out,
+        out_scale if out_scale is not None else dummy,
         route_w if route_w is not None else dummy, dummy if pair_blocks else sorted_ids, block_expert,
         dummy if pair_blocks else num_padded, num_pairs, n, k, a_row_div, max_padded,
         a.stride(0), a_scale.stride(0) if a_scale is not None else 0, w.stride(0), w.stride(1),
         w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0),
+        out_scale.stride(0) if out_scale is not None else 0,
         GROUP_N=block[0], GROUP_K=block[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=min(cfg["BLOCK_K"], block[1]) if w_fp8 else cfg["BLOCK_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
         GATE_UP=gate_up, W_FP8=w_fp8, A_FP8=a.dtype == FP8_DTYPE, A_QUANT=a_quant, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda,
-        PAIR_BLOCKS=pair_blocks, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(a.device))
+        PAIR_BLOCKS=pair_blocks, OUT_QUANT=out_scale is not None, ACT_DTYPE=act_tl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(a.device))
 
 
 def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,7 +265,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
                      topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
                      fp8_activations: bool = True, config: dict | None = None,
-                     addend: torch.Tensor | None = None, num_fused_shared: int = 0) -> torch.Tensor:
+                     addend: torch.Tensor | None = None, num_fused_shared: int = 0,
+                     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     tokens, hidden = x.shape
     num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
@@ -273,14 +290,29 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     # Quantize the activations inside a GEMM (no quant launch) where its K step is one scale group;
     # the config (or moe_config's default: decode sizes only) says whether it pays.
     fuse = quant and cfg.get("FUSE_QUANT", moe_config.moe_fuse_quant(tokens, num_experts, top_k))
-    fuse_gate_up = fuse and min(cfg["BLOCK_K"], block[1]) == block[1]
-    fuse_down = fuse and min(down_cfg["BLOCK_K"], block[1]) == block[1]
+    fuse_gate_up = fuse and min(cfg["BLOCK_K"], block[1]) == block[1] and x_fp8 is None
+    # gate_up's epilogue quantizes the intermediate for the down GEMM: its N tile is one scale group.
+    act_quant = quant and cfg.get("ACT_QUANT_IN_GATE_UP", moe_config.ACT_QUANT_IN_GATE_UP)
+    fuse_down = fuse and min(down_cfg["BLOCK_K"], block[1]) == block[1] and not act_quant
 
-    a, a_scale = per_token_group_quant_fp8_triton(x, block[1]) if quant and not fuse_gate_up else (x, None)
-    act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
-    _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block, fuse_gate_up)
+    if quant and x_fp8 is not None:
+        a, a_scale = x_fp8
+    else:
+        a, a_scale = per_token_group_quant_fp8_triton(x, block[1]) if quant and not fuse_gate_up else (x, None)
+    if act_quant:
+        cfg = dict(cfg, BLOCK_N=block[1])
+        act = torch.empty(num_pairs, intermediate, dtype=FP8_DTYPE, device=x.device)
+        act_scale = torch.empty(num_pairs, triton.cdiv(intermediate, block[1]), dtype=torch.float32, device=x.device)
+    else:
+        act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
+        act_scale = None
+    _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block, fuse_gate_up,
+                     out_scale=act_scale, act_dtype=x.dtype)
 
-    a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant and not fuse_down else (act, None)
+    if act_quant:
+        a, a_scale = act, act_scale
+    else:
+        a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant and not fuse_down else (act, None)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, down_cfg, block, fuse_down)
     return moe_sum(y, topk_ids, out, addend)
@@ -299,12 +331,15 @@ def _triton_supports(x, w13, w2, w13_scale, w2_scale, block) -> bool:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               block: tuple[int, int] = (128, 128), fp8_activations: bool = True,
-              addend: torch.Tensor | None = None, num_fused_shared: int = 0) -> torch.Tensor:
+              addend: torch.Tensor | None = None, num_fused_shared: int = 0,
+              x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1), else fused_moe_ref. The
     result plus `addend` [T, H] when given (added in the final sum kernel). num_fused_shared: the
     last S of the experts are shared experts that every token names last in its row (layers/moe.py);
-    the math is the same, only the block-size config is looked up for the routed shape too."""
+    the math is the same, only the block-size config is looked up for the routed shape too.
+    x_fp8: x's quantization per 1 x block[1] (the RMSNorm before made it), for the W8A8 path; the
+    reference (W8A16, unquantized activations) does not use it."""
     if triton_runs_on(x, w13, w2, topk_ids) and _triton_supports(x, w13, w2, w13_scale, w2_scale, block):
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block),
-                                fp8_activations, addend=addend, num_fused_shared=num_fused_shared)
+                                fp8_activations, addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block, addend)

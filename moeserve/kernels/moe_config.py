@@ -90,6 +90,13 @@ def default_moe_config(tokens: int, num_experts: int, top_k: int, on_cpu: bool) 
 MOE_FUSE_MAX_ROWS_PER_EXPERT = 0
 
 
+# W8A8 fused MoE: gate_up quantizes its own output for the down GEMM in its epilogue (its N tile
+# then one scale group, BLOCK_N = 128 whatever the table says), instead of writing it in bf16 for a
+# separate quant launch to read: one launch a layer less and half the intermediate's bytes, both
+# ways bit-identical. A config's ACT_QUANT_IN_GATE_UP overrides. (docs/perf/engine_v2lite.md)
+ACT_QUANT_IN_GATE_UP = False
+
+
 def moe_fuse_quant(tokens: int, num_experts: int, top_k: int) -> bool:
     """W8A8 fused MoE: quantize activations inside the two GEMMs (no quant launches) at decode sizes.
 

@@ -2,6 +2,10 @@
 
 The Triton kernels do one launch per call (a block of rows per program) where the reference
 does about six elementwise kernels; a decode step calls these a few times per layer.
+
+`fp8_group`: the norm also quantizes its output per 1 x group (e4m3 + one fp32 scale a group, bit
+for bit what fp8.per_token_group_quant_fp8 makes of the output), for a consumer that runs W8A8 FP8
+GEMMs: the quantization then costs no launch of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +27,19 @@ def fused_add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch
     return rmsnorm_ref(residual, weight, eps), residual
 
 
+Fp8Rows = tuple[torch.Tensor, torch.Tensor]  # (e4m3 [T, n], fp32 scales [T, ceil(n / group)])
+
+
+def rmsnorm_quant_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                      group: int) -> tuple[torch.Tensor, torch.Tensor, Fp8Rows]:
+    """(out, residual', out quantized per 1 x group), residual' = x + residual (x itself without one)."""
+    from moeserve.kernels.fp8 import per_token_group_quant_fp8_ref
+
+    out, residual = (rmsnorm_ref(x, weight, eps), x) if residual is None else fused_add_rmsnorm_ref(
+        x, residual, weight, eps)
+    return out, residual, per_token_group_quant_fp8_ref(out.reshape(-1, out.shape[-1]), group)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. Triton is optional (CPU installs may lack it); without it the public names
 # are the references.
@@ -31,6 +48,7 @@ def fused_add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch
 try:
     import triton
     import triton.language as tl
+    from moeserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, _quant_group_tile
     from moeserve.kernels.pdl import pdl_begin, pdl_launch
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     triton = None
@@ -38,9 +56,11 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
 if triton is not None:
 
     @triton.jit(do_not_specialize=["num_rows"])
-    def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, num_rows, n, eps,
-                        x_heads, stride_xt, stride_xh, stride_r, stride_out, stride_r_out,
-                        HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, q_ptr, s_ptr, num_rows, n, eps,
+                        x_heads, stride_xt, stride_xh, stride_r, stride_out, stride_r_out, stride_q, stride_s,
+                        HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                        QUANT_GROUP: tl.constexpr = 0, FP8_MAX_C: tl.constexpr = 448.0, FAST: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
         pdl_begin(PDL)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
@@ -61,8 +81,18 @@ if triton is not None:
         else:
             y = (x * inv[:, None]).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
-        out = w[None, :] * y.to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        out = (w[None, :] * y.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=mask)
+        if QUANT_GROUP > 0:
+            # The stored (rounded) output, one scale group a row of the reshaped tile; columns past
+            # n are zeros (masked loads), as the separate quant kernel pads them.
+            q, scale = _quant_group_tile(tl.reshape(out.to(tl.float32), (ROWS * (BLOCK // QUANT_GROUP), QUANT_GROUP)),
+                                         FP8_MAX_C, FAST)
+            q = tl.reshape(q, (ROWS, BLOCK))
+            tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+            grp = tl.arange(0, BLOCK // QUANT_GROUP)
+            tl.store(s_ptr + rows[:, None] * stride_s + grp[None, :], tl.reshape(scale, (ROWS, BLOCK // QUANT_GROUP)),
+                     mask=(rows[:, None] < num_rows) & (grp[None, :] * QUANT_GROUP < n))
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -81,26 +111,31 @@ def _input_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x2, 1, x2.stride(0), 0
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, group: int = 0):
     n = x.shape[-1]
     res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
     r_out = None if residual is None else torch.empty(x.shape, dtype=res_dtype, device=x.device)
     out2 = out.view(-1, n)
     num_rows = out2.shape[0]
+    fp8 = None
+    if group:
+        fp8 = (torch.empty(num_rows, n, dtype=FP8_DTYPE, device=x.device),
+               torch.empty(num_rows, -(-n // group), dtype=torch.float32, device=x.device))
     if num_rows == 0:
-        return out, r_out
+        return out, r_out, fp8
     x2, heads, stride_xt, stride_xh = _input_rows(x)
     r2 = out2 if residual is None else _as_rows(residual)
     r_out2 = out2 if r_out is None else r_out.view(-1, n)
-    block = triton.next_power_of_2(n)
+    block = max(triton.next_power_of_2(n), group)  # a quantized row is whole groups
     rows = max(1, min(16, 2048 // block))  # short rows (per-head q/k norms): several per program
+    q, s = fp8 if fp8 is not None else (out2, out2)  # not written without a group
     _rmsnorm_kernel[(triton.cdiv(num_rows, rows),)](
-        x2, r2, weight, out2, r_out2, num_rows, n, eps,
-        heads, stride_xt, stride_xh, r2.stride(0), out2.stride(0), r_out2.stride(0),
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
-        num_warps=min(16, max(1, rows * block // 256)), **pdl_launch(x.device))
-    return out, r_out
+        x2, r2, weight, out2, r_out2, q, s, num_rows, n, eps,
+        heads, stride_xt, stride_xh, r2.stride(0), out2.stride(0), r_out2.stride(0), q.stride(0), s.stride(0),
+        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block, QUANT_GROUP=group, FP8_MAX_C=FP8_MAX,
+        FAST=x.is_cuda, num_warps=min(16, max(1, rows * block // 256)), **pdl_launch(x.device))
+    return out, r_out, fp8
 
 
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -109,11 +144,20 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return _launch(x, None, weight, eps)[0]
 
 
+def rmsnorm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                         group: int) -> tuple[torch.Tensor, torch.Tensor, Fp8Rows]:
+    """rmsnorm_quant_ref in one launch."""
+    assert weight.is_contiguous() and weight.shape == (x.shape[-1],) and group > 0 and group & (group - 1) == 0
+    assert residual is None or residual.shape == x.shape
+    out, r_out, fp8 = _launch(x, residual, weight, eps, group)
+    return out, x if residual is None else r_out, fp8
+
+
 def fused_add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fused_add_rmsnorm_ref in one launch; both outputs are new contiguous tensors."""
     assert weight.is_contiguous() and weight.shape == (x.shape[-1],) and residual.shape == x.shape
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps)[:2]
 
 
 def _use_triton(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -136,3 +180,12 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     if _use_triton(x, residual, weight):
         return fused_add_rmsnorm_triton(x, residual, weight, eps)
     return fused_add_rmsnorm_ref(x, residual, weight, eps)
+
+
+def rmsnorm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                  group: int) -> tuple[torch.Tensor, torch.Tensor, Fp8Rows]:
+    """(rmsnorm(x + residual), x + residual, that output quantized per 1 x group); without a
+    residual, (rmsnorm(x), x, ...)."""
+    if _use_triton(x, weight, *([residual] if residual is not None else [])):
+        return rmsnorm_quant_triton(x, residual, weight, eps, group)
+    return rmsnorm_quant_ref(x, residual, weight, eps, group)

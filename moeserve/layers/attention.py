@@ -136,9 +136,15 @@ class MLAAttention(nn.Module):
         self.w_uk = w[:, : self.nope_dim].contiguous()
         self.w_uv = w[:, self.nope_dim:].contiguous()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    @property
+    def fp8_input_group(self) -> int:
+        return self.q_kv_a_proj.fp8_input_group
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x_fp8: x quantized per 1 x fp8_input_group, when the caller has it (the RMSNorm before)."""
         num_tokens = x.shape[0]
-        q, kv_a = self.q_kv_a_proj.split(self.q_kv_a_proj(x))
+        q, kv_a = self.q_kv_a_proj.split(self.q_kv_a_proj(x, x_fp8))
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.reshape(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)  # a view: rows of unit stride
@@ -216,9 +222,14 @@ class GQAAttention(nn.Module):
     def process_weights_after_loading(self, dtype: torch.dtype) -> None:
         pass
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    @property
+    def fp8_input_group(self) -> int:
+        return self.qkv_proj.fp8_input_group
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # views: rows of unit stride
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x, x_fp8))  # views: rows of unit stride
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         # q and k's per-head norms, their rotation and the k/v cache writes: one kernel; q comes back
         # new and contiguous

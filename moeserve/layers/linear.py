@@ -52,10 +52,16 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def fp8_input_group(self) -> int:
+        """The activation group an FP8 GEMM quantizes its input in (0: it takes the input as it is);
+        a producer that quantizes x so (the RMSNorm before) passes the result as forward's x_fp8."""
+        return self.block[1] if self.quant == "fp8" else 0
+
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.quant != "fp8":
             return self.unquantized(x, self.bias)
-        y = block_fp8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv, self.block)
+        y = block_fp8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv, self.block, x_fp8)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

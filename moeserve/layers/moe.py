@@ -64,8 +64,12 @@ class MLP(nn.Module):
         self.down_proj = row_parallel(intermediate, hidden, quant=quant, block=block, name=f"{name}.down_proj",
                                       reduce=reduce, parallel=parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.local_intermediate, self.up_offset))
+    @property
+    def fp8_input_group(self) -> int:
+        return self.gate_up_proj.fp8_input_group
+
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, x_fp8), self.local_intermediate, self.up_offset))
 
 
 class Router(nn.Module):
@@ -155,14 +159,16 @@ class Experts(nn.Module):
             self.ep = self.ep_runtime.register(self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                row_offset: int = 0, addend: torch.Tensor | None = None) -> torch.Tensor:
+                row_offset: int = 0, addend: torch.Tensor | None = None,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The routed experts' weighted sum (with the fused shared slots when the routing names
-        them), plus `addend` (an unfused shared MLP's output) if given."""
+        them), plus `addend` (an unfused shared MLP's output) if given. x_fp8: x quantized per
+        1 x block[1] (FP8 experts on this rank only; the expert-parallel path quantizes for the wire)."""
         if self.ep is not None:
             out = self.ep(x, topk_ids, topk_weights, row_offset)
             return out if addend is None else out + addend
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block,
-                         addend=addend, num_fused_shared=self.num_shared)
+                         addend=addend, num_fused_shared=self.num_shared, x_fp8=x_fp8)
 
 
 def fuses_shared_experts(cfg: ModelConfig, quant: str | None) -> bool:
@@ -201,20 +207,27 @@ class MoE(nn.Module):
                                    name="shared_experts", reduce=self.tp_group is None, parallel=not self.token_shares)
                                if cfg.n_shared_experts and not self.num_fused_shared else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def fp8_input_group(self) -> int:
+        """FP8 experts on this rank take x quantized per 1 x block[1] from the norm before
+        (forward's x_fp8); under expert parallelism x travels to other ranks unquantized: 0."""
+        return self.experts.block[1] if self.experts.quant and self.experts.ep is None else 0
+
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.token_shares:
             num_rows = x.shape[0]
             start, rows = row_share(num_rows, self.tp, self.tp_rank)
             out = self._block(x[start:start + rows], start)
             return gather_shares(out, num_rows, self.tp, self.tp_group)
-        out = self._block(x)
+        out = self._block(x, x_fp8=x_fp8)
         if self.tp_group is not None:  # routed + shared partial sums, one all_reduce
             dist.all_reduce(out, group=self.tp_group)
         return out
 
-    def _block(self, x: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
+    def _block(self, x: torch.Tensor, row_offset: int = 0,
+               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)  # [T, k + num_fused_shared]
         shared = None  # a TP rank's share may be empty (FP8 GEMMs need rows)
         if self.shared_experts is not None and x.shape[0]:
-            shared = self.shared_experts(x)
-        return self.experts(x, topk_weights, topk_ids, row_offset, addend=shared)  # the sum kernel adds it
+            shared = self.shared_experts(x, x_fp8)  # same weight format and block as the experts
+        return self.experts(x, topk_weights, topk_ids, row_offset, addend=shared, x_fp8=x_fp8)  # the sum kernel adds it

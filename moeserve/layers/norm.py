@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeserve.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
+from moeserve.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm, rmsnorm_quant
 
 
 class RMSNorm(nn.Module):
@@ -19,3 +19,13 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rmsnorm(x, self.weight, self.eps)
         return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+
+    def norm_residual(self, x: torch.Tensor, residual: torch.Tensor | None, fp8_group: int = 0):
+        """(rmsnorm(x + residual), x + residual, fp8) with x itself as the residual when there is
+        none yet. fp8: the output quantized per 1 x fp8_group (e4m3, fp32 scales) by the same kernel
+        for a consumer whose FP8 GEMM would quantize it anyway (its fp8_input_group); None for 0."""
+        if fp8_group:
+            return rmsnorm_quant(x, residual, self.weight, self.eps, fp8_group)
+        if residual is None:
+            return self(x), x, None
+        return (*self(x, residual), None)

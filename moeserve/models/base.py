@@ -43,14 +43,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-norm block with the residual add fused into the next norm; returns (out, residual)."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        """Pre-norm block with the residual add fused into the next norm; returns (out, residual).
+        Where attention or MLP starts with an FP8 GEMM, its norm also hands it the quantized input."""
+        h, residual, h_fp8 = self.input_layernorm.norm_residual(x, residual, self.self_attn.fp8_input_group)
+        h = self.self_attn(h, positions, meta, h_fp8)
+        h, residual, h_fp8 = self.post_attention_layernorm.norm_residual(h, residual, self.mlp.fp8_input_group)
+        return self.mlp(h, h_fp8), residual
 
 
 class DecoderModel(nn.Module):

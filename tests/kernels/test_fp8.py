@@ -53,6 +53,14 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     x_strided = torch.randn(6, 128)[:, :64]  # rows with a stride wider than the row
     results["gemm_strided_x"] = (rel_err(block_fp8_matmul(x_strided, w, ws, (32, 32)),
                                          block_fp8_matmul_ref(x_strided, w, ws, (32, 32))), 1e-5)
+    # x's quantization handed in (as the RMSNorm before makes it): the same bits out as the separate
+    # quant launch, also under a fused-quant config (which must then not quantize the given e4m3 again)
+    x = torch.randn(5, 64)
+    x_fp8 = per_token_group_quant_fp8_triton(x, 32)
+    apart = block_fp8_matmul_triton(x, w, ws, (32, 32), cfg)
+    for name, given_cfg in (("gemm_x_fp8_given", cfg), ("gemm_x_fp8_given_fuse_cfg", dict(cfg, FUSE_QUANT=True))):
+        given = block_fp8_matmul_triton(x, w, ws, (32, 32), given_cfg, x_fp8=x_fp8)
+        results[name] = (float((given != apart).sum()), 0.0)
     return results
 
 
@@ -62,7 +70,7 @@ def interpreter_results():
 
 
 CASES = ["quant_fp32", "quant_fp16_ragged_k", "quant_one_row_wide_range", "gemm_fp32", "gemm_fp16_ragged",
-         "gemm_M1_block_16x64", "gemm_grouped_order", "gemm_strided_x"]
+         "gemm_M1_block_16x64", "gemm_grouped_order", "gemm_strided_x", "gemm_x_fp8_given", "gemm_x_fp8_given_fuse_cfg"]
 
 
 @pytest.mark.parametrize("case", CASES)

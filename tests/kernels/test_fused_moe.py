@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moeserve.kernels import moe_config
-from moeserve.kernels.fp8 import quant_block_fp8_ref
+from moeserve.kernels.fp8 import FP8_DTYPE, quant_block_fp8_ref
 from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref
 from moeserve.kernels.moe_align import max_padded_size, moe_align_block_size_ref
 from tests.helpers import REPO
@@ -117,6 +117,16 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
                 fused_moe_w8a8_ref(x, q13, q2, w, ids, s13, s2, block)), 2e-2)
     results["fp32_T1_fp8"] = (rel_err(fused_moe(x[:1], q13, q2, w[:1], ids[:1], s13, s2, block),
                                       fused_moe_w8a8_ref(x[:1], q13, q2, w[:1], ids[:1], s13, s2, block)), 2e-2)
+    # the intermediate quantized in gate_up's epilogue, and x's quantization handed in: the same bits
+    # as the separate quant launches (one config, tiles of one scale group, so only that differs)
+    from moeserve.kernels.fp8 import per_token_group_quant_fp8_triton
+    tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1)
+    apart = fused_moe_triton(x, q13, q2, w, ids, s13, s2, block, config=dict(tiles, ACT_QUANT_IN_GATE_UP=False))
+    in_epilogue = fused_moe_triton(x, q13, q2, w, ids, s13, s2, block, config=dict(tiles, ACT_QUANT_IN_GATE_UP=True))
+    given = fused_moe_triton(x, q13, q2, w, ids, s13, s2, block, config=tiles,
+                             x_fp8=per_token_group_quant_fp8_triton(x, block[1]))
+    results["fp8_act_quant_in_gate_up_bitwise"] = (float((apart != in_epilogue).sum()), 0.0)
+    results["fp8_x_fp8_given_bitwise"] = (float((given != in_epilogue).sum()), 0.0)
     results["fp8_w8a16"] = (rel_err(fused_moe(x, q13, q2, w, ids, s13, s2, block, fp8_activations=False),
                                     fused_moe_ref(x, q13, q2, w, ids, s13, s2, block)), 1e-5)
     # W8A8 against the reference that keeps activations unquantized: e4m3 rounding of both GEMMs'
@@ -134,7 +144,7 @@ def interpreter_results():
 CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
          "fp32_T1_ep", "fp32_T1_fp8", "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
          "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a8_fused_gate_up_only",
-         "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts"]
+         "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts", "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -187,27 +197,42 @@ def test_down_override_of_other_keys_raises(key):
         fused_moe_triton(x, w13, w2, w, ids, config=cfg)
 
 
-def test_each_gemm_gets_its_config(monkeypatch):
+@pytest.mark.parametrize("act_quant_in_gate_up", [False, True])
+def test_each_gemm_gets_its_config(monkeypatch, act_quant_in_gate_up):
     """The launches fused_moe_triton makes (none run: recorded): gate_up with the config, down with its
-    overrides; the in-GEMM quant only where the GEMM's K step is a whole scale group."""
+    overrides; the in-GEMM quant only where the GEMM's K step is a whole scale group; with
+    ACT_QUANT_IN_GATE_UP gate_up quantizes its own output on N tiles of one scale group and no
+    quant launch is left; with the input's quantization given (x_fp8) none is made of x either."""
     from moeserve.kernels import fused_moe as fm
 
     launches, quants = [], []
+    monkeypatch.setattr(moe_config, "ACT_QUANT_IN_GATE_UP", act_quant_in_gate_up)
     monkeypatch.setattr(fm, "moe_align_block_size_triton", lambda ids, block_m, experts: None)
-    monkeypatch.setattr(fm, "_launch_moe_gemm", lambda *args: launches.append((args[9], args[10], args[12])))
+    monkeypatch.setattr(fm, "_launch_moe_gemm", lambda *args, **kw: launches.append((*args, kw)))
     monkeypatch.setattr(fm, "per_token_group_quant_fp8_triton", lambda a, group: quants.append(a.shape) or (a, None))
     monkeypatch.setattr(fm, "moe_sum", lambda y, ids, out, addend: out)
     x, w13, w2, w, ids = random_moe(3, 4, 64, 32, 2, torch.float32)
     q13, s13 = quant_block_fp8_ref(w13, (32, 32))
     q2, s2 = quant_block_fp8_ref(w2, (32, 32))
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=3, FUSE_QUANT=True,
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=3, FUSE_QUANT=True,
                down=dict(BLOCK_N=64, BLOCK_K=16, num_stages=5))
     fused_moe_triton(x, q13, q2, w, ids, s13, s2, (32, 32), config=cfg)
-    (gate_up, gate_cfg, gate_fused), (down, down_cfg, down_fused) = launches
-    assert gate_up and gate_cfg is cfg and gate_fused
-    assert not down and down_cfg == moe_config.down_config(cfg) and not down_fused
-    assert (down_cfg["BLOCK_M"], down_cfg["BLOCK_N"], down_cfg["BLOCK_K"], down_cfg["num_stages"]) == (16, 64, 16, 5)
-    assert quants == [(3 * 2, 32)]  # only the down GEMM's input [pairs, I] is quantized apart
+    gate, down = launches
+    assert gate[9] and gate[12] and not down[9] and not down[12]  # gate_up quantizes x on load
+    assert down[10] == moe_config.down_config(cfg)
+    assert (down[10]["BLOCK_M"], down[10]["BLOCK_N"], down[10]["BLOCK_K"], down[10]["num_stages"]) == (16, 64, 16, 5)
+    if act_quant_in_gate_up:
+        assert gate[10] == dict(cfg, BLOCK_N=32)  # one scale group a tile
+        act, act_scale = gate[4], gate[13]["out_scale"]
+        assert act.dtype == FP8_DTYPE and act_scale.shape == (3 * 2, 1) and gate[13]["act_dtype"] == x.dtype
+        assert down[0] is act and down[1] is act_scale and quants == []
+    else:
+        assert gate[10] is cfg and gate[13]["out_scale"] is None
+        assert quants == [(3 * 2, 32)]  # only the down GEMM's input [pairs, I] is quantized apart
+    launches.clear()
+    x_fp8 = (torch.zeros(3, 64, dtype=FP8_DTYPE), torch.ones(3, 2))
+    fused_moe_triton(x, q13, q2, w, ids, s13, s2, (32, 32), config=cfg, x_fp8=x_fp8)
+    assert launches[0][0] is x_fp8[0] and launches[0][1] is x_fp8[1] and not launches[0][12]
 
 
 def test_down_config():
@@ -326,3 +351,24 @@ def test_one_token_on_gpu_bf16_and_fp8():
     q2, s2 = quant_block_fp8_ref(w2.cuda())
     out = fused_moe(args[0], q13, q2, args[3], args[4], s13, s2)
     assert rel_err(out, fused_moe_w8a8_ref(args[0], q13, q2, args[3], args[4], s13, s2)) < 3e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_quant_launches_folded_away_on_gpu_bf16(tokens):
+    """V2-Lite's widths in bf16 with FP8 experts: the intermediate quantized in gate_up's epilogue and
+    x's quantization handed in give the same bits as the two separate quant launches, and the W8A8
+    reference agrees."""
+    from moeserve.kernels.fp8 import per_token_group_quant_fp8
+    from moeserve.kernels.fused_moe import fused_moe_triton
+
+    x, w13, w2, w, ids = random_moe(tokens, 66, 2048, 1408, 8, torch.bfloat16, drop=0.0)
+    x, w, ids = x.cuda(), w.cuda(), ids.cuda()
+    q13, s13 = quant_block_fp8_ref(w13.cuda())
+    q2, s2 = quant_block_fp8_ref(w2.cuda())
+    cfg = moe_config.moe_config(tokens, 66, 2048, 1408, 8, "fp8", x.device)
+    apart = fused_moe_triton(x, q13, q2, w, ids, s13, s2, config=dict(cfg, ACT_QUANT_IN_GATE_UP=False, BLOCK_N=128))
+    folded = fused_moe_triton(x, q13, q2, w, ids, s13, s2, config=dict(cfg, ACT_QUANT_IN_GATE_UP=True),
+                              x_fp8=per_token_group_quant_fp8(x, 128))
+    assert torch.equal(apart, folded)
+    assert rel_err(folded, fused_moe_w8a8_ref(x, q13, q2, w, ids, s13, s2)) < 3e-2

@@ -124,9 +124,40 @@ def _rotary_case(t, q_heads, k_heads, rot_dim, nope, dtype_name) -> float:
     return max(errs)
 
 
+# name: (shape, dtype, with a residual, group): the norm that also quantizes its output for an FP8 GEMM
+NORM_QUANT_CASES = {
+    "t3_hidden256_g128": ((3, 256), "fp32", True, 128),
+    "t1_no_residual": ((1, 512), "fp32", False, 128),
+    "t5_hidden80_g32": ((5, 80), "fp32", True, 32),  # last group ragged, one group past the row
+    "t20_hidden64_g32": ((20, 64), "fp16", True, 32),  # several rows a program
+    "t2_hidden48_g64": ((2, 48), "fp32", False, 64),  # a row shorter than one group
+}
+
+
+def _norm_quant_case(shape, dtype_name, with_residual, group) -> float:
+    """Mismatches: the out, residual and (e4m3, scales) bits against the reference (norm, then quant)."""
+    from moeserve.kernels.rmsnorm import rmsnorm_quant, rmsnorm_quant_ref
+
+    dtype = DTYPES[dtype_name]
+    x = torch.randn(shape).to(dtype)
+    residual = torch.randn(shape).to(dtype) if with_residual else None
+    weight = (1 + 0.5 * torch.randn(shape[-1])).to(dtype)
+    out, res, (q, s) = rmsnorm_quant(x, residual, weight, 1e-6, group)
+    out_ref, res_ref, (q_ref, s_ref) = rmsnorm_quant_ref(x, residual, weight, 1e-6, group)
+    if rel_err(out, out_ref) > TOL[dtype] or not torch.equal(res, res_ref):
+        return float("inf")
+    # quantized from the kernel's own output: compare with the reference quantization of that
+    from moeserve.kernels.fp8 import per_token_group_quant_fp8_ref
+    q_own, s_own = per_token_group_quant_fp8_ref(out, group)
+    return float((q.view(torch.uint8) != q_own.view(torch.uint8)).sum() + (s != s_own).sum()
+                 + (q.shape != q_ref.shape) + (s.shape != s_ref.shape))
+
+
 def _interpreter_cases() -> dict[str, tuple[float, float]]:
     """name -> (relative error vs the reference, tolerance)."""
     results = {}
+    for name, args in NORM_QUANT_CASES.items():
+        results["norm_quant_" + name] = (_norm_quant_case(*args), 0.0)
     for name, args in NORM_CASES.items():
         results["norm_" + name] = (_norm_case(*args), TOL[DTYPES[args[1]]])
     for name, args in QK_OF_QKV_CASES.items():
@@ -142,6 +173,7 @@ def interpreter_results():
 
 
 @pytest.mark.parametrize("case", ["norm_" + n for n in NORM_CASES] + ["qk_norm_" + n for n in QK_OF_QKV_CASES]
+                         + ["norm_quant_" + n for n in NORM_QUANT_CASES]
                          + ["rotary_" + n for n in ROTARY_CASES])
 def test_triton_matches_reference(interpreter_results, case):
     err, tol = interpreter_results[case]
@@ -187,3 +219,22 @@ def test_norm_bench_smoke(tmp_path):
 
 if __name__ == "__main__":
     print_interpreter_cases(_interpreter_cases)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("rows,hidden,with_residual", [(1, 2048, True), (64, 2048, False), (33, 7168, True)])
+def test_norm_quant_on_gpu_bf16(rows, hidden, with_residual):
+    """bf16 on the GPU: the norm's own quantization is bit for bit the quant kernel's of its output,
+    and the output and residual are the plain fused kernel's."""
+    from moeserve.kernels.fp8 import per_token_group_quant_fp8
+    from moeserve.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm, rmsnorm_quant
+
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn_like(x) if with_residual else None
+    weight = (1 + 0.5 * torch.randn(hidden, device="cuda")).to(torch.bfloat16)
+    out, res, (q, s) = rmsnorm_quant(x, residual, weight, 1e-6, 128)
+    plain_out, plain_res = fused_add_rmsnorm(x, residual, weight, 1e-6) if with_residual else (
+        rmsnorm(x, weight, 1e-6), x)
+    assert torch.equal(out, plain_out) and torch.equal(res, plain_res)
+    q_ref, s_ref = per_token_group_quant_fp8(out, 128)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
