@@ -64,6 +64,8 @@ def _cases() -> dict:
     cases["rmsnorm_strided_heads_residual"] = lambda: rmsnorm.fused_add_rmsnorm_triton(
         q_heads, torch.randn(t, 8, 128, dtype=bf), w128, 1e-6)
     cases["rmsnorm_fp32_residual"] = lambda: rmsnorm.fused_add_rmsnorm_triton(x, res.float(), w, 1e-6)
+    cases["rmsnorm_quant_residual"] = lambda: rmsnorm.rmsnorm_quant_triton(x, res, w, 1e-6, 128)  # + its FP8
+    cases["rmsnorm_quant"] = lambda: rmsnorm.rmsnorm_quant_triton(x, None, w, 1e-6, 128)
 
     # rotary (plain q+k, interleaved q only) and the MLA cache write (norm + rope + store)
     pos, cos_sin = torch.arange(t), torch.randn(64, 64)
@@ -158,6 +160,8 @@ def _cases() -> dict:
     for fuse in (False, True):
         cases[f"fused_moe_fp8_fuse{fuse}"] = lambda fuse=fuse: fused_moe.fused_moe_triton(
             xm, w13_8, w2_8, topk_w, topk_ids, s13, s2, config=dict(mcfg, FUSE_QUANT=fuse))
+    cases["fused_moe_fp8_act_quant_in_gate_up"] = lambda: fused_moe.fused_moe_triton(
+        xm, w13_8, w2_8, topk_w, topk_ids, s13, s2, config=dict(mcfg, BLOCK_N=128, ACT_QUANT_IN_GATE_UP=True))
     cases["fused_moe_fp8_weights_bf16_act"] = lambda: fused_moe.fused_moe_triton(
         xm, w13_8, w2_8, topk_w, topk_ids, s13, s2, fp8_activations=False, config=mcfg)
 
