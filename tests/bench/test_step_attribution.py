@@ -1,0 +1,39 @@
+"""benchmarks/step_attribution.py (GPU only to run): each variant changes what it says it changes.
+Checked on CPU in a fresh process per variant (the patches are process-wide), without an engine."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CHECKS = {  # variant: what must hold after apply(variant)
+    "base": "fused_moe.moe_sum.__name__ == 'moe_sum' and attention.mla_decode.__name__ == 'mla_decode'",
+    "no_quant": "fused_moe.per_token_group_quant_fp8_triton.__name__ == 'fake' == fp8.per_token_group_quant_fp8_triton.__name__",
+    "no_moe_sum": "fused_moe.moe_sum(None, None, 'out') == 'out'",
+    "no_mla": "attention.mla_decode('q', 1, 2) == 'q'",
+    "no_norm_quant": "RMSNorm(8).norm_residual(torch.ones(2, 8), None, 4)[2] is None",
+    "act_quant_in_gate_up_st2": ("moe_config.ACT_QUANT_IN_GATE_UP and moe_config.moe_config("
+                                 "64, 66, 2048, 1408, 8, 'fp8', torch.device('cpu'), 2)['num_stages'] == 2"),
+    "mla_st3": "attention_triton.MLA_TILES[3] == 3",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(CHECKS))
+def test_variant_patches(variant):
+    code = (f"import sys, torch; sys.path.insert(0, 'benchmarks'); import step_attribution as sa; sa.apply({variant!r})\n"
+            "import moeserve.kernels.attention_triton as attention_triton, moeserve.kernels.fp8 as fp8\n"
+            "import moeserve.kernels.fused_moe as fused_moe, moeserve.kernels.moe_config as moe_config\n"
+            "import moeserve.layers.attention as attention\n"
+            "from moeserve.layers.norm import RMSNorm\n"
+            f"assert {CHECKS[variant]}\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_unknown_variant_is_refused():
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import step_attribution as sa; sa.apply('no_such')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "unknown variant" in proc.stderr
