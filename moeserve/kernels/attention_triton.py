@@ -120,8 +120,8 @@ def _mla_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
     # Each tile's block-table entries are loaded an iteration ahead, so its cache loads never wait
-    # on a block-table load issued just before them (with 3 stages: 0.84x the split kernel's time
-    # on an H200, V2-Lite batch 64; docs/perf/kernels_attention.md).
+    # on a block-table load issued just before them (with 3 stages, split + merge: 33 us vs 42 at
+    # V2-Lite batch 64 on an H200; docs/perf/kernels_attention.md).
     offs_n = start + tl.arange(0, BLOCK_N)
     pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):

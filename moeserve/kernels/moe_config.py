@@ -93,7 +93,9 @@ MOE_FUSE_MAX_ROWS_PER_EXPERT = 0
 # W8A8 fused MoE: gate_up quantizes its own output for the down GEMM in its epilogue (its N tile
 # then one scale group, BLOCK_N = 128 whatever the table says), instead of writing it in bf16 for a
 # separate quant launch to read: one launch a layer less and half the intermediate's bytes, both
-# ways bit-identical. A config's ACT_QUANT_IN_GATE_UP overrides. (docs/perf/engine_v2lite.md)
+# ways bit-identical. Off: with V2-Lite's tuned tiles (64 wide at batch 64, 32 at batch 1) the
+# 128-wide tile cost more than the launch saved, at every stage count tried (H200;
+# docs/perf/kernels_moe.md, fifth session). A config's ACT_QUANT_IN_GATE_UP overrides.
 ACT_QUANT_IN_GATE_UP = False
 
 
