@@ -29,7 +29,7 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moeserve.kernels.attention import mla_decode_ref  # noqa: E402
-from moeserve.kernels.attention_triton import _merge, mla_decode_triton  # noqa: E402
+from moeserve.kernels.attention_triton import _merge, _split_range, _store_partial, mla_decode_triton  # noqa: E402
 
 
 @triton.jit
@@ -44,10 +44,7 @@ def _probe_kernel(ql_ptr, qr_ptr, kv_ptr, bt_ptr, seq_lens_ptr, part_ptr, lse_pt
     offs_r = tl.arange(0, ROPE)
     q_lat = tl.load(ql_ptr + b * stride_ql_b + offs_h[:, None] * stride_ql_h + offs_l[None, :])
     q_rope = tl.load(qr_ptr + b * stride_qr_b + offs_h[:, None] * stride_qr_h + offs_r[None, :])
-    seq_len = tl.load(seq_lens_ptr + b)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    start, end = _split_range(tl.load(seq_lens_ptr + b), split, num_splits, BLOCK_N)
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, LATENT], dtype=tl.float32)
@@ -76,12 +73,8 @@ def _probe_kernel(ql_ptr, qr_ptr, kv_ptr, bt_ptr, seq_lens_ptr, part_ptr, lse_pt
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(kv_lat.dtype), kv_lat)
         m_i = m_new
-    has = l_i > 0.0
-    rows = b * num_heads + offs_h
-    tl.store(part_ptr + (rows[:, None] * num_splits + split) * LATENT + offs_l[None, :],
-             acc / tl.where(has, l_i, 1.0)[:, None])
-    tl.store(lse_ptr + rows * num_splits + split,
-             tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf")))
+    _store_partial(acc, m_i, l_i, part_ptr, lse_ptr, b * num_heads + offs_h, offs_h < num_heads, offs_l,
+                   offs_l < LATENT, LATENT, split, num_splits)
 
 
 def main() -> None:
