@@ -20,6 +20,16 @@ Variants:
   no_norm_quant      the norms stop quantizing for the FP8 GEMMs after them (each GEMM quantizes again)
   act_quant_in_gate_up[_stN]  moe_config.ACT_QUANT_IN_GATE_UP on (optionally gate_up at N stages)
   mla_stN            the MLA decode's default tiles at N stages
+  down_no_wait       the fused MoE's down GEMM starts without waiting for its predecessor (gate_up, or in FP8
+                     the intermediate's quant launch): with no_moe_quant, the most one launch for both GEMMs
+                     could overlap them
+  kv_fp8             the engine's KV cache in e4m3 (--kv-cache-dtype fp8)
+  no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
+  dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
+                     in the GEMM), optionally T stages and W warps
+  moe_gu_..., moe_dn_...  the fused MoE's gate_up (gu) or down (dn) config at 17-128 tokens with keys forced:
+                     bnN BLOCK_N, stS num_stages, wW num_warps (moe_dn_bn128_st6)
+A variant may join several with '+' (no_moe_quant+down_no_wait).
 Results (H200, 2026-12-01): docs/perf/engine_v2lite.md.
 """
 
@@ -33,6 +43,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+ENGINE_KWARGS: dict = {}  # EngineConfig arguments a variant sets (kv_fp8)
 
 
 def _zero_quant(quant):
@@ -49,7 +62,63 @@ def _zero_quant(quant):
     return fake
 
 
+def _down_without_wait(fused_moe):
+    """The down GEMM launched with PDL but compiled to skip griddepcontrol.wait (it still lets its
+    successor launch early): it runs beside its predecessor and reads a half-written intermediate."""
+    global gdc_launch_dependents, gdc_wait, tl  # a jitted function sees module globals, not closures
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def begin(PDL: tl.constexpr):
+        if PDL:
+            if PDL != 2:
+                gdc_wait()
+            gdc_launch_dependents()
+
+    fused_moe.pdl_begin = begin
+    launch, pdl_launch = fused_moe._launch_moe_gemm, fused_moe.pdl_launch
+
+    def launch_down_early(*args, **kwargs):
+        gate_up = args[9]
+        fused_moe.pdl_launch = pdl_launch if gate_up else (lambda device: {"PDL": 2, "launch_pdl": True})
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            fused_moe.pdl_launch = pdl_launch
+    fused_moe._launch_moe_gemm = launch_down_early
+
+
+def _skip_dense(linear_mod):
+    """Linear.forward returning a zeros tensor made once per shape (lm_head, vocab-wide, still runs)."""
+    import torch
+    made = {}
+    for cls in (linear_mod.Linear, linear_mod.RowParallelLinear):
+        forward = cls.forward
+
+        def skipped(self, x, *args, _forward=forward, **kwargs):
+            if self.out_features >= 32000:
+                return _forward(self, x, *args, **kwargs)
+            shape = (*x.shape[:-1], self.out_features)
+            key = (shape, x.dtype, x.device)
+            if key not in made:
+                made[key] = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            return made[key]
+        cls.forward = skipped
+
+
+def _config_keys(spec: str) -> dict:
+    """"m64_bn32_sk2_st6_w8" -> BLOCK_M 64, BLOCK_N 32, SPLIT_K 2, num_stages 6, num_warps 8."""
+    names = {"m": "BLOCK_M", "bn": "BLOCK_N", "sk": "SPLIT_K", "st": "num_stages", "w": "num_warps"}
+    return {names[part.rstrip("0123456789")]: int(part.lstrip("mbnskstw")) for part in spec.split("_")}
+
+
 def apply(variant: str) -> None:
+    if "+" in variant:
+        for part in variant.split("+"):
+            apply(part)
+        return
     import moeserve.kernels.attention_triton as attention_triton
     import moeserve.kernels.fp8 as fp8
     import moeserve.kernels.fused_moe as fused_moe
@@ -75,8 +144,38 @@ def apply(variant: str) -> None:
             moe_config.moe_config = lambda *a, **k: dict(tables(*a, **k), num_stages=stages)
     if variant.startswith("mla_st"):
         attention_triton.MLA_TILES = attention_triton.MLA_TILES[:3] + (int(variant[len("mla_st"):]),)
-    known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant")
-    if variant not in known and not variant.startswith(("act_quant_in_gate_up", "mla_st")):
+    if variant == "down_no_wait":
+        _down_without_wait(fused_moe)
+    if variant.startswith("dense_m"):
+        forced_keys = _config_keys(variant[len("dense_"):])
+        tables = moe_config.dense_fp8_config
+
+        def forced(m, n, k, device):
+            cfg = tables(m, n, k, device)
+            if 16 < m <= 128:
+                cfg = dict(cfg, REDUCE_IN_GEMM=True, FUSE_QUANT=False, **forced_keys)
+            return cfg
+        moe_config.dense_fp8_config = forced
+    if variant.startswith(("moe_gu_", "moe_dn_")):
+        keys, moe_tables = _config_keys(variant[len("moe_gu_"):]), moe_config.moe_config
+
+        def forced_moe(tokens, *args, **kwargs):
+            cfg = moe_tables(tokens, *args, **kwargs)
+            if 16 < tokens <= 128 and variant.startswith("moe_gu_"):
+                cfg = dict(cfg, **keys)
+            elif 16 < tokens <= 128:
+                cfg = dict(cfg, down=dict(cfg.get("down", {}), **keys))
+            return cfg
+        moe_config.moe_config = forced_moe
+    if variant == "kv_fp8":
+        ENGINE_KWARGS["kv_cache_dtype"] = "fp8"
+    if variant == "no_dense":
+        import moeserve.layers.linear as linear
+        _skip_dense(linear)
+    known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
+             "down_no_wait", "no_dense", "kv_fp8")
+    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_")
+    if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
 
 
@@ -94,7 +193,7 @@ def run_one(variant: str, dtype: str) -> dict:
     config = EngineConfig.from_kwargs(write_config("v2-lite", dtype == "fp8"), dtype="bfloat16", device="cuda",
                                       load_format="dummy", max_num_seqs=64, max_num_batched_tokens=16384,
                                       max_model_len=1024 + 192, enable_prefix_caching=False,
-                                      gpu_memory_utilization=0.88, warmup_prefill=False)
+                                      gpu_memory_utilization=0.88, warmup_prefill=False, **ENGINE_KWARGS)
     engine = EngineCore(config)
     build_s = time.perf_counter() - t0
     b64 = [run_batch(engine, 64, 1024, 96, seed=s)["decode_step_ms"] for s in (1, 2)]

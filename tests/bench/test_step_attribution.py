@@ -18,6 +18,20 @@ CHECKS = {  # variant: what must hold after apply(variant)
     "act_quant_in_gate_up_st2": ("moe_config.ACT_QUANT_IN_GATE_UP and moe_config.moe_config("
                                  "64, 66, 2048, 1408, 8, 'fp8', torch.device('cpu'), 2)['num_stages'] == 2"),
     "mla_st3": "attention_triton.MLA_TILES[3] == 3",
+    "no_moe_quant+down_no_wait": ("fused_moe.per_token_group_quant_fp8_triton.__name__ == 'fake' "
+                                  "and fused_moe._launch_moe_gemm.__name__ == 'launch_down_early' "
+                                  "and fused_moe.pdl_begin.__name__ == 'begin'"),
+    "dense_m32_bn64_sk4_st6": ("moe_config.dense_fp8_config(64, 2048, 2048, torch.device('cpu'))['SPLIT_K'] == 4 "
+                           "and moe_config.dense_fp8_config(64, 2048, 2048, torch.device('cpu'))['BLOCK_M'] == 32 "
+                           "and moe_config.dense_fp8_config(64, 2048, 2048, torch.device('cpu'))['num_stages'] == 6 "
+                           "and moe_config.dense_fp8_config(1, 2048, 2048, torch.device('cpu'))['BLOCK_M'] == 16"),
+    "moe_dn_bn64_st6": ("[moe_config.down_config(moe_config.moe_config(64, 66, 2048, 1408, 8, 'fp8', "
+                        "torch.device('cpu'), 2))[key] for key in ('BLOCK_N', 'num_stages')] == [64, 6]"),
+    "moe_gu_st7": "moe_config.moe_config(64, 66, 2048, 1408, 8, 'fp8', torch.device('cpu'), 2)['num_stages'] == 7",
+    "kv_fp8": "sa.ENGINE_KWARGS == {'kv_cache_dtype': 'fp8'}",
+    "no_dense": ("(Linear(8, 4)(torch.ones(2, 3, 8)) == torch.zeros(2, 3, 4)).all() "
+                 "and Linear(8, 32000)(torch.ones(2, 8)).shape == (2, 32000) "
+                 "and Linear(8, 4)(torch.ones(2, 3, 8)) is Linear(8, 4)(torch.ones(2, 3, 8))"),
 }
 
 
@@ -28,6 +42,7 @@ def test_variant_patches(variant):
             "import moeserve.kernels.fused_moe as fused_moe, moeserve.kernels.moe_config as moe_config\n"
             "import moeserve.layers.attention as attention\n"
             "from moeserve.layers.norm import RMSNorm\n"
+            "from moeserve.layers.linear import Linear\n"
             f"assert {CHECKS[variant]}\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
