@@ -60,6 +60,9 @@ MLA_CASES = {  # name: (seq_lens, heads, latent, rope, page_size, q dtype, cache
     # views of one [B, H, L+R] tensor
     "mla_fp32_20heads_strided_q": ([9, 1, 70], 20, 96, 32, 16, torch.float32, torch.float32, 2, True),
     "mla_fp8_cache_fp16_q": ([3, 33, 200], 16, 512, 64, 16, torch.float16, torch.float8_e4m3fn, 4, False),
+    # q up to ~4e4: the FP8-cache path scales q by 2^-2 into its fp16 dots and the scores back
+    "mla_fp8_cache_large_q": ([40, 7], 16, 512, 64, 16, torch.float16, torch.float8_e4m3fn, 2, False,
+                              dict(q_scale=1e4)),
     # 64 heads in one block with 64-token tiles: the tiles chosen for DeepSeek-V3's 128 heads
     "mla_fp32_64heads_v3_tiles": ([1, 17, 300, 64], 64, 512, 64, 16, torch.float32, torch.float32, 2, False,
                                   dict(block_h=64, block_n=64, num_warps=8)),
@@ -166,15 +169,16 @@ def _mla_case(seq_lens, heads, latent, rope, page_size, q_dtype, cache_dtype, nu
     from moeserve.kernels.attention import mla_decode_ref
     from moeserve.kernels.attention_triton import mla_decode_triton
 
+    opts = dict(opts or {})
     kv, tables = random_paged_cache(seq_lens, page_size, (latent + rope,), cache_dtype)
-    q = torch.randn(len(seq_lens), heads, latent + rope).to(q_dtype)
+    q = (torch.randn(len(seq_lens), heads, latent + rope) * opts.pop("q_scale", 1.0)).to(q_dtype)
     if strided:
         q_latent, q_rope = q[..., :latent], q[..., latent:]
     else:
         q_latent, q_rope = q[..., :latent].contiguous(), q[..., latent:].contiguous()
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     scale = (latent + rope) ** -0.5
-    out = mla_decode_triton(q_latent, q_rope, kv, tables, lens, scale, num_splits=num_splits, **(opts or {}))
+    out = mla_decode_triton(q_latent, q_rope, kv, tables, lens, scale, num_splits=num_splits, **opts)
     ref = mla_decode_ref(q_latent, q_rope, kv, tables, lens, scale)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     return rel_err(out, ref) if torch.isfinite(out).all() else float("inf")

@@ -79,6 +79,9 @@ def _cases() -> dict:
     cases["mla_kv_write_with_q_rope"] = lambda: mla_cache.mla_kv_write_triton(  # q's rope part of a [t, 16, 192] q
         kv_a, torch.randn(512, dtype=bf), 1e-6, pos, cos_sin, True, kv_cache, torch.arange(t),
         torch.randn(t, 16, 192, dtype=bf)[..., 128:])
+    cases["mla_kv_write_fp8_cache"] = lambda: mla_cache.mla_kv_write_triton(  # --kv-cache-dtype fp8
+        kv_a, torch.randn(512, dtype=bf), 1e-6, pos, cos_sin, True, torch.empty(16, 576, dtype=e4m3),
+        torch.arange(t), torch.randn(t, 16, 192, dtype=bf)[..., 128:])
 
     # GQA's prologue (q/k norms + rope + k/v cache write): Qwen3's neox layout into a bf16 cache and
     # into an FP8 one (stored as bytes), and the interleaved layout
@@ -172,6 +175,13 @@ def _cases() -> dict:
     cases["mla_decode"] = lambda: at.mla_decode_triton(
         torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf), torch.randn(8, page, 576, dtype=bf),
         tables, lens, 0.1)
+    cases["mla_decode_fp8_cache"] = lambda: at.mla_decode_triton(  # fp16 dots, latent tiles loaded twice
+        torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf),
+        torch.randn(8, page, 576, dtype=bf).to(e4m3), tables, lens, 0.1)
+    cases["mla_decode_v3_tiles_fp8_cache"] = lambda: at.mla_decode_triton(  # the many-head tiles keep bf16 dots
+        torch.randn(16, 128, 512, dtype=bf), torch.randn(16, 128, 64, dtype=bf),
+        torch.randn(8, page, 576, dtype=bf).to(e4m3), torch.zeros(16, 4, dtype=torch.int32),
+        torch.full((16,), 20, dtype=torch.int32), 0.1)
     cases["mla_decode_v3_tiles"] = lambda: at.mla_decode_triton(  # 128 heads at batch 16: the many-head tiles
         torch.randn(16, 128, 512, dtype=bf), torch.randn(16, 128, 64, dtype=bf), torch.randn(8, page, 576, dtype=bf),
         torch.zeros(16, 4, dtype=torch.int32), torch.full((16,), 20, dtype=torch.int32), 0.1)
