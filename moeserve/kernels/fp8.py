@@ -106,6 +106,14 @@ if triton is not None:
         return tl.where(r == 0, v * 0.0, r)  # keep the sign of values that round to zero, as torch does
 
     @triton.jit
+    def _cast_to(v, TY: tl.constexpr, FAST: tl.constexpr):
+        # v cast to TY. To e4m3 off a GPU (FAST False: the interpreter) through _round_to_e4m3 and
+        # e4m3's range first, which the GPU's saturating cast does by itself.
+        if TY == tl.float8e4nv and not FAST:
+            v = _round_to_e4m3(tl.clamp(v.to(tl.float32), -448.0, 448.0))
+        return v.to(TY)
+
+    @triton.jit
     def _quant_group_tile(x, FP8_MAX_C: tl.constexpr, FAST: tl.constexpr):
         # x [rows, GROUP] fp32, one scale group per row -> (x / scale, clamped, in fp32, whose cast
         # to e4m3 is the quantized value; scale [rows]). The one definition of the activation

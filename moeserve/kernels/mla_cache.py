@@ -53,13 +53,14 @@ if triton is not None:
     import triton.language as tl
     from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
+    from moeserve.kernels.fp8 import _cast_to
     from moeserve.kernels.rotary import _load_cos_sin, _rotate_heads
 
     @triton.jit
     def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr, q_ptr, q_out_ptr, rank, half,
                              stride_kv, stride_cs, entry, eps, num_q_heads, stride_qt, stride_qh,
                              INTERLEAVED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_QH: tl.constexpr, PDL: tl.constexpr = False):
+                             BLOCK_QH: tl.constexpr, FAST: tl.constexpr = True, PDL: tl.constexpr = False):
         pdl_begin(PDL)
         # program (token, block of query heads); the token's first program also writes its cache entry
         t = tl.program_id(0).to(tl.int64)
@@ -77,9 +78,12 @@ if triton is not None:
             inv = tl.rsqrt(tl.sum(x * x, axis=0) / rank + eps)
             y = (x * inv).to(kv_ptr.dtype.element_ty)
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst + cols, (w * y.to(tl.float32)).to(cache_ptr.dtype.element_ty), mask=mask)
+            # rounded to the activations' dtype first, as the unfused path casts its bf16 result (FP8 cache)
+            latent = (w * y.to(tl.float32)).to(kv_ptr.dtype.element_ty)
+            tl.store(dst + cols, _cast_to(latent, cache_ptr.dtype.element_ty, FAST), mask=mask)
             # the rope key, rotated as kernels/rotary.py rotates one head
-            _rotate_heads(src + rank, dst + rank, 0, 0, 1, 0, 0, 0, 0, cos, sin, d, d_mask, half, INTERLEAVED, 1)
+            _rotate_heads(src + rank, dst + rank, 0, 0, 1, 0, 0, 0, 0, cos, sin, d, d_mask, half, INTERLEAVED, 1,
+                          kv_ptr.dtype.element_ty, FAST)
         if BLOCK_QH > 0:  # the query's rope part into the contiguous q_out [T, H, rope]
             _rotate_heads(q_ptr, q_out_ptr, t, head_block * BLOCK_QH, num_q_heads, stride_qt, stride_qh,
                           num_q_heads * 2 * half, 2 * half, cos, sin, d, d_mask, half, INTERLEAVED, BLOCK_QH)
@@ -92,7 +96,8 @@ def mla_kv_write_triton(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: floa
     rope = cos_sin_cache.shape[-1]
     rank = width - rope
     assert cache.shape[-1] == width and cache.is_contiguous() and kv_a.stride(-1) == 1
-    assert cache.dtype == kv_a.dtype == norm_weight.dtype and norm_weight.shape == (rank,)
+    assert cache.dtype in (kv_a.dtype, torch.float8_e4m3fn) and kv_a.dtype == norm_weight.dtype
+    assert norm_weight.shape == (rank,)
     q_out = None
     if q_pe is not None:
         assert q_pe.dim() == 3 and q_pe.shape[0] == num_tokens and q_pe.shape[-1] == rope
@@ -111,17 +116,19 @@ def mla_kv_write_triton(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: floa
         rank, rope // 2, kv_a.stride(0), cs.stride(0), width, eps,
         heads, q_in.stride(0), 0 if q_pe is None else q_pe.stride(1),
         INTERLEAVED=interleaved, BLOCK_L=triton.next_power_of_2(rank), BLOCK_D=triton.next_power_of_2(rope // 2),
-        BLOCK_QH=block_qh, num_warps=4, **pdl_launch(kv_a.device))
+        BLOCK_QH=block_qh, FAST=kv_a.is_cuda, num_warps=4, **pdl_launch(kv_a.device))
     return q_out
 
 
 def mla_kv_write(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor, interleaved: bool, cache: torch.Tensor,
                  slot_mapping: torch.Tensor, q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One launch where Triton runs and the cache has the activations' dtype; else (an FP8 cache,
-    plain CPU) the norm and rotary kernels (or their references), a cat and the write. Returns
-    q_pe rotated (a new contiguous tensor) when q_pe is given."""
-    if (_use_triton(kv_a, norm_weight, cache) and triton is not None and cache.dtype == kv_a.dtype
+    """One launch where Triton runs and the cache has the activations' dtype or e4m3 (each value
+    rounded to the activations' dtype, then cast, as the unfused path does); else (plain CPU) the
+    norm and rotary kernels (or their references), a cat and the write. Returns q_pe rotated (a new
+    contiguous tensor) when q_pe is given."""
+    if (_use_triton(kv_a, norm_weight) and triton is not None
+            and cache.dtype in (kv_a.dtype, torch.float8_e4m3fn)
             and norm_weight.dtype == kv_a.dtype and kv_a.stride(-1) == 1 and cache.is_contiguous()
             and (q_pe is None or (q_pe.dtype == kv_a.dtype and q_pe.stride(-1) == 1))):
         return mla_kv_write_triton(kv_a, norm_weight, eps, positions, cos_sin_cache, interleaved, cache,

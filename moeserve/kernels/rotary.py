@@ -32,6 +32,7 @@ def apply_rotary_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: to
 
 if triton is not None:
     import triton.language as tl
+    from moeserve.kernels.fp8 import _cast_to
     from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
     @triton.jit
@@ -45,7 +46,10 @@ if triton is not None:
 
     @triton.jit
     def _rotate_heads(x_ptr, o_ptr, t, head0, num_heads, stride_xt, stride_xh, stride_ot, stride_oh, cos, sin,
-                      d, d_mask, half, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr):
+                      d, d_mask, half, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr,
+                      ROUND_TO: tl.constexpr = None, FAST: tl.constexpr = True):
+        # ROUND_TO: the result rounded to that dtype before o's (an FP8 cache: as x's dtype, then e4m3;
+        # FAST False: off a GPU, see fp8._cast_to)
         heads = head0 + tl.arange(0, BLOCK_H)
         mask = (heads[:, None] < num_heads) & d_mask[None, :]
         x_row = x_ptr + t * stride_xt + heads[:, None].to(tl.int64) * stride_xh
@@ -57,8 +61,11 @@ if triton is not None:
             x2 = tl.load(x_row + half + d[None, :], mask=mask, other=0.0).to(tl.float32)
         o_row = o_ptr + t * stride_ot + heads[:, None].to(tl.int64) * stride_oh
         ty = o_ptr.dtype.element_ty
-        tl.store(o_row + d[None, :], (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=mask)
-        tl.store(o_row + half + d[None, :], (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=mask)
+        o1, o2 = x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :]
+        if ROUND_TO is not None:
+            o1, o2 = o1.to(ROUND_TO), o2.to(ROUND_TO)
+        tl.store(o_row + d[None, :], _cast_to(o1, ty, FAST), mask=mask)
+        tl.store(o_row + half + d[None, :], _cast_to(o2, ty, FAST), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr, num_q_heads, num_k_heads, half,

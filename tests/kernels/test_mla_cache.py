@@ -28,12 +28,24 @@ CASES = {  # name: (tokens, kv_lora_rank, rope_dim, q columns before kv_a in the
     "no_q_t4": (4, 96, 32, 40, 0, True, "fp32"),
     "fp16_t7": (7, 128, 32, 64, 5, True, "fp16"),
     "no_tokens": (0, 64, 16, 8, 2, True, "fp32"),
+    # an e4m3 cache (--kv-cache-dtype fp8): each entry rounded to the activations' dtype, then cast
+    "fp8_cache_fp16_t6": (6, 128, 32, 64, 4, True, "fp16+fp8"),
+    "fp8_cache_fp32_v2lite_t3": (3, 512, 64, 3072, 16, True, "fp32+fp8"),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# An FP8 cache: one e4m3 step is 6-12% of a value, so a last-bit difference before the cast (the
+# kernel's fp32 math against the reference's) moves a few entries by that much.
+FP8_CACHE_TOL = 1e-2
 
 
-def cache_err(tokens, rank, rope, q_cols, heads, interleaved, dtype, device="cpu") -> float:
+def case_dtypes(name: str) -> tuple[torch.dtype, torch.dtype | None, float]:
+    """(activation dtype, cache dtype (None: the same), tolerance) of a case."""
+    act, _, cache = CASES[name][-1].partition("+")
+    return DTYPES[act], (torch.float8_e4m3fn if cache else None), (FP8_CACHE_TOL if cache else TOL[DTYPES[act]])
+
+
+def cache_err(tokens, rank, rope, q_cols, heads, interleaved, dtype, device="cpu", cache_dtype=None) -> float:
     """The larger of the cache's and the rotated query's relative errors."""
     from moeserve.kernels.mla_cache import mla_kv_write_ref, mla_kv_write_triton
 
@@ -44,7 +56,7 @@ def cache_err(tokens, rank, rope, q_cols, heads, interleaved, dtype, device="cpu
     cos_sin = torch.randn(300, rope).to(device)
     positions = torch.randint(0, 300, (tokens,)).to(device)
     slots = torch.randperm(num_blocks * block)[:tokens].to(device)
-    cache = torch.randn(num_blocks, block, rank + rope).to(dtype).to(device)
+    cache = torch.randn(num_blocks, block, rank + rope).to(cache_dtype or dtype).to(device)
     ref = cache.clone()
     # the query as the layer has it: [T, H, nope + rope], its rope part a strided view
     q_pe = torch.randn(tokens, heads, 8 + rope).to(dtype).to(device)[..., 8:] if heads else None
@@ -59,7 +71,8 @@ def cache_err(tokens, rank, rope, q_cols, heads, interleaved, dtype, device="cpu
 
 
 def _interpreter_cases() -> dict:
-    return {name: cache_err(*args[:-1], DTYPES[args[-1]]) for name, args in CASES.items()}
+    return {name: cache_err(*args[:-1], case_dtypes(name)[0], cache_dtype=case_dtypes(name)[1])
+            for name, args in CASES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +82,7 @@ def interpreter_results():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_cache_write_matches_reference(interpreter_results, case):
-    err, tol = interpreter_results[case], TOL[DTYPES[CASES[case][-1]]]
+    err, tol = interpreter_results[case], case_dtypes(case)[2]
     assert err <= tol, f"{case}: rel error {err} > {tol} (seed {interpreter_results['seed']})"
 
 
@@ -103,7 +116,9 @@ def test_mla_layer_bench_smoke(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_cache_write_on_gpu_bf16(case):
-    assert cache_err(*CASES[case][:-1], torch.bfloat16, "cuda") <= TOL[torch.bfloat16]
+    cache_dtype = case_dtypes(case)[1]
+    assert cache_err(*CASES[case][:-1], torch.bfloat16, "cuda", cache_dtype) <= (FP8_CACHE_TOL if cache_dtype
+                                                                                 else TOL[torch.bfloat16])
 
 
 if __name__ == "__main__":
