@@ -1,8 +1,8 @@
 """What the MLA decode kernel's FP8-cache switches are worth (GPU only): the same decode call with a bf16
-cache, then with an e4m3 cache under each combination of attention_triton's MLA_FP8_F16_DOTS (dots in
-fp16, not bf16) and MLA_FP8_LOAD_TWICE (each latent tile loaded once for each dot), and a few tile
-variants of the default. With V3's 128 heads (the many-heads tiles, where the engine uses neither)
-the fp16 dots alone: the probe lifts MLA_FP8_FAST_MAX_N to try them there. Times are CUDA-graph
+cache, then with an e4m3 cache under attention_triton's switches: MLA_FP8_F16_DOTS (dots in fp16, not
+bf16) and MLA_FP8_PTX_CVT (tiles converted by inline PTX, not a cast), and the default at 2 stages.
+With V3's 128 heads (the many-heads tiles, where the engine uses neither) the probe lifts
+MLA_FP8_FAST_MAX_N to try them there. Times are CUDA-graph
 replays over rotating page sets (as in kernel_bench_attention.py); each row's error is against
 mla_decode_ref on the same inputs.
 
@@ -27,16 +27,13 @@ from kernel_bench_attention import PagedInputs, rel_err, time_us  # noqa: E402
 from moeserve.kernels.attention import mla_decode_ref  # noqa: E402
 
 LATENT, ROPE, PAGE = 512, 64, 64
-# name: (F16 dots, load twice, tile overrides)
+# name: (F16 dots, PTX conversion, tile overrides)
 VARIANTS = {
     "bf16 cache": None,
-    "fp8, bf16 dots, one load (before)": (False, False, {}),
-    "fp8, bf16 dots, two loads": (False, True, {}),
-    "fp8, fp16 dots, one load": (True, False, {}),
-    "fp8, fp16 dots, two loads (default)": (True, True, {}),
-    "fp8 default, 8 warps": (True, True, dict(num_warps=8)),
+    "fp8, bf16 dots (before)": (False, False, {}),
+    "fp8, fp16 dots, cast": (True, False, {}),
+    "fp8, fp16 dots, PTX conversion (default)": (True, True, {}),
     "fp8 default, 2 stages": (True, True, dict(num_stages=2)),
-    "fp8 default, 4 stages": (True, True, dict(num_stages=4)),
 }
 CASES = [(16, 1, 1024), (16, 64, 1024), (16, 128, 4096), (128, 64, 1024)]  # (heads, batch, seq)
 
@@ -45,8 +42,8 @@ def run_case(heads, batch, seq, name, variant):
     dtype = torch.bfloat16 if variant is None else torch.float8_e4m3fn
     inp = PagedInputs(batch, seq, PAGE, (LATENT + ROPE,), dtype, "cuda")
     qs = [torch.randn(batch, heads, LATENT + ROPE, device="cuda").to(torch.bfloat16) for _ in range(inp.n_sets)]
-    f16, twice, tiles = variant if variant is not None else (True, True, {})
-    at.MLA_FP8_F16_DOTS, at.MLA_FP8_LOAD_TWICE, at.MLA_FP8_FAST_MAX_N = f16, twice, 10 ** 6
+    f16, ptx, tiles = variant if variant is not None else (True, True, {})
+    at.MLA_FP8_F16_DOTS, at.MLA_FP8_PTX_CVT, at.MLA_FP8_FAST_MAX_N = f16, ptx, 10 ** 6
 
     def run(i):
         return at.mla_decode_triton(qs[i][..., :LATENT], qs[i][..., LATENT:], inp.caches[0], inp.tables[i],
@@ -70,8 +67,8 @@ def main() -> int:
     rows = []
     for heads, batch, seq in CASES:
         for name, variant in VARIANTS.items():
-            if heads > 16 and variant is not None and (variant[2] or variant[1]):
-                continue  # the many-heads tiles: two loads do not fit; tiles tuned apart
+            if heads > 16 and variant is not None and variant[2]:
+                continue  # the many-heads tiles are tuned apart
             row = run_case(heads, batch, seq, name, variant)
             rows.append(row)
             print(json.dumps(row), flush=True)

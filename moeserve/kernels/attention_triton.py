@@ -53,17 +53,26 @@ MLA_TILES = (16, 32, 4, 3)
 MLA_TILES_MANY_HEADS = (64, 64, 8, 2)
 MANY_HEADS, MANY_HEADS_MIN_BATCH = 64, 16
 # An FP8 (e4m3) cache read with a 16-bit q by tiles of at most MLA_FP8_FAST_MAX_N tokens (the default
-# ones; kernel comments say why each helps): the dots in fp16 (MLA_FP8_F16_DOTS) and each latent tile
-# loaded once for each dot (MLA_FP8_LOAD_TWICE). H200, V2-Lite batch 64 at 1024 tokens: 47.9 -> 39.4 us
-# (bf16 cache: 30.8), batch 128 at 4096: 317 -> 226 us (docs/perf/kernels_attention.md). Not with the
-# many-heads tiles: twice their two stages of 64 tokens do not fit shared memory, and fp16 dots
-# alone were slower there (V3 batch 64: 157 vs 134 us), their 64 heads spreading each conversion.
+# ones): the dots run in fp16 (MLA_FP8_F16_DOTS) and, on a GPU, each tile is converted by inline PTX
+# (MLA_FP8_PTX_CVT; the kernel says why). H200, V2-Lite batch 64 at 1024 tokens: 47.2 -> 36.4 us (bf16
+# cache: 30.6), batch 128 at 4096: 315 -> 206 us (docs/perf/kernels_attention.md). Not the many-heads
+# tiles: fp16 dots were slower there (V3 batch 64: 157 vs 135 us), their 64 heads already spreading
+# each tile's conversion over 4x the dots.
 MLA_FP8_F16_DOTS = True
-MLA_FP8_LOAD_TWICE = True
+MLA_FP8_PTX_CVT = True
 MLA_FP8_FAST_MAX_N = 32
 # prefill launch table, one row per program: (block-table row, first query token, q_len, k_len,
 # first key token (contiguous K/V), first query of the block within the sequence)
 PLAN_COLS = tl.constexpr(6)
+
+
+@triton.jit
+def _e4m3_to_f16(x):
+    # e4m3 -> fp16, four values a call (two cvt.rn.f16x2.e4m3x2). Declared not pure on purpose: Triton
+    # then keeps the conversion where it is written instead of moving it into a dot's operand load.
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
 
 
 @triton.jit
@@ -102,10 +111,10 @@ def _mla_decode_split_kernel(
         stride_ql_b, stride_ql_h, stride_qr_b, stride_qr_h, stride_kv_page, stride_kv_tok, stride_bt,
         LATENT: tl.constexpr, ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, F16_DOTS: tl.constexpr = False, LOAD_TWICE: tl.constexpr = False,
+        DOT_PRECISION: tl.constexpr, F16_DOTS: tl.constexpr = False, FAST: tl.constexpr = False,
         PDL: tl.constexpr = False):
-    """An e4m3 cache with a 16-bit q: F16_DOTS runs the dots in fp16, LOAD_TWICE loads each latent
-    tile once for each dot (both below)."""
+    """F16_DOTS: an e4m3 cache with a 16-bit q, the dots in fp16 (below); FAST: on a GPU, its tiles
+    converted by inline PTX (_e4m3_to_f16), not the interpreter's cast."""
     pdl_begin(PDL)
     b = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -153,19 +162,20 @@ def _mla_decode_split_kernel(
         valid = offs_n < end
         slots = pages.to(tl.int64) * stride_kv_page + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kv_tok
         pages = tl.load(bt_row + (offs_n + BLOCK_N) // PAGE_SIZE, mask=offs_n + BLOCK_N < end, other=0)
-        lat_ptrs = kv_ptr + slots[:, None] + offs_l[None, :]
-        kv_lat = tl.load(lat_ptrs, mask=valid[:, None] & l_mask[None, :], other=0.0).to(q_lat.dtype)
-        if LOAD_TWICE:
-            # The latent tile feeds both dots. Converted once, Triton (3.6) does not pipeline its
-            # load: the cache read waits in full every tile. A second load of the same bytes (an L2
-            # hit) for the scores gives each use its own asynchronous copy.
-            kv_k = tl.load(lat_ptrs, mask=valid[:, None] & l_mask[None, :], other=0.0,
-                           eviction_policy="evict_first").to(q_lat.dtype)
-        else:
-            kv_k = kv_lat
+        kv_lat = tl.load(kv_ptr + slots[:, None] + offs_l[None, :], mask=valid[:, None] & l_mask[None, :],
+                         other=0.0)
         kv_rope = tl.load(kv_ptr + slots[:, None] + LATENT + offs_r[None, :], mask=valid[:, None] & r_mask[None, :],
-                          other=0.0).to(q_lat.dtype)
-        s = tl.dot(q_lat, tl.trans(kv_k), input_precision=DOT_PRECISION)
+                          other=0.0)
+        if F16_DOTS and FAST:
+            # The latent tile feeds both dots. Converted by a cast, Triton (3.6) moves the conversion
+            # into each dot's operand load: the value sum then reads its transposed e4m3 operand a
+            # byte at a time from shared memory, and the load itself is not pipelined. Converted
+            # here, the tile is an asynchronous copy, converted once, stored in fp16, and both dots
+            # read it as they read a bf16 cache (ldmatrix).
+            kv_lat, kv_rope = _e4m3_to_f16(kv_lat), _e4m3_to_f16(kv_rope)
+        else:
+            kv_lat, kv_rope = kv_lat.to(q_lat.dtype), kv_rope.to(q_lat.dtype)
+        s = tl.dot(q_lat, tl.trans(kv_lat), input_precision=DOT_PRECISION)
         s += tl.dot(q_rope, tl.trans(kv_rope), input_precision=DOT_PRECISION)
         s = tl.where(valid[None, :], s * score_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -446,7 +456,7 @@ def mla_decode_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: to
         LATENT=latent, ROPE=rope, BLOCK_L=block_l, BLOCK_R=triton.next_power_of_2(rope),
         BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=page_size,
         DOT_PRECISION=_dot_precision(q_latent.dtype),
-        F16_DOTS=fp8_fast and MLA_FP8_F16_DOTS, LOAD_TWICE=fp8_fast and MLA_FP8_LOAD_TWICE,
+        F16_DOTS=fp8_fast and MLA_FP8_F16_DOTS, FAST=q_latent.is_cuda and MLA_FP8_PTX_CVT,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(q_latent.device))
     out = torch.empty(batch, num_heads, latent, dtype=q_latent.dtype, device=q_latent.device)
     return _merge(part, lse, out, latent)

@@ -175,7 +175,7 @@ def _cases() -> dict:
     cases["mla_decode"] = lambda: at.mla_decode_triton(
         torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf), torch.randn(8, page, 576, dtype=bf),
         tables, lens, 0.1)
-    cases["mla_decode_fp8_cache"] = lambda: at.mla_decode_triton(  # fp16 dots, latent tiles loaded twice
+    cases["mla_decode_fp8_cache"] = lambda: at.mla_decode_triton(  # fp16 dots, tiles converted by inline PTX
         torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf),
         torch.randn(8, page, 576, dtype=bf).to(e4m3), tables, lens, 0.1)
     cases["mla_decode_v3_tiles_fp8_cache"] = lambda: at.mla_decode_triton(  # the many-head tiles keep bf16 dots
