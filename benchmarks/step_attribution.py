@@ -36,6 +36,7 @@ Results (H200, 2026-12-01): docs/perf/engine_v2lite.md.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -79,9 +80,10 @@ def _down_without_wait(fused_moe):
 
     fused_moe.pdl_begin = begin
     launch, pdl_launch = fused_moe._launch_moe_gemm, fused_moe.pdl_launch
+    signature = inspect.signature(launch)
 
     def launch_down_early(*args, **kwargs):
-        gate_up = args[9]
+        gate_up = signature.bind(*args, **kwargs).arguments["gate_up"]
         fused_moe.pdl_launch = pdl_launch if gate_up else (lambda device: {"PDL": 2, "launch_pdl": True})
         try:
             return launch(*args, **kwargs)
