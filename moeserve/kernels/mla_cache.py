@@ -123,10 +123,14 @@ def mla_kv_write_triton(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: floa
 def mla_kv_write(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor, interleaved: bool, cache: torch.Tensor,
                  slot_mapping: torch.Tensor, q_pe: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One launch where Triton runs and the cache has the activations' dtype or e4m3 (each value
-    rounded to the activations' dtype, then cast, as the unfused path does); else (plain CPU) the
-    norm and rotary kernels (or their references), a cat and the write. Returns q_pe rotated (a new
-    contiguous tensor) when q_pe is given."""
+    """One launch where Triton runs and the cache has the activations' dtype or e4m3; else (plain
+    CPU) the norm and rotary kernels (or their references), a cat and the write. Returns q_pe rotated
+    (a new contiguous tensor) when q_pe is given.
+
+    An e4m3 entry is rounded to the activations' dtype first, as the unfused path does, then cast by
+    the GPU (round to nearest even, saturating at +-448), not by torch: equal for values in e4m3's
+    range (tests/kernels/test_mla_cache.py); kernels/gqa_cache.py instead reproduces torch's cast on
+    the bits, and keeps FP8 caches unfused, since its bytes and torch 2.11's differed on an H200."""
     if (_use_triton(kv_a, norm_weight) and triton is not None
             and cache.dtype in (kv_a.dtype, torch.float8_e4m3fn)
             and norm_weight.dtype == kv_a.dtype and kv_a.stride(-1) == 1 and cache.is_contiguous()
