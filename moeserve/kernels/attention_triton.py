@@ -54,8 +54,8 @@ MLA_TILES_MANY_HEADS = (64, 64, 8, 2)
 MANY_HEADS, MANY_HEADS_MIN_BATCH = 64, 16
 # An FP8 (e4m3) cache read with a 16-bit q by tiles of at most MLA_FP8_FAST_MAX_N tokens (the default
 # ones): the dots run in fp16 (MLA_FP8_F16_DOTS) and, on a GPU, each tile is converted by inline PTX
-# (MLA_FP8_PTX_CVT; the kernel says why). H200, V2-Lite batch 64 at 1024 tokens: 47.2 -> 36.4 us (bf16
-# cache: 30.6), batch 128 at 4096: 315 -> 206 us (docs/perf/kernels_attention.md). Not the many-heads
+# (MLA_FP8_PTX_CVT; the kernel says why). H200, V2-Lite batch 64 at 1024 tokens: 47.2 -> 36.0 us (bf16
+# cache: 30.5), batch 128 at 4096: 314 -> 206-216 us (docs/perf/kernels_attention.md). Not the many-heads
 # tiles: fp16 dots were slower there (V3 batch 64: 157 vs 135 us), their 64 heads already spreading
 # each tile's conversion over 4x the dots.
 MLA_FP8_F16_DOTS = True
