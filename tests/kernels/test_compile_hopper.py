@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 
 import pytest
 import torch
@@ -217,6 +218,21 @@ def _cases() -> dict:
     return cases
 
 
+def _mla_fp8_profile() -> dict:
+    """What the FP8-cache MLA decode's compile (fp16 dots, tiles converted by inline PTX) does with its
+    cache tiles: the properties its speed rests on (docs/perf/kernels_attention.md)."""
+    from moeserve.kernels import attention_triton as at
+
+    for caches in at._mla_decode_split_kernel.device_caches.values():
+        for kernel in caches[0].values():
+            ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+            if "elementwise_inline_asm" in ttgir:
+                return {"async_copies": ttgir.count("async_copy_global_to_local"),
+                        "byte_loads": len(re.findall(r"ld\.shared\.b8", ptx)), "ldmatrix": ptx.count("ldmatrix"),
+                        "shared_bytes": kernel.metadata.shared}
+    return {}
+
+
 def _compile_all() -> dict:
     from tests.hopper_stub import install
 
@@ -227,7 +243,8 @@ def _compile_all() -> dict:
             call()
         except Exception as e:  # noqa: BLE001 - reported by the test
             errors[name] = f"{type(e).__name__}: {str(e)[:2000]}"
-    return {"errors": errors, "compiled": sorted(set(compiled)), "defined": sorted(_defined_kernels())}
+    return {"errors": errors, "compiled": sorted(set(compiled)), "defined": sorted(_defined_kernels()),
+            "mla_fp8": _mla_fp8_profile()}
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +263,17 @@ def test_every_kernel_has_a_case(results):
     assert set(NOT_COMPILED) <= defined, "NOT_COMPILED names a kernel that no longer exists"
     missing = defined - set(results["compiled"]) - set(NOT_COMPILED)
     assert not missing, f"kernels with no compile case in _cases(): {sorted(missing)}"
+
+
+def test_mla_fp8_decode_reads_its_tiles_as_the_bf16_kernel_does(results):
+    """The FP8-cache MLA decode is fast because its compile keeps three properties (Triton 3.6 on the
+    H200; checked here against the installed Triton): the cache tiles arrive by asynchronous copies
+    (pipelined), the dots read them with ldmatrix and not a byte at a time, and two programs fit an
+    SM's shared memory (MLA_RESIDENT). A Triton upgrade or kernel edit that loses one shows here."""
+    profile = results["mla_fp8"]
+    assert profile, "no FP8-cache MLA decode compiled with the inline-PTX conversion"
+    assert profile["async_copies"] >= 6 and profile["byte_loads"] == 0 and profile["ldmatrix"] > 0, profile
+    assert profile["shared_bytes"] <= 227 * 1024 // 2, profile
 
 
 if __name__ == "__main__":
