@@ -4,7 +4,9 @@ bf16) and MLA_FP8_PTX_CVT (tiles converted by inline PTX, not a cast), and the d
 With V3's 128 heads (the many-heads tiles, where the engine uses neither) the probe lifts
 MLA_FP8_FAST_MAX_N to try them there. Times are CUDA-graph
 replays over rotating page sets (as in kernel_bench_attention.py); each row's error is against
-mla_decode_ref on the same inputs.
+mla_decode_ref on the same inputs. Last, with the module's defaults, q scaled by 1, 1e3 and 1e6 (bf16
+holds values past fp16's 65,504, which the fp16 dots must scale away): finite outputs, error vs the
+reference.
 
     PYTHONUNBUFFERED=1 python benchmarks/probe_mla_fp8.py [--out $OUT/probe_mla_fp8.json]
 Results (H200, 2026-12-01): docs/perf/kernels_attention.md.
@@ -35,6 +37,7 @@ VARIANTS = {
     "fp8, fp16 dots, PTX conversion (default)": (True, True, {}),
     "fp8 default, 2 stages": (True, True, dict(num_stages=2)),
 }
+DEFAULTS = (at.MLA_FP8_F16_DOTS, at.MLA_FP8_PTX_CVT, at.MLA_FP8_FAST_MAX_N)
 CASES = [(16, 1, 1024), (16, 64, 1024), (16, 128, 4096), (128, 64, 1024)]  # (heads, batch, seq)
 
 
@@ -60,6 +63,23 @@ def run_case(heads, batch, seq, name, variant):
     return row
 
 
+def large_q_rows() -> list[dict]:
+    """The defaults (16 heads: fp16 dots; 128: the many-heads tiles' bf16 dots) with q scaled up, the
+    softmax scale down by as much, so the reference's scores stay the same size."""
+    at.MLA_FP8_F16_DOTS, at.MLA_FP8_PTX_CVT, at.MLA_FP8_FAST_MAX_N = DEFAULTS
+    rows = []
+    for q_scale in (1.0, 1e3, 1e6):
+        for heads, batch in ((16, 64), (128, 32)):
+            inp = PagedInputs(batch, 1100, PAGE, (LATENT + ROPE,), torch.float8_e4m3fn, "cuda", max_sets=1)
+            q = (torch.randn(batch, heads, LATENT + ROPE, device="cuda") * q_scale).to(torch.bfloat16)
+            args = (q[..., :LATENT].contiguous(), q[..., LATENT:].contiguous(), inp.caches[0], inp.tables[0],
+                    inp.seq_lens, (128 + ROPE) ** -0.5 / q_scale)
+            out = at.mla_decode_triton(*args)
+            rows.append(dict(heads=heads, batch=batch, q_scale=q_scale, finite=bool(torch.isfinite(out).all()),
+                             rel_err=rel_err(out, mla_decode_ref(*args))))
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="a .json path")
@@ -76,10 +96,13 @@ def main() -> int:
     for r in rows:
         print(f"| {r['heads']} | {r['batch']} | {r['seq']} | {r['variant']} | {r.get('us', float('nan')):.1f} | "
               f"{r.get('rel_err', float('nan')):.1e} {r.get('error', '')} |")
+    large_q = large_q_rows()
+    for r in large_q:
+        print(f"large q x{r['q_scale']:g}, {r['heads']} heads: finite {r['finite']}, rel err {r['rel_err']:.1e}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                       "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+                       "command": " ".join(sys.argv), "rows": rows, "large_q": large_q}, f, indent=1)
     return 0
 
 
