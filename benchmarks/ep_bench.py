@@ -2,7 +2,8 @@
 
 DeepSeek-V3 shapes by default (hidden 7168, 256 experts, top-8), 128 and 4096 tokens per rank,
 bf16 activations; wire formats bf16 (none/none), fp8 (fp8/fp8) and mxfp4+fp8 (MXFP4 dispatch, FP8
-combine); backends ht (variable splits) and ll (fixed capacity = tokens per rank). Measured in
+combine); backends ht (variable splits), ll (fixed capacity = tokens per rank) and llp (ll over the
+peer-memory transport: rows stored straight into the peers' buffers, a device barrier, no NCCL). Measured in
 the same run for reference: GPU0 -> GPU1 peer-copy bandwidth and a plain NCCL all_to_all_single
 moving the bytes of the bf16 high-throughput dispatch.
 
@@ -63,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", default="128,4096", help="tokens per rank, comma separated")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--backends", default="ht,ll",
-                   help="comma list of ht, ll; a number after one pipelines it in that many token ranges (ll4)")
+                   help="comma list of ht, ll, llp (ll over peer memory); a number after ht or ll pipelines it in "
+                   "that many token ranges (ll4)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="also time the ll round trip captured in a CUDA graph")
@@ -76,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=300.0, help="deadline (s) for every collective")
     args = p.parse_args(argv)
     for b in args.backends.split(","):
-        if b[:2] not in ("ht", "ll") or not (b[2:] == "" or b[2:].isdigit() and int(b[2:]) > 0):
-            p.error(f"--backends: {b!r} is not ht or ll, optionally followed by a chunk count")
+        if b != "llp" and (b[:2] not in ("ht", "ll") or not (b[2:] == "" or b[2:].isdigit() and int(b[2:]) > 0)):
+            p.error(f"--backends: {b!r} is not llp, or ht or ll optionally followed by a chunk count")
     return args
 
 
@@ -166,14 +168,16 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     dcodec, ccodec = FORMATS[fmt]
     placement = Placement.contiguous(args.experts, world)
-    mode, chunks = backend[:2], int(backend[2:] or 0)  # "ll4": the low-latency backend in 4 pipelined ranges
+    peer = backend == "llp"
+    mode, chunks = backend[:2], 0 if peer else int(backend[2:] or 0)  # "ll4": ll in 4 pipelined ranges
     d = Dispatcher(dist.group.WORLD, placement, args.hidden, torch.bfloat16, dcodec, ccodec, mode=mode,
                    ll_capacity=tokens, device=device, kernels=args.kernels, ht_chunks=chunks or args.ht_chunks,
-                   ll_chunks=chunks or 1)
+                   ll_chunks=chunks or 1, ll_transport="peer" if peer else "collective", peer_timeout_s=args.timeout)
     x, ids, w = routing(tokens, args, rank, device)
-    recv_x, _, _, handle = d.dispatch(x, ids, w)
-    # Free experts: the output buffer is ready (the routing, hence its shape, is the same every time).
-    expert_out = recv_x.contiguous()
+    recv_x, _, _, handle = d.dispatch(x, ids, w)  # (llp: maps the peer buffers, before any timing or capture)
+    # Free experts: the output buffer is ready (the routing, hence its shape, is the same every time);
+    # a copy, since a raw payload's recv_x is a view of the receive buffer.
+    expert_out = recv_x.clone()
 
     def round_trip():
         _, _, _, h = d.dispatch(x, ids, w)
@@ -186,6 +190,8 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
     rows, _ = remote_rows(d, ids)
     if mode == "ht":
         wire = rows * (drow + crow)
+    elif peer:  # the metadata of every row, the payloads of the rows that carry a token
+        wire = rows * (drow - 8 * args.topk + crow) + (world - 1) * tokens * 8 * args.topk
     else:
         wire = (world - 1) * tokens * (drow + crow)
     useful = rows * (drow + crow)

@@ -294,6 +294,9 @@ class ParallelConfig:
     dispatch_backend: str = "auto"  # "auto" (by tokens per rank) | "ht" | "ll"; env MOESERVE_DISPATCH overrides auto
     ll_threshold: int = 128  # max tokens per rank at which the low-latency kernel is used
     ll_capacity: int | None = None  # rows per destination rank in the low-latency buffers (None: ll_threshold)
+    # How low-latency rows travel: "collective" (all_to_all) | "peer" (stored straight into the other
+    # ranks' memory, CUDA IPC, one node only); None: env MOESERVE_EP_LL_TRANSPORT, else collective.
+    ll_transport: str | None = None
     num_redundant_experts: int = 0
     eplb_interval: int = 0  # steps between expert rebalances; 0: off
     eplb_window: int = 1000  # steps of expert load the balancer looks at
@@ -310,6 +313,10 @@ class ParallelConfig:
             raise ValueError(f"node_rank {self.node_rank} is not in [0, {self.nnodes})")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("a multi-node instance needs dist_init_addr (host:port of node 0)")
+        if self.ll_transport not in (None, "collective", "peer"):
+            raise ValueError(f"ll_transport {self.ll_transport!r}: use collective or peer")
+        if self.ll_transport == "peer" and self.nnodes > 1:
+            raise ValueError("the peer transport maps other ranks' memory: one node only (nnodes 1)")
         if self.num_redundant_experts < 0 or self.eplb_interval < 0 or self.eplb_window < 1:
             raise ValueError("num_redundant_experts and eplb_interval must be >= 0, eplb_window >= 1")
 

@@ -17,10 +17,17 @@ Backends, behind Dispatcher:
 - "ht" (high-throughput): per-rank row counts go first (all_to_all of counts, one host sync),
   then variable-split all_to_all of just the rows that exist, and back.
 - "ll" (low-latency): a fixed buffer of `capacity` rows per destination rank, row t holding
-  token t; one equal-split all_to_all, no host sync, static shapes -> CUDA-graph capturable.
-  Padding rows, and rows of tokens with no expert on that rank, carry a zero payload and ids -1,
-  and are left out of the sum. It cannot overflow: a rank sends a token at most once per rank,
-  so capacity = max tokens per rank suffices (tokens beyond it raise).
+  token t; no host sync, static shapes -> CUDA-graph capturable. Padding rows, and rows of tokens
+  with no expert on that rank, carry ids -1 and are left out of the sum. It cannot overflow: a
+  rank sends a token at most once per rank, so capacity = max tokens per rank suffices (tokens
+  beyond it raise). Two transports (`ll_transport`, env MOESERVE_EP_LL_TRANSPORT):
+    "collective" (default): one equal-split all_to_all of the whole buffer (zero payloads in the
+      rows that carry nothing), NCCL on GPU, gloo on CPU;
+    "peer": every rank's receive buffer is mapped into its peers (peer_memory.py, one host), the
+      encode kernel stores each row straight into the receiving rank's buffer (the payload only
+      where the row carries a token, the metadata always), and a device barrier replaces the
+      collective; combine stores the partial sums back the same way. No NCCL, nothing on the
+      host: the codec pass and the transfer are one pass.
 
 Both backends make one pass over the activations per step of the way (wire_codecs' row kernels:
 gather + encode + pack into the send buffer, decode from the receive buffer, decode + sum per
@@ -39,14 +46,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moeserve.distributed.peer_memory import DEFAULT_TIMEOUT_S, PeerBuffers
 from moeserve.distributed.wire import Codec, make_codec
 from moeserve.kernels import wire_codecs
 
 BACKENDS = ("ht", "ll")
 KERNELS = ("auto", "triton", "torch")
+LL_TRANSPORTS = ("collective", "peer")
 ENV_BACKEND = "MOESERVE_DISPATCH"
 ENV_HT_CHUNKS = "MOESERVE_EP_HT_CHUNKS"
 ENV_LL_CHUNKS = "MOESERVE_EP_LL_CHUNKS"
+ENV_LL_TRANSPORT = "MOESERVE_EP_LL_TRANSPORT"
 
 
 # ----------------------------------------------------------------------------- placement
@@ -153,6 +163,7 @@ class LLHandle:
     dest: torch.Tensor  # [T, k] rank of each of token t's experts (R where none): row r * cap + t went to r
     num_tokens: int
     dtype: torch.dtype
+    recv_ids: torch.Tensor | None = None  # peer transport: the received rows' ids (rows to send back)
 
 
 class HighThroughputBackend:
@@ -239,6 +250,8 @@ class LowLatencyBackend:
             raise ValueError(f"low-latency dispatch got {t} tokens on rank {d.rank}, capacity {d.ll_capacity}: "
                              f"raise ll_capacity or use the high-throughput backend")
         dest, local, _ = table.route(topk_ids, d.rank, r, triton_ok=d.triton_ok)
+        if d.uses_peer_memory:
+            return self.dispatch_peer(x, dest, local, topk_weights)
         c, f = self.layout()
         n = r * f  # rows of one range
         codec = d.dispatch_codec
@@ -254,8 +267,32 @@ class LowLatencyBackend:
         recv_x, recv_ids, recv_w = d.decode_as_they_land(recv, works, [(i * n, (i + 1) * n) for i in range(c)], k)
         return recv_x.to(x.dtype), recv_ids, recv_w, LLHandle(dest, t, x.dtype)
 
+    def dispatch_peer(self, x, dest, local, topk_weights):
+        d, k = self.d, dest.shape[1]
+        codec = d.dispatch_codec
+        kernels = d.row_kernels(x, codec.dtype)
+        rows = d.peer_rows("dispatch", k)
+        wire_codecs.encode_peers(x, codec.name, codec.dtype, d.ll_capacity, dest, local, topk_weights, rows,
+                                 triton_ok=kernels)
+        d.peer_memory.barrier(kernel=x.is_cuda or kernels)
+        recv_x, recv_ids, recv_w = wire_codecs.decode_rows(rows.views[d.rank], codec.name, d.hidden, codec.dtype, k,
+                                                           triton_ok=kernels, live_only=True)
+        return recv_x.to(x.dtype), recv_ids, recv_w, LLHandle(dest, x.shape[0], x.dtype, recv_ids)
+
+    def combine_peer(self, expert_out, h: LLHandle):
+        d, codec = self.d, self.d.combine_codec
+        kernels = d.row_kernels(expert_out, codec.dtype, h.dtype)
+        rows = d.peer_rows("combine", h.recv_ids.shape[1])
+        wire_codecs.encode_back(expert_out, codec.name, codec.dtype, h.recv_ids, d.ll_capacity, rows,
+                                triton_ok=kernels)
+        d.peer_memory.barrier(kernel=expert_out.is_cuda or kernels)
+        return wire_codecs.combine_rows(rows.views[d.rank], codec.name, d.hidden, codec.dtype, h.dtype, h.num_tokens,
+                                        cap=d.ll_capacity, dest=h.dest, triton_ok=kernels)
+
     def combine(self, expert_out, h: LLHandle):
         d = self.d
+        if h.recv_ids is not None:
+            return self.combine_peer(expert_out, h)
         c, f = self.layout()
         n = d.num_ranks * f
         sent, works = [], []  # sent: the encoded ranges, alive until their transfers are waited for
@@ -302,7 +339,10 @@ class Dispatcher:
     ht_chunks: token ranges the high-throughput backend pipelines (default env MOESERVE_EP_HT_CHUNKS
     or 1); ll_chunks: token ranges the low-latency backend pipelines (env MOESERVE_EP_LL_CHUNKS or 1;
     for wires slower than the codecs: on one NVLink host it measured slower at every count, even at
-    4096 tokens per rank, docs/perf/ep.md). Every rank of the group must use the same numbers.
+    4096 tokens per rank, docs/perf/ep.md). ll_transport: "collective" or "peer" (env
+    MOESERVE_EP_LL_TRANSPORT, default collective; peer needs the group on one host and maps its
+    buffers at the first low-latency dispatch, a collective: not inside a CUDA graph capture).
+    peer_timeout_s: the peer barrier's deadline. Every rank of the group must use the same settings.
     One Dispatcher serves every MoE layer of a rank; each layer passes its own RoutingTable.
     """
 
@@ -310,7 +350,8 @@ class Dispatcher:
                  dtype: torch.dtype = torch.bfloat16, dispatch_codec: str | Codec = "none",
                  combine_codec: str | Codec = "none", mode: str | None = None, threshold: int = 128,
                  ll_capacity: int | None = None, device: torch.device | str = "cpu", kernels: str = "auto",
-                 ht_chunks: int | None = None, ll_chunks: int | None = None):
+                 ht_chunks: int | None = None, ll_chunks: int | None = None, ll_transport: str | None = None,
+                 peer_timeout_s: float = DEFAULT_TIMEOUT_S):
         self.group = group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.num_ranks = dist.get_world_size(group) if group is not None else 1
@@ -331,6 +372,15 @@ class Dispatcher:
         self.ll_chunks = int(ll_chunks or os.environ.get(ENV_LL_CHUNKS) or 1)
         if self.ht_chunks < 1 or self.ll_chunks < 1:
             raise ValueError(f"ht_chunks and ll_chunks must be >= 1, got {self.ht_chunks}, {self.ll_chunks}")
+        self.ll_transport = ll_transport or os.environ.get(ENV_LL_TRANSPORT) or "collective"
+        if self.ll_transport not in LL_TRANSPORTS:
+            raise ValueError(f"ll_transport {self.ll_transport!r}: use one of {LL_TRANSPORTS}")
+        if self.ll_transport == "peer" and self.ll_chunks > 1:
+            raise ValueError("ll_chunks pipelines the collective transport's transfers; the peer transport has none")
+        self.uses_peer_memory = self.ll_transport == "peer" and self.group is not None
+        self.peer_timeout_s = peer_timeout_s
+        self.peer_memory: PeerBuffers | None = None  # mapped at the first low-latency dispatch
+        self._peer_rows: dict[str, wire_codecs.PeerRows] = {}
         self.mode = resolve_mode(mode)
         self.threshold = threshold
         # In auto mode 'll' runs only when max tokens per rank <= threshold, so that is enough room.
@@ -406,7 +456,38 @@ class Dispatcher:
             return None
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
 
+    # -- the peer transport's buffers --------------------------------------------------------
+
+    def peer_rows(self, direction: str, k: int) -> wire_codecs.PeerRows:
+        """The low-latency layout's rows in every rank's buffer, for "dispatch" (rows of top_k = k)
+        or "combine". The first call maps the buffers (a collective over the group)."""
+        if self.peer_memory is None:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the peer transport maps its buffers at the first low-latency dispatch, which "
+                                   "must run before any CUDA graph capture (warm up eagerly first)")
+            rows = self.num_ranks * self.ll_capacity
+            d_row, c_row = self.bytes_per_row(k)
+            self.peer_memory = PeerBuffers(self.group, {"dispatch": rows * d_row, "combine": rows * c_row},
+                                           self.device, self.peer_timeout_s)
+            self.peer_k = k
+        if direction == "dispatch" and k != self.peer_k:
+            raise ValueError(f"the peer buffers hold rows of top_k {self.peer_k}, got {k}")
+        if direction not in self._peer_rows:
+            rows = self.num_ranks * self.ll_capacity
+            views = [v.view(rows, -1) for v in self.peer_memory.peer_views(direction)]
+            self._peer_rows[direction] = wire_codecs.PeerRows(views, self.peer_memory.table(direction), self.rank)
+        return self._peer_rows[direction]
+
+    def check_transport(self) -> None:
+        """Raise if a peer barrier timed out (a peer died or hung); call between steps."""
+        if self.peer_memory is not None:
+            self.peer_memory.check()
+
     # -- the row kernels, with this dispatcher's hidden size and kernel choice ----------------
+
+    def row_kernels(self, t: torch.Tensor, *dtypes: torch.dtype) -> bool:
+        """True: the Triton row kernels run on t (of these wire dtypes); False: the torch references."""
+        return self.triton_ok if self.triton_ok is not None else wire_codecs.use_triton(t, t.dtype, *dtypes)
 
     def encode_rows(self, x, codec: Codec, num_rows=None, **row_map) -> torch.Tensor:
         return wire_codecs.encode_rows(x, codec.name, codec.dtype, num_rows, triton_ok=self.triton_ok, **row_map)

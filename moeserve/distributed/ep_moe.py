@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from moeserve.distributed.dispatch import Dispatcher, Placement, RoutingTable
 from moeserve.distributed.eplb import Balancer, move_expert_weights
+from moeserve.distributed.peer_memory import DEFAULT_TIMEOUT_S
 from moeserve.kernels.fused_moe import fused_moe
 
 
@@ -125,13 +126,15 @@ class EPRuntime:
                  device: torch.device, dispatch_codec: str = "none", combine_codec: str = "none",
                  mode: str | None = None, threshold: int = 128, ll_capacity: int | None = None,
                  num_redundant: int = 0, eplb_interval: int = 0, eplb_window: int = 1000, tp: int = 1,
-                 eplb_layout: tuple[int, int] = (1, 1)):
+                 eplb_layout: tuple[int, int] = (1, 1), ll_transport: str | None = None,
+                 peer_timeout_s: float = DEFAULT_TIMEOUT_S):
         if (num_experts + num_redundant) % num_ranks:
             raise ValueError(f"{num_experts} experts + {num_redundant} redundant slots do not split evenly over "
                              f"{num_ranks} expert-parallel ranks; choose --num-redundant-experts to make them")
         self.placement = Placement.contiguous(num_experts, num_ranks, num_redundant)
         self.dispatcher = Dispatcher(group, self.placement, hidden, dtype, dispatch_codec, combine_codec, mode,
-                                     threshold, ll_capacity, device)
+                                     threshold, ll_capacity, device, ll_transport=ll_transport,
+                                     peer_timeout_s=peer_timeout_s)
         self.group, self.device, self.tp = group, device, tp
         self.eplb_interval, self.eplb_window = eplb_interval, eplb_window
         self.eplb_nodes, self.eplb_groups = eplb_layout  # hierarchical balancing over nodes (engine/dp.py)
@@ -184,7 +187,9 @@ class EPRuntime:
     @torch.no_grad()
     def after_step(self) -> bool:
         """Every rank, after every forward: close the step's expert counts; every eplb_interval
-        steps move the experts to a new placement (a collective). True if experts moved."""
+        steps move the experts to a new placement (a collective). True if experts moved. Raises
+        if the peer transport's barrier timed out (a peer rank died or hung)."""
+        self.dispatcher.check_transport()
         self.steps += 1
         if self.balancer is None:
             return False

@@ -153,12 +153,13 @@ def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> Ra
             state.ep_group, p.ep, model_config.n_routed_experts, model_config.hidden_size,
             resolve_dtype(config.dtype, model_config), dev, dispatch, combine, mode, p.ll_threshold,
             p.ll_capacity or forced, p.num_redundant_experts, p.eplb_interval, p.eplb_window, tp=p.tp,
-            eplb_layout=eplb_layout(p, model_config))
+            eplb_layout=eplb_layout(p, model_config), ll_transport=p.ll_transport, peer_timeout_s=p.dist_timeout_s)
     set_parallel_state(state)
     log.info("rank %d/%d on %s: dp rank %d, tp rank %d/%d, ep %d%s", rank, p.world_size, dev, state.dp_rank,
              state.tp_rank, p.tp, p.ep, "" if state.ep_runtime is None else
              f" (dispatch {state.ep_runtime.dispatcher.dispatch_codec.name}, combine "
-             f"{state.ep_runtime.dispatcher.combine_codec.name}, {state.ep_runtime.placement.slots_per_rank} "
+             f"{state.ep_runtime.dispatcher.combine_codec.name}, low-latency transport "
+             f"{state.ep_runtime.dispatcher.ll_transport}, {state.ep_runtime.placement.slots_per_rank} "
              f"expert slots here)")
     return links
 

@@ -141,6 +141,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     par.add_argument("--dispatch-backend", default="auto", choices=["auto", "ht", "ll"],
                      help="expert dispatch kernel: by load (auto), high-throughput or low-latency")
     par.add_argument("--ll-threshold", type=int, default=128, help="max tokens per rank for the low-latency kernel")
+    par.add_argument("--ll-transport", default=None, choices=["collective", "peer"],
+                     help="low-latency rows through an all_to_all, or stored straight into the other ranks' GPU "
+                     "memory (one node; default: env MOESERVE_EP_LL_TRANSPORT, else collective)")
     par.add_argument("--num-redundant-experts", type=int, default=0)
     par.add_argument("--eplb-interval", type=int, default=0, help="steps between expert rebalances (0: off)")
     par.add_argument("--eplb-window", type=int, default=1000)
@@ -158,7 +161,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 dp=args.dp, ep=args.ep, tp=args.tp, nnodes=args.nnodes, node_rank=args.node_rank,
                 dist_init_addr=args.dist_init_addr, dist_timeout_s=args.dist_timeout,
                 dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype,
-                dispatch_backend=args.dispatch_backend, ll_threshold=args.ll_threshold,
+                dispatch_backend=args.dispatch_backend, ll_threshold=args.ll_threshold, ll_transport=args.ll_transport,
                 num_redundant_experts=args.num_redundant_experts, eplb_interval=args.eplb_interval,
                 eplb_window=args.eplb_window)
 

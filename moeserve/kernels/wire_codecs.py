@@ -31,11 +31,17 @@ Which row holds token t for rank r (encode_rows and combine_rows):
                 token is padding (t >= T), or has no expert on rank r, carries zeros and ids -1
   neither       row t (one rank): plain encode
 `out=` writes into a given buffer, so that a caller can fill one buffer chunk by chunk.
+
+The peer transport (dispatch.py, peer_memory.py) uses the cap layout without a send buffer:
+encode_peers stores rank r's rows straight into rank r's own buffer (rows rank * cap + t there,
+this rank's block), the payload only of rows that carry a token; encode_back sends the expert
+output's rows back the same way; decode_rows(live_only=True) reads only the rows that carry one.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -57,6 +63,17 @@ E8M0_BIAS = 127
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 ENV_KERNELS = "MOESERVE_WIRE_KERNELS"  # "torch" forces the references
+
+
+@dataclass
+class PeerRows:
+    """Rows in every rank's buffer (the peer transport): views[r] is rank r's rows [R * cap, row_bytes]
+    as this process maps them, table[r] their address (int64 [R], on the device) for the kernels.
+    This rank writes only its own block of each, rows rank * cap .. (rank + 1) * cap."""
+
+    views: list
+    table: torch.Tensor
+    rank: int
 
 
 def payload_bytes(kind: str, hidden: int, dtype: torch.dtype) -> int:
@@ -234,7 +251,29 @@ def encode_rows_ref(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, loca
     return out
 
 
-def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None):
+def _store_to_peers_ref(rows, live, peers: PeerRows, cap: int, meta_from: int):
+    """rows [R * cap, B], block r meant for rank r -> this rank's block of each rank's buffer: every
+    row's bytes from meta_from on, and the payload (bytes before it) of live rows only."""
+    for r, view in enumerate(peers.views):
+        dst = view[peers.rank * cap:(peers.rank + 1) * cap]
+        src, ok = rows[r * cap:(r + 1) * cap], live[r * cap:(r + 1) * cap]
+        dst[:, meta_from:] = src[:, meta_from:]
+        dst[ok] = src[ok]
+
+
+def encode_peers_ref(x, kind, dtype, cap, dest, local, weights, peers: PeerRows):
+    rows = encode_rows_ref(x, kind, dtype, len(peers.views) * cap, cap=cap, dest=dest, local=local, weights=weights)
+    live = torch.zeros(len(peers.views), cap, dtype=torch.bool, device=x.device)
+    live[:, :x.shape[0]] = _row_map(len(peers.views), x.shape[0], None, cap, dest)[1]
+    _store_to_peers_ref(rows, live.reshape(-1), peers, cap, payload_bytes(kind, x.shape[1], dtype))
+
+
+def encode_back_ref(x, kind, dtype, ids, cap, peers: PeerRows):
+    rows = encode_ref(kind, x, dtype)
+    _store_to_peers_ref(rows, (ids >= 0).any(dim=1), peers, cap, rows.shape[1])
+
+
+def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None, live_only=False):
     bpt = payload_bytes(kind, hidden, dtype)
     x = decode_ref(kind, rows, hidden, dtype)
     if not (k and rows.shape[0]):  # torch cannot reinterpret empty byte columns
@@ -243,6 +282,8 @@ def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None):
     else:
         ids = bytes_as(rows[:, bpt:bpt + 4 * k], torch.int32).to(torch.int64)
         w = bytes_as(rows[:, bpt + 4 * k:bpt + 8 * k], torch.float32)
+    if live_only and kind != RAW and k:
+        x = torch.where((ids >= 0).any(dim=1, keepdim=True), x, 0).to(x.dtype)
     if out is None:
         return x, ids, w
     if kind != RAW:
@@ -404,16 +445,10 @@ if triton is not None:
             v = tl.reshape(_e2m1_value(codes) * scale[:, None], [CHUNK])
         return v
 
-    @triton.jit(do_not_specialize=["num_tokens", "cap"])
-    def _encode_rows_kernel(x_ptr, out_ptr, slots_ptr, dest_ptr, local_ptr, weight_ptr,
-                            num_tokens, hidden, payload_bytes, cap, num_ranks, top_k, stride_x, stride_out,
-                            KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr, META: tl.constexpr,
-                            CHUNK: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr):
-        # Program (token t, chunk): read the chunk once, encode it once, store it in t's row for
-        # every rank that gets one.
-        t = tl.program_id(0)
-        chunk = tl.program_id(1)
-        has_token = t < num_tokens
+    @triton.jit
+    def _encode_chunk(x_ptr, t, chunk, hidden, stride_x, has_token, KIND: tl.constexpr, WIRE: tl.constexpr,
+                      CHUNK: tl.constexpr, FAST: tl.constexpr):
+        # One chunk of row t of x -> (payload body, scales), zeros for no token.
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
         # A branch rather than a mask on has_token: `offs < hidden` alone lets loads vectorize.
         if has_token:
@@ -426,6 +461,31 @@ if triton is not None:
             body, scale = _fp8_encode(x, CHUNK // 128, FAST)
         else:
             body, scale = _mxfp4_encode(x, CHUNK // 32)
+        return body, scale
+
+    @triton.jit
+    def _peer_row(out_ptr, peers_ptr, r, row, stride):
+        # Row `row` of rank r's buffer, through this process's mapping of it (address table peers_ptr),
+        # written as out_ptr (this rank's own buffer, an argument) plus a distance: the compiler
+        # knows an argument's alignment but takes a loaded address as unaligned, and would store
+        # one byte at a time. The buffers are 256-byte aligned (PeerBuffers), so (d >> 4) << 4 == d
+        # says what is true: the distance is a multiple of 16.
+        distance = ((tl.load(peers_ptr + r) - out_ptr.to(tl.int64)) >> 4) << 4
+        return out_ptr + distance + row.to(tl.int64) * stride
+
+    @triton.jit(do_not_specialize=["num_tokens", "cap"])
+    def _encode_rows_kernel(x_ptr, out_ptr, slots_ptr, dest_ptr, local_ptr, weight_ptr, peers_ptr,
+                            num_tokens, hidden, payload_bytes, cap, num_ranks, top_k, rank, stride_x, stride_out,
+                            KIND: tl.constexpr, WIRE: tl.constexpr, FIXED: tl.constexpr, META: tl.constexpr,
+                            PEER: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr,
+                            FAST: tl.constexpr):
+        # Program (token t, chunk): read the chunk once, encode it once, store it in t's row for
+        # every rank that gets one. PEER (with FIXED): row t of this rank's block in rank r's own
+        # buffer, and only live rows' payloads (the metadata marks the others).
+        t = tl.program_id(0)
+        chunk = tl.program_id(1)
+        has_token = t < num_tokens
+        body, scale = _encode_chunk(x_ptr, t, chunk, hidden, stride_x, has_token, KIND, WIRE, CHUNK, FAST)
         if META:
             j = tl.arange(0, KP)
             jm = j < tl.where(has_token, top_k, 0)  # (not `vector & scalar`: the interpreter cannot mask with it)
@@ -442,25 +502,54 @@ if triton is not None:
                 row = tl.load(slots_ptr + r * num_tokens + t)
                 live = row >= 0
             if row >= 0:
-                base = out_ptr + row.to(tl.int64) * stride_out
-                _store_payload(base, body, scale, live, chunk, hidden, KIND, WIRE, CHUNK, ALIGN)
+                if PEER:
+                    base = _peer_row(out_ptr, peers_ptr, r, rank * cap + t, stride_out)
+                    if live:
+                        _store_payload(base, body, scale, live, chunk, hidden, KIND, WIRE, CHUNK, ALIGN)
+                else:
+                    base = out_ptr + row.to(tl.int64) * stride_out
+                    _store_payload(base, body, scale, live, chunk, hidden, KIND, WIRE, CHUNK, ALIGN)
                 if META:
                     if chunk == 0:
                         mine = dest == r
                         _store_u32(base + payload_bytes, tl.where(mine, local, -1), j < top_k, ALIGN)
                         _store_u32(base + payload_bytes + 4 * top_k, tl.where(mine, weight, 0.0), j < top_k, ALIGN)
 
+    @triton.jit(do_not_specialize=["cap"])
+    def _encode_back_kernel(x_ptr, ids_ptr, out_ptr, peers_ptr, rank, cap, hidden, top_k, stride_x, stride_out,
+                            KIND: tl.constexpr, WIRE: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr,
+                            ALIGN: tl.constexpr, FAST: tl.constexpr):
+        # Program (row n, chunk) of the expert output: row n holds token n % cap of rank n // cap; if
+        # it carried an expert (ids[n] not all -1), encode it into that rank's own buffer, row
+        # rank * cap + n % cap (this rank's block).
+        n = tl.program_id(0)
+        chunk = tl.program_id(1)
+        j = tl.arange(0, KP)
+        ids = tl.load(ids_ptr + n.to(tl.int64) * top_k + j, mask=j < top_k, other=-1)
+        if tl.max(ids, axis=0) >= 0:
+            body, scale = _encode_chunk(x_ptr, n, chunk, hidden, stride_x, True, KIND, WIRE, CHUNK, FAST)
+            base = _peer_row(out_ptr, peers_ptr, n // cap, rank * cap + n % cap, stride_out)
+            _store_payload(base, body, scale, n >= 0, chunk, hidden, KIND, WIRE, CHUNK, ALIGN)
+
     @triton.jit
     def _decode_rows_kernel(rows_ptr, out_ptr, ids_ptr, w_ptr, hidden, payload_bytes, top_k, stride_rows,
                             stride_out, KIND: tl.constexpr, WIRE: tl.constexpr, PAYLOAD: tl.constexpr,
-                            META: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr,
-                            FAST: tl.constexpr):
+                            META: tl.constexpr, LIVE: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr,
+                            ALIGN: tl.constexpr, FAST: tl.constexpr):
+        # LIVE: a row whose ids are all -1 decodes to zeros without its payload being read (the
+        # peer transport does not send those payloads).
         n = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         row = rows_ptr + n * stride_rows
         if PAYLOAD:
             offs = chunk * CHUNK + tl.arange(0, CHUNK)
-            v = _load_payload(row, chunk, hidden, True, KIND, WIRE, CHUNK, ALIGN, FAST)
+            if LIVE:
+                j = tl.arange(0, KP)
+                ids = _load_u32(row + payload_bytes, KP, j < top_k, ALIGN).to(tl.int32, bitcast=True)
+                live = tl.max(tl.where(j < top_k, ids, -1), axis=0) >= 0
+            else:
+                live = n >= 0
+            v = _load_payload(row, chunk, hidden, live, KIND, WIRE, CHUNK, ALIGN, FAST)
             tl.store(out_ptr + n * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=offs < hidden)
         if META:
             if chunk == 0:
@@ -590,10 +679,13 @@ def route_triton(topk_ids, replica_slots, replica_count, rank, slots_per_rank, n
     return dest, local, hit
 
 
-def encode_rows_triton(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, local=None, weights=None, out=None):
+def encode_rows_triton(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, local=None, weights=None, out=None,
+                       peers: PeerRows | None = None):
     t, h = x.shape
     bpt = payload_bytes(kind, h, dtype)
     k = dest.shape[1] if dest is not None else 0
+    if peers is not None:  # this rank's own buffer gives the layout every rank's has
+        out = peers.views[peers.rank]
     out = torch.empty(num_rows, bpt + 8 * k, dtype=torch.uint8, device=x.device) if out is None else out
     fixed = slots is None
     num_ranks = (num_rows // cap if cap else 0) if fixed else slots.shape[0]
@@ -606,13 +698,27 @@ def encode_rows_triton(x, kind, dtype, num_rows, slots=None, cap=0, dest=None, l
     _encode_rows_kernel[(grid_t, triton.cdiv(h, chunk))](
         x, out, slots.contiguous() if slots is not None else dummy,
         dest.contiguous() if k else dummy, local.contiguous() if k else dummy,
-        weights.contiguous() if k else dummy, t, h, bpt, cap, num_ranks, k, x.stride(0), out.stride(0),
-        KIND=_KIND_ID[kind], WIRE=_TL[dtype], FIXED=fixed, META=k > 0, CHUNK=chunk, KP=_kp(k),
-        ALIGN=_aligned(out, h if kind == FP8 else 0, bpt), FAST=_fast(x), num_warps=warps)
+        weights.contiguous() if k else dummy, peers.table if peers is not None else dummy, t, h, bpt, cap,
+        num_ranks, k, peers.rank if peers is not None else 0, x.stride(0), out.stride(0),
+        KIND=_KIND_ID[kind], WIRE=_TL[dtype], FIXED=fixed, META=k > 0, PEER=peers is not None, CHUNK=chunk,
+        KP=_kp(k), ALIGN=_aligned(out, h if kind == FP8 else 0, bpt), FAST=_fast(x), num_warps=warps)
     return out
 
 
-def decode_rows_triton(rows, kind, hidden, dtype, k=0, out=None):
+def encode_back_triton(x, kind, dtype, ids, cap, peers: PeerRows):
+    n, h = x.shape
+    if n == 0:
+        return
+    out = peers.views[peers.rank]
+    chunk, warps = _config("encode", kind, h, n)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    _encode_back_kernel[(n, triton.cdiv(h, chunk))](
+        x, ids.contiguous(), out, peers.table, peers.rank, cap, h, ids.shape[1], x.stride(0), out.stride(0),
+        KIND=_KIND_ID[kind], WIRE=_TL[dtype], CHUNK=chunk, KP=_kp(ids.shape[1]),
+        ALIGN=_aligned(out, h if kind == FP8 else 0), FAST=_fast(x), num_warps=warps)
+
+
+def decode_rows_triton(rows, kind, hidden, dtype, k=0, out=None, live_only=False):
     n = rows.shape[0]
     bpt = payload_bytes(kind, hidden, dtype)
     payload = kind != RAW  # the raw payload is read in place, as a view
@@ -627,8 +733,8 @@ def decode_rows_triton(rows, kind, hidden, dtype, k=0, out=None):
     chunk, warps = _config("decode", kind, hidden, n)
     _decode_rows_kernel[(n, triton.cdiv(hidden, chunk) if payload else 1)](
         rows, x if payload else ids, ids, w, hidden, bpt, k, rows.stride(0), x.stride(0) if payload else 0,
-        KIND=_KIND_ID[kind], WIRE=_TL[dtype], PAYLOAD=payload, META=k > 0, CHUNK=chunk, KP=_kp(k),
-        ALIGN=_aligned(rows, hidden if kind == FP8 else 0, bpt), FAST=_fast(rows), num_warps=warps)
+        KIND=_KIND_ID[kind], WIRE=_TL[dtype], PAYLOAD=payload, META=k > 0, LIVE=live_only and k > 0, CHUNK=chunk,
+        KP=_kp(k), ALIGN=_aligned(rows, hidden if kind == FP8 else 0, bpt), FAST=_fast(rows), num_warps=warps)
     return x, ids, w
 
 
@@ -689,14 +795,38 @@ def encode_rows(x: torch.Tensor, kind: str, dtype: torch.dtype, num_rows: int | 
     return encode_rows_ref(x, kind, dtype, num_rows, slots, cap, dest, local, weights, out)
 
 
+def encode_peers(x: torch.Tensor, kind: str, dtype: torch.dtype, cap: int, dest, local, weights, peers: PeerRows,
+                 triton_ok: bool | None = None) -> None:
+    """The low-latency layout's rows (cap rows per rank, row t = token t), each stored straight into
+    the receiving rank's buffer (this rank's block of it): every row's metadata (ids -1 where token
+    t has no expert there, or t >= T), and the payloads of the rows that carry a token."""
+    if triton_ok if triton_ok is not None else use_triton(x, x.dtype, dtype):
+        encode_rows_triton(x, kind, dtype, len(peers.views) * cap, cap=cap, dest=dest, local=local, weights=weights,
+                           peers=peers)
+    else:
+        encode_peers_ref(x, kind, dtype, cap, dest, local, weights, peers)
+
+
+def encode_back(x: torch.Tensor, kind: str, dtype: torch.dtype, ids: torch.Tensor, cap: int, peers: PeerRows,
+                triton_ok: bool | None = None) -> None:
+    """Expert output x [R * cap, H] (row r * cap + t: token t of rank r, ids [R * cap, k] its received
+    expert ids) -> each row that carried an expert, encoded, into rank r's buffer at row
+    rank * cap + t; rows without one are not sent (their token has no expert here)."""
+    if triton_ok if triton_ok is not None else use_triton(x, x.dtype, dtype):
+        encode_back_triton(x, kind, dtype, ids, cap, peers)
+    else:
+        encode_back_ref(x, kind, dtype, ids, cap, peers)
+
+
 def decode_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, k: int = 0, out=None,
-                triton_ok: bool | None = None):
+                triton_ok: bool | None = None, live_only: bool = False):
     """rows uint8 [N, row_bytes] -> (x [N, hidden] dtype, ids [N, k] int64, weights [N, k] fp32).
     A raw payload comes back as a view into rows. out: (x, ids, weights) to fill instead (x is
-    not used for a raw payload)."""
+    not used for a raw payload). live_only: rows whose ids are all -1 decode to zeros, their
+    payload unread (a raw payload, a view, keeps whatever bytes are there)."""
     if triton_ok if triton_ok is not None else use_triton(rows, dtype):
-        return decode_rows_triton(rows, kind, hidden, dtype, k, out)
-    return decode_rows_ref(rows, kind, hidden, dtype, k, out)
+        return decode_rows_triton(rows, kind, hidden, dtype, k, out, live_only)
+    return decode_rows_ref(rows, kind, hidden, dtype, k, out, live_only)
 
 
 def combine_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, out_dtype: torch.dtype,

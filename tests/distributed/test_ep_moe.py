@@ -1,7 +1,8 @@
 """Expert-parallel MoE over 2 and 4 gloo ranks equals the single-process fused_moe_ref over all
-experts, for both dispatch backends (high-throughput also in pipelined chunks) and every wire
-codec, with skewed routing (ranks that receive no tokens, ranks with no tokens of their own),
-redundant expert replicas, and after the balancer moves expert weights between ranks."""
+experts, for both dispatch backends (high-throughput also in pipelined chunks, low-latency also
+over the peer-memory transport) and every wire codec, with skewed routing (ranks that receive no
+tokens, ranks with no tokens of their own), redundant expert replicas, and after the balancer
+moves expert weights between ranks."""
 
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def _sq(a, b):
     return float((a.float() - b.float()).pow(2).sum()), float(b.float().pow(2).sum())
 
 
+def _chunks(backend: str) -> int:
+    return int(backend[2:]) if backend[2:].isdigit() else 1
+
+
 def _correctness(rank, world):
     w13, w2 = full_weights()
     out = {}
@@ -89,11 +94,13 @@ def _correctness(rank, world):
             x = x32.to(dtype)
             ref_x = fp8_activations(x) if dcodec == "fp8q" else x
             ref = fused_moe_ref(ref_x, w13.to(dtype), w2.to(dtype), w, ids)
-            # ht3 / ll3: three pipelined chunks (some ranks' chunks empty, ll's last one short)
-            for backend in ("ht", "ll", "ht3", "ll3"):
-                chunks = int(backend[2:] or 1)
+            # ht3 / ll3: three pipelined chunks (some ranks' chunks empty, ll's last one short);
+            # llp: ll over the peer-memory transport
+            for backend in ("ht", "ll", "ht3", "ll3", "llp"):
+                chunks = _chunks(backend)
                 d = Dispatcher(dist.group.WORLD, placement, H, dtype, dcodec.rstrip("q"), ccodec, mode=backend[:2],
-                               ll_capacity=CAPACITY, ht_chunks=chunks, ll_chunks=chunks)
+                               ll_capacity=CAPACITY, ht_chunks=chunks, ll_chunks=chunks,
+                               ll_transport="peer" if backend == "llp" else "collective")
                 layer = local_layer(placement, rank, d, w13.to(dtype), w2.to(dtype))
                 recv_x, recv_ids, _, handle = d.dispatch(x, ids, w)
                 d.combine(torch.zeros_like(recv_x), handle)
@@ -184,7 +191,7 @@ def test_expert_parallel_moe(world):
             case = r["correctness"][key]
             assert case["shape"] == (scenarios(world)[name][0][rank], H) and case["dtype"] == dtype
             if backend.startswith("ll"):  # static shapes: the low-latency receive buffer never changes size
-                chunks = int(backend[2:] or 1)
+                chunks = _chunks(backend)
                 assert case["recv_shape"] == (world * chunks * -(-CAPACITY // chunks), H)
     assert not failures, failures
     # Skewed routing: the ranks that own none of experts 0-7 received no rows at all.
@@ -212,12 +219,14 @@ def test_expert_parallel_moe(world):
     assert _rel([b["diff"] for b in bal]) < 1e-5
 
 
-def _padding(rank, world):
+def _padding(rank, world, transport):
     """Through EPRuntime as the engine drives it: rank 0 has 3 real tokens in a batch padded to 5
     (a CUDA-graph batch), rank 1 runs a one-token dummy batch. Padding rows route nowhere: the
-    balancer counts only real (token, expert) pairs, and the real rows' output is unchanged."""
+    balancer counts only real (token, expert) pairs, and the real rows' output is unchanged.
+    transport: the low-latency transport, chosen as an operator would (the environment)."""
     from moeserve.distributed.ep_moe import EPRuntime, expert_counts
 
+    os.environ["MOESERVE_EP_LL_TRANSPORT"] = transport
     w13, w2 = full_weights(seed=5)
     rt = EPRuntime(dist.group.WORLD, world, E, H, torch.float32, torch.device("cpu"), mode="ll",
                    ll_capacity=8, eplb_interval=100, eplb_window=4)
@@ -230,6 +239,7 @@ def _padding(rank, world):
     rt.begin_step(real, 5)
     y = layer(x, ids, w)
     counted = rt.balancer.current[0].clone()
+    rt.after_step()  # closes the step (and checks the peer transport's barriers)
     dist.all_reduce(counted)
     expected = expert_counts(ids[:real], E)
     dist.all_reduce(expected)
@@ -238,8 +248,9 @@ def _padding(rank, world):
             "pad_zero": bool((y[real:] == 0).all())}
 
 
-def test_padding_rows_route_nowhere():
-    results = run_ranks(_padding, 2, timeout_s=60)
+@pytest.mark.parametrize("transport", ["collective", "peer"])
+def test_padding_rows_route_nowhere(transport):
+    results = run_ranks(_padding, 2, transport, timeout_s=60)
     for r in results:
         assert r["counted"] == r["expected"], r
         assert r["pad_zero"]

@@ -188,16 +188,27 @@ def _ep_ranks(rank, world):
         ids = torch.rand(n, e, generator=g).argsort(dim=1)[:, :k]
         ids[:1, -1] = -1  # a dropped expert
         w = torch.rand(n, k, generator=g)
-        for backend in ("ht", "ll", "ht2", "ll5"):  # ht2, ll5: pipelined chunks (ll5: some of 5 empty)
+        # ht2, ll5: pipelined chunks (ll5: some of 5 empty); llp: ll over peer memory, whose kernels
+        # store into the other process's shared buffer and meet at the device barrier (interpreted)
+        torch_path = {}  # backend -> its torch-path results
+        for backend in ("ht", "ll", "ht2", "ll5", "llp"):
             res = []
             for kernels in ("torch", "triton"):
-                chunks = int(backend[2:] or 1)
+                chunks = int(backend[2:]) if backend[2:].isdigit() else 1
                 d = Dispatcher(dist.group.WORLD, placement, h, dtype, dcodec, ccodec, mode=backend[:2], ll_capacity=cap,
-                               kernels=kernels, ht_chunks=chunks, ll_chunks=chunks)
-                recv_x, recv_ids, recv_w, handle = d.dispatch(x.to(dtype), ids, w)
-                expert_out = (recv_x.float() * 1.5 - 0.25).to(dtype)  # any per-row function
-                res.append((recv_x, recv_ids, recv_w, d.combine(expert_out, handle)))
+                               kernels=kernels, ht_chunks=chunks, ll_chunks=chunks,
+                               ll_transport="peer" if backend == "llp" else "collective")
+                for _ in range(2):  # the peer buffers' second use: rows left from the first are not read
+                    recv_x, recv_ids, recv_w, handle = d.dispatch(x.to(dtype), ids, w)
+                    expert_out = (recv_x.float() * 1.5 - 0.25).to(dtype)  # any per-row function
+                    y = d.combine(expert_out, handle)
+                live = (recv_ids >= 0).any(dim=1)  # llp sends no payload for rows that carry nothing
+                res.append((recv_x[live], recv_ids, recv_w, y))
             out[f"{n}_{dcodec}+{ccodec}_{dtype}_{backend}"] = all(_equal(a, b) for a, b in zip(*res))
+            torch_path[backend] = res[0]
+        # the peer transport delivers what the collective one does
+        out[f"{n}_{dcodec}+{ccodec}_{dtype}_llp_vs_ll"] = all(
+            _equal(a, b) for a, b in zip(torch_path["llp"], torch_path["ll"]))
     return out
 
 

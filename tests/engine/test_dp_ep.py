@@ -1,7 +1,8 @@
 """Data-parallel attention + expert-parallel MoE through the whole engine (gloo, CPU, fp32):
 `LLM(dp=2, ep=2)` and `moeserve serve --dp 2 --ep 2` (one node, and two "nodes" launched
-separately) give the greedy tokens of a single process; so do both dispatch kernels, FP8
-on the wire (within tolerance), and a run whose experts the balancer moves mid-generation."""
+separately) give the greedy tokens of a single process; so do both dispatch kernels (the
+low-latency one also over the peer-memory transport), FP8 on the wire (within tolerance), and a
+run whose experts the balancer moves mid-generation."""
 
 import subprocess
 import sys
@@ -38,8 +39,9 @@ def test_dp2_ep2_equals_single_process(arch_ref):
 
 
 @pytest.mark.parametrize("extra", [{"dispatch_backend": "ht"}, {"dispatch_backend": "ll", "ll_threshold": 64},
+                                   {"dispatch_backend": "ll", "ll_threshold": 64, "ll_transport": "peer"},
                                    {"num_redundant_experts": 2, "eplb_interval": 3, "eplb_window": 4}],
-                         ids=["ht", "ll", "eplb"])
+                         ids=["ht", "ll", "ll_peer", "eplb"])
 def test_dp2_ep2_variants(deepseek_v3_dir, extra):
     ref = greedy(LLM(deepseek_v3_dir, **ENGINE), prompts_for(7))
     llm = LLM(deepseek_v3_dir, dp=2, ep=2, **ENGINE, **extra)
@@ -68,6 +70,10 @@ def test_fp8_wire_stays_close(deepseek_v3_dir):
 def test_bad_parallel_config(deepseek_v3_dir):
     with pytest.raises(ValueError, match="ep must be 1 or"):
         LLM(deepseek_v3_dir, dp=2, ep=3, **ENGINE)
+    with pytest.raises(ValueError, match="ll_transport"):
+        LLM(deepseek_v3_dir, dp=2, ep=2, ll_transport="nvlink", **ENGINE)
+    with pytest.raises(ValueError, match="one node only"):
+        LLM(deepseek_v3_dir, dp=2, ep=2, nnodes=2, dist_init_addr="127.0.0.1:1", ll_transport="peer", **ENGINE)
     with pytest.raises(ValueError, match="do not split evenly"):  # 16 experts + 1 over 2 ranks
         LLM(deepseek_v3_dir, dp=2, ep=2, num_redundant_experts=1, **ENGINE).shutdown()
 

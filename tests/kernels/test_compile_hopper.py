@@ -48,7 +48,7 @@ def _cases() -> dict:
     from moeserve.distributed.dispatch import Placement
     from moeserve.kernels import activation, argmax, attention_triton as at, fp8, fused_moe, gemv, gqa_cache, mla_cache
     from moeserve.kernels import head_matvec, moe_config
-    from moeserve.kernels import moe_align, rmsnorm, rotary, router_gemm, routing
+    from moeserve.kernels import moe_align, peer_sync, rmsnorm, rotary, router_gemm, routing
     from moeserve.kernels import wire_codecs as wc
 
     bf, fp16, e4m3 = torch.bfloat16, torch.float16, fp8.FP8_DTYPE
@@ -215,6 +215,20 @@ def _cases() -> dict:
         cases[f"wire_combine_{kind}"] = lambda kind=kind: wc.combine_rows_triton(
             torch.zeros(2 * tokens, wc.payload_bytes(kind, h, bf), dtype=torch.uint8), kind, h, bf, bf, tokens,
             cap=tokens, dest=dest)
+        # the peer transport: stores into two ranks' buffers (addresses from a table), payload-only
+        # rows back, decode that skips rows carrying nothing
+        bufs = [torch.zeros(2 * tokens, row_bytes, dtype=torch.uint8) for _ in range(2)]
+        back = [torch.zeros(2 * tokens, wc.payload_bytes(kind, h, bf), dtype=torch.uint8) for _ in range(2)]
+        cases[f"wire_encode_peers_{kind}"] = lambda kind=kind, bufs=bufs: wc.encode_rows_triton(
+            xm, kind, bf, 2 * tokens, cap=tokens, dest=dest, local=local, weights=topk_w,
+            peers=wc.PeerRows(bufs, torch.tensor([b.data_ptr() for b in bufs]), 1))
+        cases[f"wire_encode_back_{kind}"] = lambda kind=kind, back=back: wc.encode_back_triton(
+            torch.randn(2 * tokens, h, dtype=bf), kind, bf, torch.randint(-1, 4, (2 * tokens, top_k)), tokens,
+            wc.PeerRows(back, torch.tensor([b.data_ptr() for b in back]), 0))
+        cases[f"wire_decode_live_{kind}"] = lambda kind=kind, rb=row_bytes: wc.decode_rows_triton(
+            torch.zeros(2 * tokens, rb, dtype=torch.uint8), kind, h, bf, top_k, live_only=True)
+    flags, epoch, status = (torch.zeros(n, dtype=torch.int64) for n in (2, 1, 1))
+    cases["peer_barrier"] = lambda: peer_sync.peer_barrier(torch.tensor([flags.data_ptr()] * 2), epoch, status, 0, 1.0)
     return cases
 
 
@@ -233,6 +247,33 @@ def _mla_fp8_profile() -> dict:
     return {}
 
 
+def _peer_store_widths() -> dict:
+    """PTX store instructions of the peer transport's bf16 row stores (hidden 7168), which address
+    the other ranks' buffers through a table of addresses: 16-byte vector stores, as the collective
+    path's, or (a loaded address taken as unaligned) one 2-byte store per element over NVLink."""
+    from moeserve.kernels import wire_codecs as wc
+
+    h, t, k, bf = 7168, 4, 8, torch.bfloat16
+    x, w = torch.randn(2 * t, h, dtype=bf), torch.rand(t, k)
+    dest, ids = torch.randint(0, 3, (t, k)), torch.randint(-1, 4, (2 * t, k))
+    rows = [torch.zeros(2 * t, wc.payload_bytes("none", h, bf) + 8 * k, dtype=torch.uint8) for _ in range(2)]
+    back = [torch.zeros(2 * t, wc.payload_bytes("none", h, bf), dtype=torch.uint8) for _ in range(2)]
+
+    def table(bufs):
+        return wc.PeerRows(bufs, torch.tensor([b.data_ptr() for b in bufs]), 1)
+
+    out = {}
+    for name, kernel, call in (
+            ("encode", wc._encode_rows_kernel, lambda: wc.encode_rows_triton(
+                x[:t], "none", bf, 2 * t, cap=t, dest=dest, local=dest, weights=w, peers=table(rows))),
+            ("back", wc._encode_back_kernel, lambda: wc.encode_back_triton(x, "none", bf, ids, t, table(back)))):
+        kernel.device_caches.clear()
+        call()
+        ptx = "".join(k.asm["ptx"] for caches in kernel.device_caches.values() for k in caches[0].values())
+        out[name] = {"v4": len(re.findall(r"st\.global\.v4", ptx)), "b16": len(re.findall(r"st\.global\.b16", ptx))}
+    return out
+
+
 def _compile_all() -> dict:
     from tests.hopper_stub import install
 
@@ -244,7 +285,7 @@ def _compile_all() -> dict:
         except Exception as e:  # noqa: BLE001 - reported by the test
             errors[name] = f"{type(e).__name__}: {str(e)[:2000]}"
     return {"errors": errors, "compiled": sorted(set(compiled)), "defined": sorted(_defined_kernels()),
-            "mla_fp8": _mla_fp8_profile()}
+            "mla_fp8": _mla_fp8_profile(), "peer_stores": _peer_store_widths()}
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +315,13 @@ def test_mla_fp8_decode_reads_its_tiles_as_the_bf16_kernel_does(results):
     assert profile, "no FP8-cache MLA decode compiled with the inline-PTX conversion"
     assert profile["async_copies"] >= 6 and profile["byte_loads"] == 0 and profile["ldmatrix"] > 0, profile
     assert profile["shared_bytes"] <= 227 * 1024 // 2, profile
+
+
+def test_peer_row_stores_are_vectors(results):
+    """The peer transport's stores into other ranks' buffers (wire_codecs._peer_row) compile to 16-byte
+    vector stores, not one store per bf16 element."""
+    for name, counts in results["peer_stores"].items():
+        assert counts["v4"] >= 1 and counts["b16"] == 0, (name, counts)
 
 
 if __name__ == "__main__":
