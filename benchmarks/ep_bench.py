@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="also time the ll round trip captured in a CUDA graph")
+    p.add_argument("--fp8-experts", action="store_true",
+                   help="hand the received rows over as FP8 experts take them (FP8 groups: an fp8 payload as it "
+                   "arrived, others decoded and quantized in one pass) instead of decoded to bf16")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="row kernels: Triton where it runs (auto) or the plain-torch references")
     p.add_argument("--ht-chunks", type=int, default=1,
@@ -174,17 +177,19 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
                    ll_capacity=tokens, device=device, kernels=args.kernels, ht_chunks=chunks or args.ht_chunks,
                    ll_chunks=chunks or 1, ll_transport="peer" if peer else "collective", peer_timeout_s=args.timeout)
     x, ids, w = routing(tokens, args, rank, device)
-    recv_x, _, _, handle = d.dispatch(x, ids, w)  # (llp: maps the peer buffers, before any timing or capture)
+    fp8 = args.fp8_experts
+    # (llp: the first dispatch maps the peer buffers, before any timing or capture)
+    recv_x, _, _, handle = d.dispatch(x, ids, w, fp8_groups=fp8)
     # Free experts: the output buffer is ready (the routing, hence its shape, is the same every time);
     # a copy, since a raw payload's recv_x is a view of the receive buffer.
-    expert_out = recv_x.clone()
+    expert_out = torch.randn(recv_x[0].shape, device=device).to(torch.bfloat16) if fp8 else recv_x.clone()
 
     def round_trip():
-        _, _, _, h = d.dispatch(x, ids, w)
+        _, _, _, h = d.dispatch(x, ids, w, fp8_groups=fp8)
         return d.combine(expert_out, h)
 
     t_rt = timed(round_trip, args, device)
-    t_dispatch = timed(lambda: d.dispatch(x, ids, w), args, device)
+    t_dispatch = timed(lambda: d.dispatch(x, ids, w, fp8_groups=fp8), args, device)
     t_combine = timed(lambda: d.combine(expert_out, handle), args, device)  # a handle can be combined again
     drow, crow = d.bytes_per_row(args.topk)
     rows, _ = remote_rows(d, ids)
@@ -196,7 +201,7 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
         wire = (world - 1) * tokens * (drow + crow)
     useful = rows * (drow + crow)
     wire, useful = mean_over_ranks(wire, device), mean_over_ranks(useful, device)
-    row = {"format": fmt, "backend": backend, "tokens_per_rank": tokens, "round_trip_us": t_rt * 1e6,
+    row = {"format": fmt, "backend": backend, "tokens_per_rank": tokens, "fp8_experts": fp8, "round_trip_us": t_rt * 1e6,
            "dispatch_us": t_dispatch * 1e6, "combine_us": t_combine * 1e6,
            "wire_bytes_per_rank": wire, "useful_fraction": useful / wire if wire else 1.0,
            "gbs": wire / t_rt / 1e9, "bytes_per_token_round_trip": d.dispatch_codec.bytes_per_token(args.hidden)

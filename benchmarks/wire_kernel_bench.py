@@ -11,7 +11,7 @@ are not read), the median time of CUDA-graph replays cycling over input sets (so
 cases do not hit in L2), achieved GB/s and the ratio to the same run's copy roofline (a large
 device-to-device torch copy, read + write counted). Before timing, each case's output is compared
 with the torch reference run on the CPU (bf16, the first CHECK_TOKENS tokens' rows): bytes for
-encode and route, values for decode and combine. --tune times candidate (values per program,
+encode and route, values for decode and combine (decode into FP8 experts' input: bytes). --tune times candidate (values per program,
 warps) of each kernel and the fp8 fast paths on and off at 4096 tokens, 2 ranks, and prints the
 best exact one. --smoke: tiny shapes on CPU under TRITON_INTERPRET=1 in fp32, to check the script.
 """
@@ -167,6 +167,49 @@ def decode_case(s: Setup, kind, dtype):
     return dict(op="decode", kind=kind, layout="ht", meta=True), run, check, nbytes, len(sets)
 
 
+def decode_fp8_case(s: Setup, kind, dtype, apart: bool):
+    """The received rows decoded into FP8 experts' input (values e4m3, scales per 128): in one pass
+    (decode_rows fp8_groups; an fp8 payload is viewed in place, only its metadata read), or, apart,
+    as before it: decode to the activation dtype, then fused_moe's own quant launch."""
+    from moeserve.kernels.fp8 import per_token_group_quant_fp8_triton
+
+    h, k, n = s.h, s.k, s.n_ht
+    rb, groups = row_bytes(kind, h, dtype, k), -(-h // 128)
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, h, generator=g) * torch.logspace(-3, 3, n)[:, None]).to(dtype)
+    ids = torch.randint(-1, 16, (n, k), generator=g).to(torch.int32)
+    w = torch.rand(n, k, generator=g)
+    rows_cpu = torch.cat([wc.encode_ref(kind, x, dtype), ids.view(torch.uint8).view(n, 4 * k),
+                          w.view(torch.uint8).view(n, 4 * k)], dim=1)
+    q8 = n * (h + 4 * groups)  # the FP8 groups' bytes
+    if apart:
+        nbytes = n * (rb + 12 * k) + (n * h * dtype.itemsize if kind != wc.RAW else 0) + n * h * dtype.itemsize + q8
+    else:
+        nbytes = n * 20 * k + (0 if kind == wc.FP8 else n * (rb - 8 * k) + q8)
+    sets = [rows_cpu.to(s.device) if i == 0 else rows_cpu.roll(i, 0).to(s.device)
+            for i in range(n_sets(nbytes, s.device))]
+
+    def run(i):
+        rows = sets[i % len(sets)]
+        if apart:
+            x, ids, w = wc.decode_rows_triton(rows, kind, h, dtype, k)
+            return per_token_group_quant_fp8_triton(x, 128), ids, w
+        return wc.decode_rows_triton(rows, kind, h, dtype, k, fp8_groups=True)
+
+    def check(out):
+        # Values, not bytes, for the e4m3 part: the GPU's quotient gives +0 for -0 (mxfp4 decodes
+        # negative values that round to zero as -0), which the GEMMs read as the same zero.
+        # "decode + quant" of an fp8 payload is not expected to match: it rounds twice.
+        m = min(n, CHECK_TOKENS * 4)
+        (q, sc), ids, w = out
+        (q_ref, sc_ref), ids_ref, w_ref = wc.decode_rows_ref(rows_cpu[:m], kind, h, dtype, k, fp8_groups=True)
+        return (torch.equal(q[:m].cpu().float(), q_ref.float()) and torch.equal(sc[:m].cpu(), sc_ref)
+                and torch.equal(ids[:m].cpu(), ids_ref) and torch.equal(w[:m].cpu(), w_ref))
+
+    layout = "fp8 groups, decode + quant" if apart else "fp8 groups, one pass"
+    return dict(op="decode", kind=kind, layout=layout, meta=True), run, check, nbytes, len(sets)
+
+
 def combine_case(s: Setup, kind, layout, dtype):
     """The returned rows of a rank's tokens, decoded and summed per token (ht: slots; ll: cap + dest)."""
     h, t = s.h, s.t
@@ -194,14 +237,17 @@ def combine_case(s: Setup, kind, layout, dtype):
     return dict(op="combine", kind=kind, layout=layout, meta=layout == "ll"), run, check, nbytes, len(sets)
 
 
-def all_cases(s: Setup, dtype):
-    yield lambda: route_case(s, dtype)
-    for kind in wc.KINDS:
+def all_cases(s: Setup, dtype, ops=("route", "encode", "decode", "combine")):
+    if "route" in ops:
+        yield lambda: route_case(s, dtype)
+    for kind in wc.KINDS if "encode" in ops else ():
         for layout, meta in (("ht", True), ("ht", False), ("ll", True), ("ll", False), ("plain", False)):
             yield lambda kind=kind, layout=layout, meta=meta: encode_case(s, kind, layout, meta, dtype)
-    for kind in wc.KINDS:
+    for kind in wc.KINDS if "decode" in ops else ():
         yield lambda kind=kind: decode_case(s, kind, dtype)
-    for kind in wc.KINDS:
+        for apart in (True, False):
+            yield lambda kind=kind, apart=apart: decode_fp8_case(s, kind, dtype, apart)
+    for kind in wc.KINDS if "combine" in ops else ():
         for layout in ("ht", "ll"):
             yield lambda kind=kind, layout=layout: combine_case(s, kind, layout, dtype)
 
@@ -290,6 +336,7 @@ def main():
     ap.add_argument("--tokens", default="128,4096")
     ap.add_argument("--tune-tokens", type=int, default=4096)
     ap.add_argument("--label", default="")
+    ap.add_argument("--ops", default="route,encode,decode,combine", help="which kernels to time (comma list)")
     args = ap.parse_args()
     t_start = time.time()
     if args.smoke:
@@ -312,7 +359,7 @@ def main():
     for t in map(int, args.tokens.split(",")):
         for r in map(int, args.ranks.split(",")):
             s = Setup(t, r, args, device)
-            for make in all_cases(s, dtype):
+            for make in all_cases(s, dtype, args.ops.split(",")):
                 row, run, check, nbytes, sets = make()
                 row.update(T=t, R=r)
                 try:

@@ -148,6 +148,11 @@ class RoutingTable:
 # combine_rows decodes the returned partial sums and adds them per token, in one pass each.
 
 
+def _in_dtype(recv_x, dtype: torch.dtype):
+    """Received activations in the caller's dtype; FP8 groups (a tuple) as they are."""
+    return recv_x if isinstance(recv_x, tuple) else recv_x.to(dtype)
+
+
 @dataclass
 class HTHandle:
     slots: torch.Tensor  # [R, T] int32: row of the send buffer that carried token t to rank r, -1 if none
@@ -178,7 +183,7 @@ class HighThroughputBackend:
     def __init__(self, d: "Dispatcher"):
         self.d = d
 
-    def dispatch(self, x, topk_ids, topk_weights, table):
+    def dispatch(self, x, topk_ids, topk_weights, table, fp8_groups=False):
         d = self.d
         t, k, r, c = x.shape[0], topk_ids.shape[1], d.num_ranks, d.ht_chunks
         dest, local, hit = table.route(topk_ids, d.rank, r, with_hit=True, triton_ok=d.triton_ok)
@@ -201,9 +206,9 @@ class HighThroughputBackend:
             works.append(d.all_to_all(recv[r0:r0 + sum(rc)], rows[s0:s0 + sum(sc)], rc, sc, async_op=True))
             spans.append((r0, r0 + sum(rc)))
             s0, r0 = s0 + sum(sc), r0 + sum(rc)
-        recv_x, recv_ids, recv_w = d.decode_as_they_land(recv, works, spans, k)
+        recv_x, recv_ids, recv_w = d.decode_as_they_land(recv, works, spans, k, fp8_groups)
         handle = HTHandle(slots, chunks, send_counts, recv_counts, t, x.dtype)
-        return recv_x.to(x.dtype), recv_ids, recv_w, handle
+        return _in_dtype(recv_x, x.dtype), recv_ids, recv_w, handle
 
     def combine(self, expert_out, h: HTHandle):
         d = self.d
@@ -243,7 +248,7 @@ class LowLatencyBackend:
         c = self.d.ll_chunks
         return c, -(-self.d.ll_capacity // c)
 
-    def dispatch(self, x, topk_ids, topk_weights, table):
+    def dispatch(self, x, topk_ids, topk_weights, table, fp8_groups=False):
         d = self.d
         t, k, r = x.shape[0], topk_ids.shape[1], d.num_ranks
         if t > d.ll_capacity:
@@ -251,7 +256,7 @@ class LowLatencyBackend:
                              f"raise ll_capacity or use the high-throughput backend")
         dest, local, _ = table.route(topk_ids, d.rank, r, triton_ok=d.triton_ok)
         if d.uses_peer_memory:
-            return self.dispatch_peer(x, dest, local, topk_weights)
+            return self.dispatch_peer(x, dest, local, topk_weights, fp8_groups)
         c, f = self.layout()
         n = r * f  # rows of one range
         codec = d.dispatch_codec
@@ -264,10 +269,11 @@ class LowLatencyBackend:
             d.encode_rows(x[a:b], codec, n, cap=f, dest=dest[a:b], local=local[a:b], weights=topk_weights[a:b],
                           out=rows[i * n:(i + 1) * n])
             works.append(d.all_to_all(recv[i * n:(i + 1) * n], rows[i * n:(i + 1) * n], async_op=c > 1))
-        recv_x, recv_ids, recv_w = d.decode_as_they_land(recv, works, [(i * n, (i + 1) * n) for i in range(c)], k)
-        return recv_x.to(x.dtype), recv_ids, recv_w, LLHandle(dest, t, x.dtype)
+        recv_x, recv_ids, recv_w = d.decode_as_they_land(recv, works, [(i * n, (i + 1) * n) for i in range(c)], k,
+                                                         fp8_groups)
+        return _in_dtype(recv_x, x.dtype), recv_ids, recv_w, LLHandle(dest, t, x.dtype)
 
-    def dispatch_peer(self, x, dest, local, topk_weights):
+    def dispatch_peer(self, x, dest, local, topk_weights, fp8_groups=False):
         d, k = self.d, dest.shape[1]
         codec = d.dispatch_codec
         kernels = d.row_kernels(x, codec.dtype)
@@ -276,8 +282,8 @@ class LowLatencyBackend:
                                  triton_ok=kernels)
         d.peer_memory.barrier(kernel=x.is_cuda or kernels)
         recv_x, recv_ids, recv_w = wire_codecs.decode_rows(rows.views[d.rank], codec.name, d.hidden, codec.dtype, k,
-                                                           triton_ok=kernels, live_only=True)
-        return recv_x.to(x.dtype), recv_ids, recv_w, LLHandle(dest, x.shape[0], x.dtype, recv_ids)
+                                                           triton_ok=kernels, live_only=True, fp8_groups=fp8_groups)
+        return _in_dtype(recv_x, x.dtype), recv_ids, recv_w, LLHandle(dest, x.shape[0], x.dtype, recv_ids)
 
     def combine_peer(self, expert_out, h: LLHandle):
         d, codec = self.d, self.d.combine_codec
@@ -423,11 +429,14 @@ class Dispatcher:
     # -- the interface ----------------------------------------------------------------------
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 table: RoutingTable | None = None):
+                 table: RoutingTable | None = None, fp8_groups: bool = False):
+        """fp8_groups: hand the received activations over as FP8 experts take them, (e4m3 values,
+        fp32 scales per 128) as fused_moe's x_fp8: an fp8 dispatch payload as it arrived (views,
+        nothing decoded), others decoded and quantized in one pass."""
         if x.shape[1] != self.hidden:
             raise ValueError(f"dispatcher built for hidden {self.hidden}, got {x.shape[1]}")
         backend = self.backends[self._backend(x.shape[0])]
-        return backend.dispatch(x, topk_ids, topk_weights, table or self.table)
+        return backend.dispatch(x, topk_ids, topk_weights, table or self.table, fp8_groups)
 
     def combine(self, expert_out: torch.Tensor, handle: HTHandle | LLHandle) -> torch.Tensor:
         backend = self.backends["ht" if isinstance(handle, HTHandle) else "ll"]
@@ -492,22 +501,27 @@ class Dispatcher:
     def encode_rows(self, x, codec: Codec, num_rows=None, **row_map) -> torch.Tensor:
         return wire_codecs.encode_rows(x, codec.name, codec.dtype, num_rows, triton_ok=self.triton_ok, **row_map)
 
-    def decode_as_they_land(self, recv: torch.Tensor, works: list, spans: list[tuple[int, int]], k: int):
+    def decode_as_they_land(self, recv: torch.Tensor, works: list, spans: list[tuple[int, int]], k: int,
+                            fp8_groups: bool = False):
         """Decode the receive buffer range by range, each once its transfer (works[i], None if done)
-        is in: -> (x, local expert ids, weights) for all of recv's rows (x a view of a raw payload)."""
+        is in: -> (x, local expert ids, weights) for all of recv's rows (x a view of a payload
+        handed over as it lies; FP8 groups (values, scales) with fp8_groups)."""
         codec, n = self.dispatch_codec, recv.shape[0]
-        x = (wire_codecs.raw_view(recv, self.hidden, codec.dtype) if codec.name == wire_codecs.RAW
-             else torch.empty(n, self.hidden, dtype=codec.dtype, device=recv.device))
+        x = (wire_codecs.payload_view(recv, codec.name, self.hidden, codec.dtype)
+             if wire_codecs.in_place(codec.name, fp8_groups)
+             else wire_codecs.empty_decoded(n, self.hidden, codec.dtype, fp8_groups, recv.device))
         ids = torch.empty(n, k, dtype=torch.int64, device=recv.device)
         w = torch.empty(n, k, dtype=torch.float32, device=recv.device)
         for work, (a, b) in zip(works, spans):
             if work is not None:
                 work.wait()
-            self.decode_rows(recv[a:b], codec, k, out=(x[a:b], ids[a:b], w[a:b]))
+            part = tuple(t[a:b] for t in x) if isinstance(x, tuple) else x[a:b]
+            self.decode_rows(recv[a:b], codec, k, out=(part, ids[a:b], w[a:b]), fp8_groups=fp8_groups)
         return x, ids, w
 
-    def decode_rows(self, rows, codec: Codec, k: int, out=None):
-        return wire_codecs.decode_rows(rows, codec.name, self.hidden, codec.dtype, k, out, triton_ok=self.triton_ok)
+    def decode_rows(self, rows, codec: Codec, k: int, out=None, fp8_groups: bool = False):
+        return wire_codecs.decode_rows(rows, codec.name, self.hidden, codec.dtype, k, out, triton_ok=self.triton_ok,
+                                       fp8_groups=fp8_groups)
 
     def combine_rows(self, rows, num_tokens: int, out_dtype: torch.dtype, **row_map) -> torch.Tensor:
         c = self.combine_codec

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from moeserve.distributed.dispatch import Dispatcher, Placement, RoutingTable
 from moeserve.distributed.eplb import Balancer, move_expert_weights
 from moeserve.distributed.peer_memory import DEFAULT_TIMEOUT_S
-from moeserve.kernels.fused_moe import fused_moe
+from moeserve.kernels.fused_moe import fused_moe, takes_fp8_input
+from moeserve.kernels.wire_codecs import FP8_GROUP
 
 
 def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -96,8 +97,14 @@ class ExpertParallelMoE:
             topk_ids = torch.where((rows < self.valid_tokens)[:, None], topk_ids, -1)
         if self.balancer is not None:
             self.balancer.record(expert_counts(topk_ids, self.placement.num_experts), self.layer)
-        recv_x, recv_ids, recv_w, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights, self.table)
-        out = fused_moe(recv_x, self.w13, self.w2, recv_w, recv_ids, self.w13_scale, self.w2_scale, self.block)
+        # FP8 experts take the received rows as FP8 groups: an fp8 payload as it arrived (it is their
+        # own activation quantization), others decoded straight into it (no bf16 copy, no quant launch).
+        fp8_in = self.block[1] == FP8_GROUP and takes_fp8_input(x, self.w13, self.w2, self.w13_scale, self.w2_scale,
+                                                               self.block)
+        recv_x, recv_ids, recv_w, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights, self.table,
+                                                                    fp8_groups=fp8_in)
+        out = fused_moe(None if fp8_in else recv_x, self.w13, self.w2, recv_w, recv_ids, self.w13_scale,
+                        self.w2_scale, self.block, x_fp8=recv_x if fp8_in else None, out_dtype=x.dtype)
         return self.dispatcher.combine(out, handle)
 
     def expert_weights(self) -> list[torch.Tensor]:

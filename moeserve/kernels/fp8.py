@@ -119,7 +119,13 @@ if triton is not None:
         # to e4m3 is the quantized value; scale [rows]). The one definition of the activation
         # rounding: the quant kernel and the GEMMs that quantize their A tiles on load all call it,
         # so they agree bit for bit.
-        scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / FP8_MAX_C
+        # div_rn: the scale is the IEEE quotient, as torch computes it on the CPU (the reference) and
+        # as the fp8 wire codec does. The GPU's '/' (amax times a rounded 1/448) was one ulp off in
+        # 58% of groups on an H200, which put 0.14% of bf16 values on the other side of an e4m3
+        # rounding tie: FP8 MoE outputs then differed from the reference quantization's by ~1.2%
+        # (the intermediate's own quantization amplifies any change), and expert parallelism's fp8
+        # payload, fed to the experts as it arrived, would not have matched a single process.
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10), FP8_MAX_C)
         if FAST:
             # CUDA: the IEEE quotient without a division per element (div_rn is a slow subroutine,
             # and a GEMM that quantizes on load redoes it for every N tile). Markstein: with

@@ -266,20 +266,23 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
                      fp8_activations: bool = True, config: dict | None = None,
                      addend: torch.Tensor | None = None, num_fused_shared: int = 0,
-                     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    tokens, hidden = x.shape
+                     x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    # x None: the activations are x_fp8 alone (expert parallelism's received rows), out_dtype the result's.
+    tokens, hidden = (x if x is not None else x_fp8[0]).shape
+    dtype, device = (x.dtype, x.device) if x is not None else (out_dtype, x_fp8[0].device)
     num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     num_pairs = tokens * top_k
-    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    out = torch.empty(tokens, hidden, dtype=dtype, device=device)
     if tokens == 0:
         return out
     w_fp8 = w13_scale is not None
     wdtype = "fp8" if w_fp8 else str(w13.dtype).removeprefix("torch.")
-    cfg = config or moe_config.moe_config(tokens, num_experts, hidden, intermediate, top_k, wdtype, x.device,
+    cfg = config or moe_config.moe_config(tokens, num_experts, hidden, intermediate, top_k, wdtype, device,
                                           num_fused_shared)
     down_cfg = moe_config.down_config(cfg)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = x if x is None or x.stride(-1) == 1 else x.contiguous()
     topk_ids = topk_ids.contiguous()
     route_w = topk_weights.to(torch.float32).contiguous()
     if tokens == 1:  # its top-k experts are distinct: one pair a block as they come, no align launch
@@ -301,19 +304,19 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
         a, a_scale = per_token_group_quant_fp8_triton(x, block[1]) if quant and not fuse_gate_up else (x, None)
     if act_quant:
         cfg = dict(cfg, BLOCK_N=block[1])
-        act = torch.empty(num_pairs, intermediate, dtype=FP8_DTYPE, device=x.device)
-        act_scale = torch.empty(num_pairs, triton.cdiv(intermediate, block[1]), dtype=torch.float32, device=x.device)
+        act = torch.empty(num_pairs, intermediate, dtype=FP8_DTYPE, device=device)
+        act_scale = torch.empty(num_pairs, triton.cdiv(intermediate, block[1]), dtype=torch.float32, device=device)
     else:
-        act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
+        act = torch.empty(num_pairs, intermediate, dtype=dtype, device=device)
         act_scale = None
     _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block, fuse_gate_up,
-                     out_scale=act_scale, act_dtype=x.dtype)
+                     out_scale=act_scale, act_dtype=dtype)
 
     if act_quant:
         a, a_scale = act, act_scale
     else:
         a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant and not fuse_down else (act, None)
-    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    y = torch.empty(num_pairs, hidden, dtype=dtype, device=device)
     _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, down_cfg, block, fuse_down)
     return moe_sum(y, topk_ids, out, addend)
 
@@ -328,17 +331,32 @@ def _triton_supports(x, w13, w2, w13_scale, w2_scale, block) -> bool:
     return w13.dtype == x.dtype and w2.dtype == x.dtype
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+def takes_fp8_input(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
+                    w2_scale: torch.Tensor | None, block: tuple[int, int]) -> bool:
+    """Whether fused_moe runs its W8A8 Triton path on these arguments, so that it can be given the
+    activations as x_fp8 alone (x=None)."""
+    return (w13_scale is not None and triton_runs_on(x, w13, w2)
+            and _triton_supports(x, w13, w2, w13_scale, w2_scale, block))
+
+
+def fused_moe(x: torch.Tensor | None, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               block: tuple[int, int] = (128, 128), fp8_activations: bool = True,
               addend: torch.Tensor | None = None, num_fused_shared: int = 0,
-              x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1), else fused_moe_ref. The
     result plus `addend` [T, H] when given (added in the final sum kernel). num_fused_shared: the
     last S of the experts are shared experts that every token names last in its row (layers/moe.py);
     the math is the same, only the block-size config is looked up for the routed shape too.
     x_fp8: x's quantization per 1 x block[1] (the RMSNorm before made it), for the W8A8 path; the
-    reference (W8A16, unquantized activations) does not use it."""
+    reference (W8A16, unquantized activations) does not use it. x None: x_fp8 is the input (only where
+    takes_fp8_input holds), and out_dtype the result's dtype."""
+    if x is None:
+        if x_fp8 is None or out_dtype is None or w13_scale is None:
+            raise ValueError("fused_moe without x needs x_fp8, out_dtype and FP8 expert weights")
+        return fused_moe_triton(None, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block), True,
+                                addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8, out_dtype=out_dtype)
     if triton_runs_on(x, w13, w2, topk_ids) and _triton_supports(x, w13, w2, w13_scale, w2_scale, block):
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block),
                                 fp8_activations, addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8)

@@ -50,7 +50,7 @@ from moeserve.kernels.fp8 import FP8_DTYPE, per_token_group_quant_fp8_ref, trito
 if triton is not None:
     import triton.language as tl
 
-    from moeserve.kernels.fp8 import _round_to_e4m3
+    from moeserve.kernels.fp8 import _quant_group_tile, _round_to_e4m3
 
 RAW, FP8, MXFP4 = "none", "fp8", "mxfp4"
 KINDS = (RAW, FP8, MXFP4)
@@ -104,6 +104,36 @@ def raw_view(rows: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tenso
     if rows.is_contiguous() and rows.shape[1] % n == 0 and rows.storage_offset() % n == 0:
         return rows.view(dtype)[:, :hidden]
     return bytes_as(rows[:, :hidden * n], dtype).reshape(rows.shape[0], hidden)
+
+
+def fp8_view(rows: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 payload of rows [N, row_bytes] as FP8 experts take their input: (e4m3 [N, hidden],
+    fp32 scales [N, ceil(hidden / 128)]), strided views into the buffer (the scales copied if
+    misaligned). The payload is per_token_group_quant_fp8's output, so nothing is decoded."""
+    groups = -(-hidden // FP8_GROUP)
+    q = rows[:, :hidden].view(FP8_DTYPE)
+    if rows.shape[0] and rows.is_contiguous() and rows.shape[1] % 4 == 0 and rows.storage_offset() % 4 == 0 \
+            and hidden % 4 == 0:
+        return q, rows.view(torch.float32)[:, hidden // 4:hidden // 4 + groups]
+    return q, bytes_as(rows[:, hidden:hidden + 4 * groups], torch.float32)
+
+
+def in_place(kind: str, fp8_groups: bool) -> bool:
+    """Whether decode hands over the payload as it lies (a view): the raw payload as activations,
+    the fp8 payload as FP8 groups."""
+    return kind == (FP8 if fp8_groups else RAW)
+
+
+def payload_view(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype):
+    return fp8_view(rows, hidden) if kind == FP8 else raw_view(rows, hidden, dtype)
+
+
+def empty_decoded(n: int, hidden: int, dtype: torch.dtype, fp8_groups: bool, device):
+    """Room for n decoded rows: [n, hidden] dtype, or FP8 groups (e4m3 [n, hidden], fp32 [n, groups])."""
+    if fp8_groups:
+        return (torch.empty(n, hidden, dtype=FP8_DTYPE, device=device),
+                torch.empty(n, -(-hidden // FP8_GROUP), dtype=torch.float32, device=device))
+    return torch.empty(n, hidden, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------- torch: codecs
@@ -273,24 +303,32 @@ def encode_back_ref(x, kind, dtype, ids, cap, peers: PeerRows):
     _store_to_peers_ref(rows, (ids >= 0).any(dim=1), peers, cap, rows.shape[1])
 
 
-def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None, live_only=False):
+def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None, live_only=False, fp8_groups=False):
     bpt = payload_bytes(kind, hidden, dtype)
-    x = decode_ref(kind, rows, hidden, dtype)
+    x = decode_ref(kind, rows, hidden, dtype) if not in_place(kind, fp8_groups) else payload_view(rows, kind, hidden, dtype)
     if not (k and rows.shape[0]):  # torch cannot reinterpret empty byte columns
         ids = torch.empty(rows.shape[0], k, dtype=torch.int64, device=rows.device)
         w = torch.empty(rows.shape[0], k, dtype=torch.float32, device=rows.device)
     else:
         ids = bytes_as(rows[:, bpt:bpt + 4 * k], torch.int32).to(torch.int64)
         w = bytes_as(rows[:, bpt + 4 * k:bpt + 8 * k], torch.float32)
-    if live_only and kind != RAW and k:
+    if in_place(kind, fp8_groups):
+        if out is None:
+            return x, ids, w
+        out[1].copy_(ids)
+        out[2].copy_(w)
+        return x, out[1], out[2]
+    if live_only and k:
         x = torch.where((ids >= 0).any(dim=1, keepdim=True), x, 0).to(x.dtype)
+    if fp8_groups:  # what fused_moe would make of the decoded rows before its GEMMs
+        x = per_token_group_quant_fp8_ref(x, FP8_GROUP) if x.shape[0] else empty_decoded(0, hidden, dtype, True, x.device)
     if out is None:
         return x, ids, w
-    if kind != RAW:
-        out[0].copy_(x)
+    for dst, src in zip(out[0] if fp8_groups else (out[0],), x if fp8_groups else (x,)):
+        dst.copy_(src)
     out[1].copy_(ids)
     out[2].copy_(w)
-    return (out[0] if kind != RAW else x), out[1], out[2]
+    return out
 
 
 def combine_rows_ref(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=None, cap=0, dest=None, out=None):
@@ -532,12 +570,14 @@ if triton is not None:
             _store_payload(base, body, scale, n >= 0, chunk, hidden, KIND, WIRE, CHUNK, ALIGN)
 
     @triton.jit
-    def _decode_rows_kernel(rows_ptr, out_ptr, ids_ptr, w_ptr, hidden, payload_bytes, top_k, stride_rows,
-                            stride_out, KIND: tl.constexpr, WIRE: tl.constexpr, PAYLOAD: tl.constexpr,
-                            META: tl.constexpr, LIVE: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr,
-                            ALIGN: tl.constexpr, FAST: tl.constexpr):
+    def _decode_rows_kernel(rows_ptr, out_ptr, scale_ptr, ids_ptr, w_ptr, hidden, payload_bytes, top_k, stride_rows,
+                            stride_out, stride_scale, KIND: tl.constexpr, WIRE: tl.constexpr, PAYLOAD: tl.constexpr,
+                            META: tl.constexpr, LIVE: tl.constexpr, Q8: tl.constexpr, CHUNK: tl.constexpr,
+                            KP: tl.constexpr, ALIGN: tl.constexpr, FAST: tl.constexpr):
         # LIVE: a row whose ids are all -1 decodes to zeros without its payload being read (the
-        # peer transport does not send those payloads).
+        # peer transport does not send those payloads). Q8: out gets e4m3 values and scale_ptr
+        # their per-128 scales, the decoded row (in the wire dtype) quantized as fused_moe's own
+        # activation quant does it (the same function), for FP8 experts.
         n = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1)
         row = rows_ptr + n * stride_rows
@@ -550,7 +590,15 @@ if triton is not None:
             else:
                 live = n >= 0
             v = _load_payload(row, chunk, hidden, live, KIND, WIRE, CHUNK, ALIGN, FAST)
-            tl.store(out_ptr + n * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=offs < hidden)
+            if Q8:
+                G: tl.constexpr = CHUNK // 128
+                q, scale = _quant_group_tile(tl.reshape(v.to(WIRE).to(tl.float32), [G, 128]), 448.0, FAST)
+                tl.store(out_ptr + n * stride_out + offs, tl.reshape(q, [CHUNK]).to(out_ptr.dtype.element_ty),
+                         mask=offs < hidden)
+                g = chunk * G + tl.arange(0, G)
+                tl.store(scale_ptr + n * stride_scale + g, scale, mask=g * 128 < hidden)
+            else:
+                tl.store(out_ptr + n * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=offs < hidden)
         if META:
             if chunk == 0:
                 j = tl.arange(0, KP)
@@ -718,23 +766,25 @@ def encode_back_triton(x, kind, dtype, ids, cap, peers: PeerRows):
         ALIGN=_aligned(out, h if kind == FP8 else 0), FAST=_fast(x), num_warps=warps)
 
 
-def decode_rows_triton(rows, kind, hidden, dtype, k=0, out=None, live_only=False):
+def decode_rows_triton(rows, kind, hidden, dtype, k=0, out=None, live_only=False, fp8_groups=False):
     n = rows.shape[0]
     bpt = payload_bytes(kind, hidden, dtype)
-    payload = kind != RAW  # the raw payload is read in place, as a view
+    payload = not in_place(kind, fp8_groups)  # else handed over as a view
     if out is None:
-        out = (torch.empty(n, hidden, dtype=dtype, device=rows.device) if payload else None,
+        out = (empty_decoded(n, hidden, dtype, fp8_groups, rows.device) if payload else None,
                torch.empty(n, k, dtype=torch.int64, device=rows.device),
                torch.empty(n, k, dtype=torch.float32, device=rows.device))
     x, ids, w = out
-    x = x if payload else raw_view(rows, hidden, dtype)
+    x = x if payload else payload_view(rows, kind, hidden, dtype)
     if n == 0 or not (payload or k):
         return x, ids, w
+    values, scales = x if payload and fp8_groups else (x if payload else ids, w)
     chunk, warps = _config("decode", kind, hidden, n)
     _decode_rows_kernel[(n, triton.cdiv(hidden, chunk) if payload else 1)](
-        rows, x if payload else ids, ids, w, hidden, bpt, k, rows.stride(0), x.stride(0) if payload else 0,
-        KIND=_KIND_ID[kind], WIRE=_TL[dtype], PAYLOAD=payload, META=k > 0, LIVE=live_only and k > 0, CHUNK=chunk,
-        KP=_kp(k), ALIGN=_aligned(rows, hidden if kind == FP8 else 0, bpt), FAST=_fast(rows), num_warps=warps)
+        rows, values, scales, ids, w, hidden, bpt, k, rows.stride(0), values.stride(0) if payload else 0,
+        scales.stride(0) if payload and fp8_groups else 0, KIND=_KIND_ID[kind], WIRE=_TL[dtype], PAYLOAD=payload,
+        META=k > 0, LIVE=live_only and k > 0, Q8=fp8_groups, CHUNK=chunk, KP=_kp(k),
+        ALIGN=_aligned(rows, hidden if kind == FP8 else 0, bpt), FAST=_fast(rows), num_warps=warps)
     return x, ids, w
 
 
@@ -819,14 +869,17 @@ def encode_back(x: torch.Tensor, kind: str, dtype: torch.dtype, ids: torch.Tenso
 
 
 def decode_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, k: int = 0, out=None,
-                triton_ok: bool | None = None, live_only: bool = False):
+                triton_ok: bool | None = None, live_only: bool = False, fp8_groups: bool = False):
     """rows uint8 [N, row_bytes] -> (x [N, hidden] dtype, ids [N, k] int64, weights [N, k] fp32).
     A raw payload comes back as a view into rows. out: (x, ids, weights) to fill instead (x is
     not used for a raw payload). live_only: rows whose ids are all -1 decode to zeros, their
-    payload unread (a raw payload, a view, keeps whatever bytes are there)."""
+    payload unread (a payload handed over as a view keeps whatever bytes are there).
+    fp8_groups: x is (e4m3 [N, hidden], fp32 scales [N, ceil(hidden / 128)]) for FP8 experts, the
+    decoded rows quantized per 128 exactly as fused_moe would quantize them; an fp8 payload is
+    already that and comes back as views."""
     if triton_ok if triton_ok is not None else use_triton(rows, dtype):
-        return decode_rows_triton(rows, kind, hidden, dtype, k, out, live_only)
-    return decode_rows_ref(rows, kind, hidden, dtype, k, out, live_only)
+        return decode_rows_triton(rows, kind, hidden, dtype, k, out, live_only, fp8_groups)
+    return decode_rows_ref(rows, kind, hidden, dtype, k, out, live_only, fp8_groups)
 
 
 def combine_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, out_dtype: torch.dtype,

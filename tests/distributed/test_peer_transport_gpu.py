@@ -7,6 +7,7 @@ mapping the other process's allocation; gloo carries only the set-up). For each 
 - the expert-parallel layer (fused_moe on each rank's experts) matches the single-process fused_moe
   over all experts on the same GPU (bf16 wire: < 1e-2; the quantized wires: the CPU suite's bounds);
 - the round trip captured in a CUDA graph, replayed on new inputs, equals the eager one;
+- FP8 experts, fed the received rows as FP8 groups, match the single-process FP8 fused_moe;
 - a barrier that a peer never reaches gives up at its deadline (%globaltimer) and the host raises.
 The CPU suite runs the same protocol (test_ep_moe.py, test_wire_kernels.py, test_peer_memory.py).
 """
@@ -90,6 +91,21 @@ def _ranks(rank, world):
             graph_ok = torch.equal(sy, layer(x2, ids2, w2_))
             d.check_transport()
             out[f"{dcodec}+{ccodec}_{case}"] = {"same_bytes": same, "sq": sq, "bound": bound, "graph": graph_ok}
+
+    # FP8 experts (block-scaled e4m3 weights) take the received rows as FP8 groups (fused_moe's x_fp8).
+    from moeserve.kernels.fp8 import quant_block_fp8_ref
+    q13, s13 = (t.to(dev) for t in quant_block_fp8_ref(w13.float().cpu(), (128, 128)))
+    q2, s2 = (t.to(dev) for t in quant_block_fp8_ref(w2.float().cpu(), (128, 128)))
+    for dcodec in ("none", "fp8", "mxfp4"):
+        x, ids, w = batch(CAP, 3)
+        d = Dispatcher(dist.group.WORLD, placement, H, torch.bfloat16, dcodec, "none", mode="ll", ll_capacity=CAP,
+                       device=dev, ll_transport="peer")
+        layer = ExpertParallelMoE(d, placement, q13[mine], q2[mine], s13[mine], s2[mine], (128, 128))
+        y = layer(x, ids, w)
+        ref = fused_moe(x, q13, q2, w, ids, s13, s2, (128, 128))
+        sq = (float((y.float() - ref.float()).pow(2).sum()), float(ref.float().pow(2).sum()))
+        out[f"fp8_experts_{dcodec}"] = {"same_bytes": True, "graph": True, "sq": sq,
+                                        "bound": 0.2 if dcodec == "mxfp4" else 1e-2}
 
     pb = PeerBuffers(dist.group.WORLD, {"a": 64}, dev, timeout_s=1.0)
     pb.barrier()

@@ -103,6 +103,7 @@ def _kernel_cases() -> dict[str, bool]:
                 dec = wc.decode_rows_triton(rows_ref, kind, h, dtype, k)
                 dec_ref = wc.decode_rows_ref(rows_ref, kind, h, dtype, k)
                 out[f"decode_rows_{name}_{kind}_{dtype}"] = all(_equal(a, b) for a, b in zip(dec, dec_ref))
+                out.update(_fp8_group_cases(rows_ref, kind, h, dtype, k, dec_ref[0], f"{name}_{kind}_{dtype}"))
                 # Combine what came back: each row decoded and summed per token, fp32 and fp16 out.
                 back = wc.encode_ref(kind, torch.randn(args["num_rows"], h).to(dtype), dtype)
                 row_map = dict(slots=slots) if name == "slots" else dict(cap=cap, dest=dest)
@@ -111,6 +112,29 @@ def _kernel_cases() -> dict[str, bool]:
                     y_ref = wc.combine_rows_ref(back, kind, h, dtype, out_dtype, t, **row_map)
                     out[f"combine_{name}_{kind}_{dtype}_{out_dtype}"] = _equal(y, y_ref)
     out.update(_config_cases())
+    return out
+
+
+def _fp8_group_cases(rows, kind, h, dtype, k, decoded, tag) -> dict[str, bool]:
+    """Decoding into FP8 experts' input (fp8_groups): the kernel equals the reference, both equal
+    the group quantization fused_moe applies to the plainly decoded rows (an fp8 payload: its own
+    bytes, viewed in place), and rows that carry no expert decode to zeros when live_only."""
+    from moeserve.kernels import fp8 as f8
+    from moeserve.kernels import wire_codecs as wc
+
+    (q, s), ids, w = wc.decode_rows_triton(rows, kind, h, dtype, k, fp8_groups=True)
+    (q_ref, s_ref), ids_ref, w_ref = wc.decode_rows_ref(rows, kind, h, dtype, k, fp8_groups=True)
+    want = (wc.fp8_view(rows, h) if kind == "fp8" else f8.per_token_group_quant_fp8_triton(decoded, 128))
+    bits = [t.view(torch.uint8) if t.dtype == f8.FP8_DTYPE else t for t in (q, s, q_ref, s_ref, *want)]
+    out = {f"fp8_groups_{tag}": _equal(bits[0], bits[2]) and _equal(bits[1], bits[3]) and _equal(ids, ids_ref)
+           and _equal(w, w_ref),
+           f"fp8_groups_as_fused_moe_{tag}": _equal(bits[0], bits[4]) and _equal(bits[1], bits[5])}
+    if kind != "fp8":
+        (q, s), ids, _ = wc.decode_rows_triton(rows, kind, h, dtype, k, live_only=True, fp8_groups=True)
+        (q_ref, s_ref), _, _ = wc.decode_rows_ref(rows, kind, h, dtype, k, live_only=True, fp8_groups=True)
+        dead = ~(ids >= 0).any(dim=1)
+        out[f"fp8_groups_live_{tag}"] = (_equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and _equal(s, s_ref)
+                                         and not q[dead].view(torch.uint8).any())
     return out
 
 
@@ -209,6 +233,43 @@ def _ep_ranks(rank, world):
         # the peer transport delivers what the collective one does
         out[f"{n}_{dcodec}+{ccodec}_{dtype}_llp_vs_ll"] = all(
             _equal(a, b) for a, b in zip(torch_path["llp"], torch_path["ll"]))
+    out.update(_fp8_experts(rank, world, placement, h, e, k, cap))
+    return out
+
+
+def _fp8_experts(rank, world, placement, h, e, k, cap):
+    """FP8 experts behind expert parallelism take the received rows as FP8 groups (x_fp8). With an
+    fp8 dispatch payload those are the sender's own activation quantization, the one fused_moe
+    applies, so the layer equals the single-process fused_moe up to the order of the final sums
+    (< 1e-5, fp32); likewise the raw wire (its rows quantized in the decode). mxfp4: within the CPU
+    suite's bound. Each backend and transport; the relative errors are returned (squared, summed
+    over ranks by the caller)."""
+    import torch.distributed as dist
+
+    from moeserve.distributed.dispatch import Dispatcher
+    from moeserve.distributed.ep_moe import ExpertParallelMoE
+    from moeserve.kernels.fp8 import quant_block_fp8_ref
+    from moeserve.kernels.fused_moe import fused_moe
+
+    g = torch.Generator().manual_seed(5)  # the same experts on every rank
+    inter, block = 64, (128, 128)
+    q13, s13 = quant_block_fp8_ref(torch.randn(e, 2 * inter, h, generator=g) / h ** 0.5, block)
+    q2, s2 = quant_block_fp8_ref(torch.randn(e, h, inter, generator=g) / inter ** 0.5, block)
+    gr = torch.Generator().manual_seed(50 + rank)
+    n = 9 if rank == 0 else 4
+    x = torch.randn(n, h, generator=gr)
+    ids = torch.rand(n, e, generator=gr).argsort(dim=1)[:, :k]
+    w = torch.rand(n, k, generator=gr)
+    ref = fused_moe(x, q13, q2, w, ids, s13, s2, block)
+    mine = placement.rank_experts(rank)
+    out = {}
+    for dcodec in ("none", "fp8", "mxfp4"):
+        for backend in ("ht", "ll", "llp"):
+            d = Dispatcher(dist.group.WORLD, placement, h, torch.float32, dcodec, "none", mode=backend[:2],
+                           ll_capacity=cap, ll_transport="peer" if backend == "llp" else "collective")
+            layer = ExpertParallelMoE(d, placement, q13[mine], q2[mine], s13[mine], s2[mine], block)
+            y = layer(x, ids, w)
+            out[f"fp8_experts_{dcodec}_{backend}"] = (float((y - ref).pow(2).sum()), float(ref.pow(2).sum()))
     return out
 
 
@@ -222,8 +283,14 @@ def _interpreter_cases() -> dict[str, bool]:
     from ep_bench import check_kernels
 
     out["ep_bench_check_kernels"] = check_kernels(192, 4, torch.device("cpu"), torch.float32).endswith("references")
-    for rank, res in enumerate(run_ranks(_ep_ranks, 2, timeout_s=300)):
-        out.update({f"ep_rank{rank}_{name}": ok for name, ok in res.items()})
+    ranks = run_ranks(_ep_ranks, 2, timeout_s=300)
+    for rank, res in enumerate(ranks):
+        out.update({f"ep_rank{rank}_{name}": ok for name, ok in res.items() if not name.startswith("fp8_experts")})
+    for name in (n for n in ranks[0] if n.startswith("fp8_experts")):
+        err, norm = (sum(r[name][i] for r in ranks) for i in (0, 1))
+        bound = 0.2 if "mxfp4" in name else 1e-5
+        out[name] = (err / norm) ** 0.5 < bound
+        print(name, f"{(err / norm) ** 0.5:.2e}", file=sys.stderr)
     return out
 
 
