@@ -76,11 +76,11 @@ def write_config(name: str, fp8: bool) -> str:
 
 
 def make_engine(path: str, max_batch: int, isl: int, osl: int, eager: bool, dense_gemv: bool,
-                fuse_shared_experts: bool = True) -> EngineCore:
+                fuse_shared_experts: bool = True, kv_cache_dtype: str = "auto") -> EngineCore:
     config = EngineConfig.from_kwargs(path, dtype="bfloat16", device="cuda", load_format="dummy",
                                       max_num_seqs=max_batch, max_num_batched_tokens=16384,
                                       max_model_len=isl + osl + 64, enforce_eager=eager, dense_gemv=dense_gemv,
-                                      fuse_shared_experts=fuse_shared_experts,
+                                      fuse_shared_experts=fuse_shared_experts, kv_cache_dtype=kv_cache_dtype,
                                       enable_prefix_caching=False, gpu_memory_utilization=0.88)
     return EngineCore(config)
 
@@ -298,12 +298,14 @@ def main() -> int:
     p.add_argument("--dense-gemv", action="store_true", help="the engine option: small-M Triton GEMM, not cuBLAS")
     p.add_argument("--no-fuse-shared-experts", action="store_true",
                    help="the engine option: DeepSeek's shared experts as a separate MLP")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="the engine option")
     p.add_argument("--out", required=True, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = p.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     report = {"model": args.model, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "commit": args.commit, "command": " ".join(sys.argv), "isl": args.isl, "osl": args.osl,
-              "dense_gemv": args.dense_gemv, "fuse_shared_experts": not args.no_fuse_shared_experts}
+              "dense_gemv": args.dense_gemv, "fuse_shared_experts": not args.no_fuse_shared_experts,
+              "kv_cache_dtype": args.kv_cache_dtype}
     bw = measure_copy_bandwidth()
     report["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
@@ -314,7 +316,7 @@ def main() -> int:
         report["hf_generate"] = hf_generate(path, hf_b, 128, 32)
 
     engine = make_engine(path, max(batches + hf_b), args.isl, args.osl, eager=False, dense_gemv=args.dense_gemv,
-                         fuse_shared_experts=not args.no_fuse_shared_experts)
+                         fuse_shared_experts=not args.no_fuse_shared_experts, kv_cache_dtype=args.kv_cache_dtype)
     report["kv_blocks"] = engine.kv.num_usable_blocks
     report["graphs_vs_eager_tokens"] = graph_matches_eager(engine, args.isl)
     print("graph vs eager tokens:", report["graphs_vs_eager_tokens"], flush=True)
@@ -355,7 +357,8 @@ def main() -> int:
     if args.fp8:
         fp8_batches = [int(x) for x in args.fp8_batches.split(",")]
         engine = make_engine(write_config(args.model, fp8=True), max(fp8_batches), args.isl, args.osl, eager=False,
-                             dense_gemv=args.dense_gemv, fuse_shared_experts=not args.no_fuse_shared_experts)
+                             dense_gemv=args.dense_gemv, fuse_shared_experts=not args.no_fuse_shared_experts,
+                             kv_cache_dtype=args.kv_cache_dtype)
         fp8_cases = []
         for b in fp8_batches:
             r = run_batch(engine, b, args.isl, min(args.osl, 256), seed=b)

@@ -108,9 +108,13 @@ if triton is not None:
     @triton.jit
     def _cast_to(v, TY: tl.constexpr, FAST: tl.constexpr):
         # v cast to TY. To e4m3 off a GPU (FAST False: the interpreter) through _round_to_e4m3 and
-        # e4m3's range first, which the GPU's saturating cast does by itself.
+        # e4m3's range first, which the GPU's saturating cast does by itself; NaN stays NaN, as on
+        # the GPU (the interpreter's cast turns it into a number: its code set here, sign kept).
         if TY == tl.float8e4nv and not FAST:
-            v = _round_to_e4m3(tl.clamp(v.to(tl.float32), -448.0, 448.0))
+            v = v.to(tl.float32)
+            q = _round_to_e4m3(tl.clamp(v, -448.0, 448.0)).to(TY)
+            nan = tl.where(v.to(tl.int32, bitcast=True) < 0, 0xFF, 0x7F).to(tl.uint8).to(TY, bitcast=True)
+            return tl.where(v == v, q, nan)
         return v.to(TY)
 
     @triton.jit

@@ -17,13 +17,10 @@ to ~1e-7 and fp16/bf16 ones to a rounding or so; v is copied, bit for bit.
 
 Cache writes follow mla_cache.write_cache_entries (the unfused write, formerly
 layers.attention.write_cache): the value rounded to the activation dtype, then cast to the cache's
-dtype. An FP8 (e4m3fn) cache gets torch's conversion exactly (torch 2.13's c10
-fp8e4m3fn_from_fp32_value: round to nearest even, finite overflow and inf saturate to +-448, NaN ->
-0x7f with the sign), done on the bits in the kernel (`_e4m3fn_bits`): the interpreter's own fp8
-cast rounds wrongly across powers of two, and torch's conversion (which older torch versions did
-not saturate) is pinned here rather than left to a backend's cast. The tests compare the bytes
-with the installed torch's, so a change there shows: on the H200 (torch 2.11) they differed, so
-the dispatch keeps FP8 caches on the unfused path for now (gqa_qkv_write). Slots are taken as
+dtype. An FP8 (e4m3fn) cache gets what mla_cache.py's kernel writes (fp8._cast_to): round to
+nearest even, saturating at +-448, NaN kept; the GPU's own conversion, and torch 2.13's. torch
+2.11's (the unfused path's, on the device machines) differs only past the range: |x| >= 464 and inf
+become NaN there (measured on an H200: no other byte of 8,192 values differed). Slots are taken as
 given, as the unfused write and the MLA kernel take them: CUDA-graph padding rows carry slots of
 scratch block 0 (never handed out); there are no negative slots.
 
@@ -69,29 +66,14 @@ if triton is not None:
     import triton.language as tl
     from moeserve.kernels.pdl import pdl_begin, pdl_launch
 
+    from moeserve.kernels.fp8 import _cast_to
     from moeserve.kernels.rotary import _load_cos_sin
 
     @triton.jit
-    def _e4m3fn_bits(x):
-        # torch's fp32 -> float8_e4m3fn conversion (c10 fp8e4m3fn_from_fp32_value) on the bits
-        bits = x.to(tl.int32, bitcast=True)
-        mag = bits & 0x7FFFFFFF
-        # below 2^-6 (e4m3's smallest normal): add 2^14, whose ulp is e4m3's subnormal step 2^-9
-        sub = (mag.to(tl.float32, bitcast=True) + 16384.0).to(tl.int32, bitcast=True) - (141 << 23)
-        # normal: rebias the exponent, round the mantissa to 3 bits, to nearest even (a carry into the
-        # NaN code 0x7f, from [464, 480), saturates to 448)
-        normal = tl.minimum((mag - (120 << 23) + 0x7FFFF + ((mag >> 20) & 1)) >> 20, 0x7E)
-        r = tl.where(mag < (121 << 23), sub, normal)
-        r = tl.where(mag >= (1087 << 20), tl.where(mag > 0x7F800000, 0x7F, 0x7E), r)  # >= 480: NaN or 448
-        return (r | tl.where(bits < 0, 0x80, 0)).to(tl.uint8)
-
-    @triton.jit
-    def _store_entry(ptr, val, mask, FP8_CACHE: tl.constexpr):
-        # val: fp32 holding values already rounded to the activation dtype
-        if FP8_CACHE:
-            tl.store(ptr, _e4m3fn_bits(val), mask=mask)
-        else:
-            tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
+    def _store_entry(ptr, val, mask, FAST: tl.constexpr):
+        # val: fp32 holding values already rounded to the activation dtype; cast to the cache's dtype
+        # (e4m3: round to nearest even, saturating, as mla_cache.py writes its FP8 entries)
+        tl.store(ptr, _cast_to(val, ptr.dtype.element_ty, FAST), mask=mask)
 
     @triton.jit
     def _norm_rope_heads(x_row, stride_h, heads, num_heads, w_ptr, eps, cos, sin, d, d_mask, half,
@@ -119,7 +101,7 @@ if triton is not None:
     @triton.jit
     def _gqa_qkv_write_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr, q_out_ptr, k_cache_ptr,
                               v_cache_ptr, slot_ptr, num_q_heads, num_kv_heads, half, eps, stride_qt, stride_qh,
-                              stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, FP8_CACHE: tl.constexpr,
+                              stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, FAST: tl.constexpr,
                               INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                               PDL: tl.constexpr = False):
         pdl_begin(PDL)
@@ -144,13 +126,13 @@ if triton is not None:
                                             cos, sin, d, d_mask, half, INTERLEAVED)
             # cache entry of the slot: [Hkv, D], contiguous
             entry = tl.load(slot_ptr + t).to(tl.int64) * num_kv_heads * head_dim + heads[:, None] * head_dim
-            _store_entry(k_cache_ptr + entry + d[None, :], o1, mask, FP8_CACHE)
-            _store_entry(k_cache_ptr + entry + half + d[None, :], o2, mask, FP8_CACHE)
+            _store_entry(k_cache_ptr + entry + d[None, :], o1, mask, FAST)
+            _store_entry(k_cache_ptr + entry + half + d[None, :], o2, mask, FAST)
             v_row = v_ptr + t * stride_vt + heads[:, None].to(tl.int64) * stride_vh
             v1 = tl.load(v_row + d[None, :], mask=mask, other=0.0).to(tl.float32)
             v2 = tl.load(v_row + half + d[None, :], mask=mask, other=0.0).to(tl.float32)
-            _store_entry(v_cache_ptr + entry + d[None, :], v1, mask, FP8_CACHE)
-            _store_entry(v_cache_ptr + entry + half + d[None, :], v2, mask, FP8_CACHE)
+            _store_entry(v_cache_ptr + entry + d[None, :], v1, mask, FAST)
+            _store_entry(v_cache_ptr + entry + half + d[None, :], v2, mask, FAST)
 
 
 def gqa_qkv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
@@ -171,17 +153,15 @@ def gqa_qkv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_we
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return q_out
-    fp8 = k_cache.dtype == FP8
-    kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
     cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     half = head_dim // 2
     block_d = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, 1024 // block_d))
     grid = (num_tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
     _gqa_qkv_write_kernel[grid](
-        q, k, v, q_weight, k_weight, positions, cs, q_out, kc, vc, slot_mapping, num_q_heads, num_kv_heads, half,
-        eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs.stride(0),
-        FP8_CACHE=fp8, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pdl_launch(q.device))
+        q, k, v, q_weight, k_weight, positions, cs, q_out, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads,
+        half, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs.stride(0),
+        FAST=q.is_cuda, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pdl_launch(q.device))
     return q_out
 
 
@@ -189,17 +169,14 @@ def gqa_qkv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: t
                   k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                   interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> torch.Tensor:
-    """One launch where Triton runs and the cache is in the activations' dtype; else the norm and
-    rotary kernels' dispatchers and two index_copy_ writes. An FP8 cache takes the latter on every
-    device: the kernel's e4m3 conversion (written to match torch 2.13's, equal under the interpreter)
-    gave other bytes than torch 2.11's on an H200 (3 GPU tests, 2026-12-01), and the cache must hold
-    what the unfused path writes."""
+    """One launch where Triton runs and the cache is in the activations' dtype or e4m3; else (plain
+    CPU) the norm and rotary kernels' dispatchers and two index_copy_ writes."""
     from moeserve.kernels.fp8 import triton_runs_on
 
     if (triton is not None and _use_triton(q, k, v, q_weight, k_weight)
             and triton_runs_on(q, positions, slot_mapping, k_cache, v_cache)
             and q.dtype == k.dtype == v.dtype == q_weight.dtype == k_weight.dtype
-            and k_cache.dtype == v_cache.dtype == q.dtype
+            and k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, FP8)
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and k_cache.is_contiguous() and v_cache.is_contiguous() and cos_sin_cache.shape[-1] == q.shape[-1]):
         return gqa_qkv_write_triton(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, interleaved,

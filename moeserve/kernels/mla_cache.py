@@ -129,9 +129,8 @@ def mla_kv_write(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, posi
 
     An e4m3 entry is rounded to the activations' dtype first, as the unfused path does, then cast by
     the GPU (round to nearest even, saturating at +-448), not by torch (tests/kernels/test_mla_cache.py:
-    bit for bit under the interpreter in fp32, within 1e-2 in bf16 on a GPU). kernels/gqa_cache.py
-    instead reproduces torch's cast on the bits, and keeps FP8 caches unfused since its bytes and
-    torch 2.11's differed on an H200."""
+    bit for bit under the interpreter in fp32, within 1e-2 in bf16 on a GPU); kernels/gqa_cache.py
+    writes its FP8 entries the same way."""
     if (_use_triton(kv_a, norm_weight) and triton is not None
             and cache.dtype in (kv_a.dtype, torch.float8_e4m3fn)
             and norm_weight.dtype == kv_a.dtype and kv_a.stride(-1) == 1 and cache.is_contiguous()

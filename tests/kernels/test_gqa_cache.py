@@ -9,7 +9,10 @@ op); the whole V cache bit for bit (a copy, with torch's FP8 conversion in the F
 every cache entry the step must not touch, bit for bit. Bounds: fp32 1e-6, fp16 2e-3 (a rounding
 or two of fp16), bf16 1e-2; with an FP8 cache, k's entries are the reference's or one e4m3 step
 away (a last-bit difference before the e4m3 rounding can move it across a rounding boundary), and
-no more than 2% of them differ.
+no more than 2% of them differ; on the GPU in bf16, k within FP8's 1e-2 as mla_cache's test.
+The e4m3 conversion (both fused cache writes': round to nearest even, saturating at +-448, NaN
+kept) is torch 2.13's; torch 2.11's (the device machines') turns |x| >= 464 and inf into NaN, so
+on the GPU values in range must be torch's bytes and the others saturate.
 """
 
 from __future__ import annotations
@@ -101,7 +104,9 @@ def case_errors(tokens, heads, kv_heads, dim, interleaved, dtype, cache_kind, pa
 
 def fp8_special_values(device="cpu") -> int:
     """v values across e4m3's range and past it (saturation at 480, inf, NaN, subnormals, the rounding
-    across powers of two the interpreter's own cast gets wrong): cache bytes differing from torch's."""
+    across powers of two the interpreter's own cast gets wrong): cache bytes differing from the
+    saturating conversion's (torch 2.13's; for an older torch, its bytes where |v| < 464 and the
+    saturated code or a NaN code elsewhere)."""
     from moeserve.kernels.gqa_cache import gqa_qkv_write_triton
 
     special = [0.0, -0.0, 2.0**-10, 2.0**-9, 3 * 2.0**-10, 2.0**-7, 2.0**-6 * 0.99, 2.0**-6, 1.0625, 1.1875,
@@ -115,7 +120,11 @@ def fp8_special_values(device="cpu") -> int:
     slots, positions = torch.tensor([5], device=device), torch.tensor([1], device=device)
     gqa_qkv_write_triton(q, k, v, w, w, 1e-6, positions, cos_sin, False, cache[0], cache[1], slots)
     want = v[0].to(FP8).view(torch.uint8)
-    return int((cache[1].view(-1, 2, 32)[5].view(torch.uint8) != want).sum())
+    got = cache[1].view(-1, 2, 32)[5].view(torch.uint8)
+    big = v[0].abs() >= 464  # inf included; torch before 2.13 makes these NaN
+    want = torch.where(big, torch.where(v[0] < 0, 0xFE, 0x7E).to(torch.uint8), want)
+    nan = v[0].isnan()  # a NaN code of either sign
+    return int(((got != want) & ~(nan & ((got & 0x7F) == 0x7F))).sum())
 
 
 def _interpreter_cases() -> dict:
@@ -129,7 +138,9 @@ def check(name: str, errs: dict, dtype: torch.dtype) -> None:
     assert errs["q"] <= tol, f"{name}: q rel error {errs['q']} > {tol}"
     assert errs["v_bytes_differ"] == 0, f"{name}: V cache differs from the reference in {errs['v_bytes_differ']} bytes"
     assert errs["untouched_bytes_changed"] == 0, f"{name}: cache entries outside the slots changed"
-    if "k_fp8_far" in errs:
+    if "k_fp8_far" in errs and dtype == torch.bfloat16:  # the GPU's bf16 rounding: a tolerance, as for MLA
+        assert errs["k"] <= 1e-2 and errs["k_fp8_frac_differ"] <= 0.02, f"{name}: FP8 K cache {errs}"
+    elif "k_fp8_far" in errs:
         assert errs["k_fp8_far"] == 0, f"{name}: {errs['k_fp8_far']} FP8 K entries more than one e4m3 step off"
         assert errs["k_fp8_frac_differ"] <= 0.02, f"{name}: {errs['k_fp8_frac_differ']:.3f} of FP8 K entries differ"
     else:
@@ -168,10 +179,15 @@ def test_cpu_dispatch_is_the_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("fp8")])  # FP8: see gqa_qkv_write
+@pytest.mark.parametrize("case", list(CASES))
 def test_fused_prologue_on_gpu_bf16(case):
     args = CASES[case]
     check(case, case_errors(*args[:5], torch.bfloat16, *args[6:], device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fp8_cache_conversion_on_gpu():
+    assert fp8_special_values("cuda") == 0
 
 
 if __name__ == "__main__":
