@@ -386,6 +386,7 @@ class Dispatcher:
         self.uses_peer_memory = self.ll_transport == "peer" and self.group is not None
         self.peer_timeout_s = peer_timeout_s
         self.peer_memory: PeerBuffers | None = None  # mapped at the first low-latency dispatch
+        self.peer_k: int | None = None  # the top_k its dispatch rows are laid out for
         self._peer_rows: dict[str, wire_codecs.PeerRows] = {}
         self.mode = resolve_mode(mode)
         self.threshold = threshold

@@ -24,7 +24,7 @@ from tests.helpers import print_interpreter_cases  # noqa: E402
 def _stores(rank, world, kernel):
     from moeserve.distributed.peer_memory import PeerBuffers
 
-    pb = PeerBuffers(dist.group.WORLD, {"a": 40, "b": 1000}, "cpu", timeout_s=2.0)
+    pb = PeerBuffers(dist.group.WORLD, {"a": 40, "b": 1000}, "cpu", timeout_s=60.0)
     for r, view in enumerate(pb.peer_views("b")):
         view.view(torch.int32)[rank * 10:(rank + 1) * 10] = 1000 * rank + 10 * r + torch.arange(10, dtype=torch.int32)
     pb.barrier(kernel)
@@ -35,11 +35,11 @@ def _stores(rank, world, kernel):
             pb.barrier(True)
         pb.check()  # no timeout so far
         out["epoch"] = int(pb.epoch[0])
-        dist.barrier()
+        short = PeerBuffers(dist.group.WORLD, {"a": 8}, "cpu", timeout_s=1.0)
         if rank == 0:  # rank 1 never arrives at this one
-            pb.barrier(True)
+            short.barrier(True)
             try:
-                pb.check()
+                short.check()
             except RuntimeError as e:
                 out["timeout"] = f"{type(e).__name__}: {e}"
         dist.barrier()
@@ -52,7 +52,7 @@ def _check_stores(results, world, kernel):
         assert r["offsets"] == {"a": (256, 40), "b": (512, 1000)}  # flags first, 256-byte aligned regions
     if kernel:
         assert [r["epoch"] for r in results] == [4, 4]
-        assert "PeerTimeout: rank 0: a peer barrier waited more than 2s for rank 1" in results[0]["timeout"]
+        assert "PeerTimeout: rank 0: a peer barrier waited more than 1s for rank 1" in results[0]["timeout"]
         assert results[1]["timeout"] is None
 
 
