@@ -136,16 +136,22 @@ def encode_case(s: Setup, kind, layout, meta, dtype):
     return dict(op="encode", kind=kind, layout=layout, meta=meta), run, check, nbytes, len(sets)
 
 
-def decode_case(s: Setup, kind, dtype):
-    """The rows a rank receives (as many as the ht dispatch sends), with their metadata."""
+def received_rows(s: Setup, kind, dtype) -> torch.Tensor:
+    """The rows a rank receives (as many as the ht dispatch sends), with their metadata, on the CPU."""
     h, k, n = s.h, s.k, s.n_ht
-    rb = row_bytes(kind, h, dtype, k)
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, h, generator=g) * torch.logspace(-3, 3, n)[:, None]).to(dtype)
     ids = torch.randint(-1, 16, (n, k), generator=g).to(torch.int32)
     w = torch.rand(n, k, generator=g)
-    rows_cpu = torch.cat([wc.encode_ref(kind, x, dtype), ids.view(torch.uint8).view(n, 4 * k),
-                          w.view(torch.uint8).view(n, 4 * k)], dim=1)
+    return torch.cat([wc.encode_ref(kind, x, dtype), ids.view(torch.uint8).view(n, 4 * k),
+                      w.view(torch.uint8).view(n, 4 * k)], dim=1)
+
+
+def decode_case(s: Setup, kind, dtype):
+    """The received rows decoded to the activation dtype, with their metadata."""
+    h, k, n = s.h, s.k, s.n_ht
+    rb = row_bytes(kind, h, dtype, k)
+    rows_cpu = received_rows(s, kind, dtype)
     payload = kind != wc.RAW
     nbytes = n * ((rb if payload else 8 * k) + (h * dtype.itemsize if payload else 0) + 12 * k)
     sets = []
@@ -175,12 +181,7 @@ def decode_fp8_case(s: Setup, kind, dtype, apart: bool):
 
     h, k, n = s.h, s.k, s.n_ht
     rb, groups = row_bytes(kind, h, dtype, k), -(-h // 128)
-    g = torch.Generator().manual_seed(n)
-    x = (torch.randn(n, h, generator=g) * torch.logspace(-3, 3, n)[:, None]).to(dtype)
-    ids = torch.randint(-1, 16, (n, k), generator=g).to(torch.int32)
-    w = torch.rand(n, k, generator=g)
-    rows_cpu = torch.cat([wc.encode_ref(kind, x, dtype), ids.view(torch.uint8).view(n, 4 * k),
-                          w.view(torch.uint8).view(n, 4 * k)], dim=1)
+    rows_cpu = received_rows(s, kind, dtype)
     q8 = n * (h + 4 * groups)  # the FP8 groups' bytes
     if apart:
         nbytes = n * (rb + 12 * k) + (n * h * dtype.itemsize if kind != wc.RAW else 0) + n * h * dtype.itemsize + q8
