@@ -69,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--graph", action="store_true", help="also time the ll round trip captured in a CUDA graph")
+    p.add_argument("--ll-capacity", type=int, default=None,
+                   help="rows per rank of the low-latency buffers (default: the tokens per rank); larger shows a "
+                   "decode step with fewer tokens than the buffer holds, whose padding rows the collective "
+                   "transport sends as zeros and the peer transport as 64 B of metadata")
     p.add_argument("--fp8-experts", action="store_true",
                    help="hand the received rows over as FP8 experts take them (FP8 groups: an fp8 payload as it "
                    "arrived, others decoded and quantized in one pass) instead of decoded to bf16")
@@ -174,7 +178,8 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
     peer = backend == "llp"
     mode, chunks = backend[:2], 0 if peer else int(backend[2:] or 0)  # "ll4": ll in 4 pipelined ranges
     d = Dispatcher(dist.group.WORLD, placement, args.hidden, torch.bfloat16, dcodec, ccodec, mode=mode,
-                   ll_capacity=tokens, device=device, kernels=args.kernels, ht_chunks=chunks or args.ht_chunks,
+                   ll_capacity=max(args.ll_capacity or tokens, tokens), device=device, kernels=args.kernels,
+                   ht_chunks=chunks or args.ht_chunks,
                    ll_chunks=chunks or 1, ll_transport="peer" if peer else "collective", peer_timeout_s=args.timeout)
     x, ids, w = routing(tokens, args, rank, device)
     fp8 = args.fp8_experts
@@ -193,15 +198,17 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
     t_combine = timed(lambda: d.combine(expert_out, handle), args, device)  # a handle can be combined again
     drow, crow = d.bytes_per_row(args.topk)
     rows, _ = remote_rows(d, ids)
+    cap = d.ll_capacity
     if mode == "ht":
         wire = rows * (drow + crow)
     elif peer:  # the metadata of every row, the payloads of the rows that carry a token
-        wire = rows * (drow - 8 * args.topk + crow) + (world - 1) * tokens * 8 * args.topk
-    else:
-        wire = (world - 1) * tokens * (drow + crow)
+        wire = rows * (drow - 8 * args.topk + crow) + (world - 1) * cap * 8 * args.topk
+    else:  # the whole buffer, padding rows included
+        wire = (world - 1) * cap * (drow + crow)
     useful = rows * (drow + crow)
     wire, useful = mean_over_ranks(wire, device), mean_over_ranks(useful, device)
-    row = {"format": fmt, "backend": backend, "tokens_per_rank": tokens, "fp8_experts": fp8, "round_trip_us": t_rt * 1e6,
+    row = {"format": fmt, "backend": backend, "tokens_per_rank": tokens, "ll_capacity": cap if mode == "ll" else None,
+           "fp8_experts": fp8, "round_trip_us": t_rt * 1e6,
            "dispatch_us": t_dispatch * 1e6, "combine_us": t_combine * 1e6,
            "wire_bytes_per_rank": wire, "useful_fraction": useful / wire if wire else 1.0,
            "gbs": wire / t_rt / 1e9, "bytes_per_token_round_trip": d.dispatch_codec.bytes_per_token(args.hidden)

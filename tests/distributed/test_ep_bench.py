@@ -27,11 +27,16 @@ def test_ep_bench_cpu_smoke(tmp_path):
 
 
 def test_ep_bench_fp8_experts_smoke(tmp_path):
-    """--fp8-experts: the received rows handed over as FP8 groups, for every backend."""
+    """--fp8-experts: the received rows handed over as FP8 groups, for every backend; --ll-capacity:
+    a low-latency buffer larger than the step (padding rows: zeros on the collective wire, metadata
+    only on the peer one)."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "ep_bench.py"), "--device", "cpu", "--nproc", "2",
            "--hidden", "256", "--experts", "16", "--topk", "4", "--tokens", "8", "--warmup", "1", "--iters", "2",
-           "--timeout", "60", "--out", str(tmp_path), "--backends", "ht,ll,llp", "--fp8-experts"]
+           "--timeout", "60", "--out", str(tmp_path), "--backends", "ht,ll,llp", "--fp8-experts", "--ll-capacity", "16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "ep_bench.json").read_text())["rows"]
     assert len(rows) == 3 * 3 and all(r["fp8_experts"] and r["round_trip_us"] > 0 for r in rows)
+    ll = {r["backend"]: r for r in rows if r["format"] == "bf16" and r["backend"] != "ht"}
+    assert ll["ll"]["ll_capacity"] == ll["llp"]["ll_capacity"] == 16
+    assert ll["llp"]["wire_bytes_per_rank"] < ll["ll"]["wire_bytes_per_rank"] / 2
