@@ -144,7 +144,8 @@ def run_name(r: dict) -> str:
         return f"dp{r['dp']}/tp{r['tp']}/ep{r['ep']} (attention TP, experts EP)"
     if r.get("tp", 1) > 1:
         return f"tp{r['tp']} (layers split, all_reduce)"
-    return f"dp{r['dp']}/ep{r['ep']} {r['dispatch_dtype']}+{r['combine_dtype']}"
+    peer = ", peer memory" if r.get("ll_transport") == "peer" else ""
+    return f"dp{r['dp']}/ep{r['ep']} {r['dispatch_dtype']}+{r['combine_dtype']}{peer}"
 
 
 def main() -> int:
@@ -154,6 +155,8 @@ def main() -> int:
     p.add_argument("--modes", default="ep,tp", help="comma list of ep, tp, tpep (dp x tp attention, ep over all "
                                                    "ranks): which parallel runs to compare")
     p.add_argument("--moe-layers", type=int, default=2)
+    p.add_argument("--ll-transports", default="collective",
+                   help="comma list of the low-latency transports the ep runs use: collective, peer")
     p.add_argument("--batch", type=int, default=64, help="requests per GPU")
     p.add_argument("--isl", type=int, default=512)
     p.add_argument("--osl", type=int, default=64)
@@ -202,11 +205,13 @@ def main() -> int:
         print("single GPU, synchronous scheduling:", runs[-1], flush=True)
         save()
         if "ep" in modes:
-            for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
-                par = dict(dp=args.nproc, ep=args.nproc, dispatch_dtype=dispatch, combine_dtype=combine)
-                runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager, args.device))
-                print(f"dp{args.nproc}/ep{args.nproc} {dispatch}+{combine}:", runs[-1], flush=True)
-                save()
+            for transport in args.ll_transports.split(","):
+                for dispatch, combine in (("none", "none"), ("mxfp4", "fp8")):
+                    par = dict(dp=args.nproc, ep=args.nproc, dispatch_dtype=dispatch, combine_dtype=combine,
+                               ll_transport=transport)
+                    runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager, args.device))
+                    print(f"{run_name(runs[-1])}:", runs[-1], flush=True)
+                    save()
         if "tpep" in modes:
             par = dict(dp=args.nproc // tp, tp=tp, ep=args.nproc)
             runs.append(throughput(path, par, args.batch, args.isl, args.osl, args.nproc, eager, args.device))
