@@ -331,12 +331,16 @@ def _triton_supports(x, w13, w2, w13_scale, w2_scale, block) -> bool:
     return w13.dtype == x.dtype and w2.dtype == x.dtype
 
 
+def _runs_triton(x, w13, w2, w13_scale, w2_scale, block, *others) -> bool:
+    """Whether fused_moe takes its Triton path on these arguments."""
+    return triton_runs_on(x, w13, w2, *others) and _triton_supports(x, w13, w2, w13_scale, w2_scale, block)
+
+
 def takes_fp8_input(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
                     w2_scale: torch.Tensor | None, block: tuple[int, int]) -> bool:
     """Whether fused_moe runs its W8A8 Triton path on these arguments, so that it can be given the
     activations as x_fp8 alone (x=None)."""
-    return (w13_scale is not None and triton_runs_on(x, w13, w2)
-            and _triton_supports(x, w13, w2, w13_scale, w2_scale, block))
+    return w13_scale is not None and _runs_triton(x, w13, w2, w13_scale, w2_scale, block)
 
 
 def fused_moe(x: torch.Tensor | None, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -357,7 +361,7 @@ def fused_moe(x: torch.Tensor | None, w13: torch.Tensor, w2: torch.Tensor, topk_
             raise ValueError("fused_moe without x needs x_fp8, out_dtype and FP8 expert weights")
         return fused_moe_triton(None, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block), True,
                                 addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8, out_dtype=out_dtype)
-    if triton_runs_on(x, w13, w2, topk_ids) and _triton_supports(x, w13, w2, w13_scale, w2_scale, block):
+    if _runs_triton(x, w13, w2, w13_scale, w2_scale, block, topk_ids):
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block),
                                 fp8_activations, addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block, addend)

@@ -28,6 +28,11 @@ H, I, E, K, CAP = 512, 64, 16, 4, 32
 FORMATS = {("none", "none"): 1e-2, ("fp8", "fp8"): 6e-2, ("mxfp4", "fp8"): 0.2}
 
 
+def _sq(y, ref):
+    """(squared error, squared reference), summed over the ranks by _rel."""
+    return float((y.float() - ref.float()).pow(2).sum()), float(ref.float().pow(2).sum())
+
+
 def _rel(parts):
     return (sum(p[0] for p in parts) / sum(p[1] for p in parts)) ** 0.5
 
@@ -73,7 +78,7 @@ def _ranks(rank, world):
             layer = ExpertParallelMoE(d, placement, w13[mine].clone(), w2[mine].clone())
             y = layer(x, ids, w)
             ref = fused_moe(x, w13, w2, w, ids)
-            sq = (float((y.float() - ref.float()).pow(2).sum()), float(ref.float().pow(2).sum()))
+            sq = _sq(y, ref)
             # The whole layer in a CUDA graph (buffers mapped by the eager call above), replayed on new inputs.
             sx, sids, sw = x.clone(), ids.clone(), w.clone()
             stream = torch.cuda.Stream()
@@ -103,7 +108,7 @@ def _ranks(rank, world):
         layer = ExpertParallelMoE(d, placement, q13[mine], q2[mine], s13[mine], s2[mine], (128, 128))
         y = layer(x, ids, w)
         ref = fused_moe(x, q13, q2, w, ids, s13, s2, (128, 128))
-        sq = (float((y.float() - ref.float()).pow(2).sum()), float(ref.float().pow(2).sum()))
+        sq = _sq(y, ref)
         out[f"fp8_experts_{dcodec}"] = {"same_bytes": True, "graph": True, "sq": sq,
                                         "bound": 0.2 if dcodec == "mxfp4" else 1e-2}
 

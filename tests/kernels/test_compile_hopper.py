@@ -232,18 +232,22 @@ def _cases() -> dict:
     return cases
 
 
+def _compiled(kernel):
+    """The compiled variants of a @triton.jit kernel (the stub's compiles, with their asm)."""
+    return [k for caches in kernel.device_caches.values() for k in caches[0].values()]
+
+
 def _mla_fp8_profile() -> dict:
     """What the FP8-cache MLA decode's compile (fp16 dots, tiles converted by inline PTX) does with its
     cache tiles: the properties its speed rests on (docs/perf/kernels_attention.md)."""
     from moeserve.kernels import attention_triton as at
 
-    for caches in at._mla_decode_split_kernel.device_caches.values():
-        for kernel in caches[0].values():
-            ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
-            if "elementwise_inline_asm" in ttgir:
-                return {"async_copies": ttgir.count("async_copy_global_to_local"),
-                        "byte_loads": len(re.findall(r"ld\.shared\.b8", ptx)), "ldmatrix": ptx.count("ldmatrix"),
-                        "shared_bytes": kernel.metadata.shared}
+    for kernel in _compiled(at._mla_decode_split_kernel):
+        ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+        if "elementwise_inline_asm" in ttgir:
+            return {"async_copies": ttgir.count("async_copy_global_to_local"),
+                    "byte_loads": len(re.findall(r"ld\.shared\.b8", ptx)), "ldmatrix": ptx.count("ldmatrix"),
+                    "shared_bytes": kernel.metadata.shared}
     return {}
 
 
@@ -269,7 +273,7 @@ def _peer_store_widths() -> dict:
             ("back", wc._encode_back_kernel, lambda: wc.encode_back_triton(x, "none", bf, ids, t, table(back)))):
         kernel.device_caches.clear()
         call()
-        ptx = "".join(k.asm["ptx"] for caches in kernel.device_caches.values() for k in caches[0].values())
+        ptx = "".join(k.asm["ptx"] for k in _compiled(kernel))
         out[name] = {"v4": len(re.findall(r"st\.global\.v4", ptx)), "b16": len(re.findall(r"st\.global\.b16", ptx))}
     return out
 
