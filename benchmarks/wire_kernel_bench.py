@@ -177,7 +177,7 @@ def decode_fp8_case(s: Setup, kind, dtype, apart: bool):
     """The received rows decoded into FP8 experts' input (values e4m3, scales per 128): in one pass
     (decode_rows fp8_groups; an fp8 payload is viewed in place, only its metadata read), or, apart,
     as before it: decode to the activation dtype, then fused_moe's own quant launch."""
-    from moeserve.kernels.fp8 import per_token_group_quant_fp8_triton
+    from moeserve.kernels.fp8 import per_token_group_quant_fp8_ref, per_token_group_quant_fp8_triton
 
     h, k, n = s.h, s.k, s.n_ht
     rb, groups = row_bytes(kind, h, dtype, k), -(-h // 128)
@@ -200,10 +200,15 @@ def decode_fp8_case(s: Setup, kind, dtype, apart: bool):
     def check(out):
         # Values, not bytes, for the e4m3 part: the GPU's quotient gives +0 for -0 (mxfp4 decodes
         # negative values that round to zero as -0), which the GEMMs read as the same zero.
-        # "decode + quant" of an fp8 payload is not expected to match: it rounds twice.
+        # Each against its own reference: "decode + quant" rounds twice an fp8 payload (one pass
+        # views it) and requantizes an mxfp4 one (one pass converts it exactly).
         m = min(n, CHECK_TOKENS * 4)
         (q, sc), ids, w = out
-        (q_ref, sc_ref), ids_ref, w_ref = wc.decode_rows_ref(rows_cpu[:m], kind, h, dtype, k, fp8_groups=True)
+        if apart:
+            x_ref, ids_ref, w_ref = wc.decode_rows_ref(rows_cpu[:m], kind, h, dtype, k)
+            q_ref, sc_ref = per_token_group_quant_fp8_ref(x_ref, 128)
+        else:
+            (q_ref, sc_ref), ids_ref, w_ref = wc.decode_rows_ref(rows_cpu[:m], kind, h, dtype, k, fp8_groups=True)
         return (torch.equal(q[:m].cpu().float(), q_ref.float()) and torch.equal(sc[:m].cpu(), sc_ref)
                 and torch.equal(ids[:m].cpu(), ids_ref) and torch.equal(w[:m].cpu(), w_ref))
 

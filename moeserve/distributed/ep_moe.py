@@ -80,6 +80,7 @@ class ExpertParallelMoE:
         self.block = tuple(block)
         self.balancer, self.layer = balancer, layer
         self.valid_tokens = valid_tokens  # [1] int64 on the device: rows at or past it are padding
+        self._fp8_input: dict = {}  # (dtype, device) -> takes_fp8_input's answer
 
     @property
     def rank(self) -> int:
@@ -97,15 +98,22 @@ class ExpertParallelMoE:
             topk_ids = torch.where((rows < self.valid_tokens)[:, None], topk_ids, -1)
         if self.balancer is not None:
             self.balancer.record(expert_counts(topk_ids, self.placement.num_experts), self.layer)
-        # FP8 experts take the received rows as FP8 groups: an fp8 payload as it arrived (it is their
-        # own activation quantization), others decoded straight into it (no bf16 copy, no quant launch).
-        fp8_in = self.block[1] == FP8_GROUP and takes_fp8_input(x, self.w13, self.w2, self.w13_scale, self.w2_scale,
-                                                               self.block)
+        fp8_in = self.takes_fp8_groups(x)
         recv_x, recv_ids, recv_w, handle = self.dispatcher.dispatch(x, topk_ids, topk_weights, self.table,
                                                                     fp8_groups=fp8_in)
         out = fused_moe(None if fp8_in else recv_x, self.w13, self.w2, recv_w, recv_ids, self.w13_scale,
                         self.w2_scale, self.block, x_fp8=recv_x if fp8_in else None, out_dtype=x.dtype)
         return self.dispatcher.combine(out, handle)
+
+    def takes_fp8_groups(self, x: torch.Tensor) -> bool:
+        """Whether this layer's experts take the received rows as FP8 groups (FP8 experts on fused_moe's
+        W8A8 path): an fp8 payload as it arrived (it is their own activation quantization), others
+        decoded straight into it (no bf16 copy, no quant launch). Decided once per dtype and device."""
+        key = (x.dtype, x.device)
+        if key not in self._fp8_input:
+            self._fp8_input[key] = self.block[1] == FP8_GROUP and takes_fp8_input(
+                x, self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
+        return self._fp8_input[key]
 
     def expert_weights(self) -> list[torch.Tensor]:
         return [t for t in (self.w13, self.w2, self.w13_scale, self.w2_scale) if t is not None]

@@ -50,7 +50,7 @@ from moeserve.kernels.fp8 import FP8_DTYPE, per_token_group_quant_fp8_ref, trito
 if triton is not None:
     import triton.language as tl
 
-    from moeserve.kernels.fp8 import _quant_group_tile, _round_to_e4m3
+    from moeserve.kernels.fp8 import _cast_to, _quant_group_tile, _round_to_e4m3
 
 RAW, FP8, MXFP4 = "none", "fp8", "mxfp4"
 KINDS = (RAW, FP8, MXFP4)
@@ -59,10 +59,16 @@ MX_BLOCK = 32
 E2M1_EMAX = 2  # exponent of the largest e2m1 normal (6 = 1.5 * 2^2)
 E2M1_MAX = 6.0
 E8M0_BIAS = 127
+# An mxfp4 payload handed to FP8 experts as FP8 groups (mxfp4_fp8_groups): each value is its e2m1 code
+# times 2^(its block's exponent - the group's largest + MX_FP8_SHIFT), so the largest block's values
+# (<= 6 * 2^6 = 384) fill e4m3's range (448) and a block up to 2^14 below the largest stays exact.
+MX_FP8_SHIFT = 6
 # Magnitudes of the 8 e2m1 codes, and the midpoints between neighbours (rounding boundaries).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 ENV_KERNELS = "MOESERVE_WIRE_KERNELS"  # "torch" forces the references
+if triton is not None:
+    MX_FP8_SHIFT_C = tl.constexpr(MX_FP8_SHIFT)  # the kernels' copy
 
 
 @dataclass
@@ -180,6 +186,27 @@ def mxfp4_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torc
     codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(t, hidden // MX_BLOCK, MX_BLOCK)
     shared = payload[:, hidden // 2:hidden // 2 + hidden // MX_BLOCK].to(torch.float32) - E8M0_BIAS
     return (e2m1_value(codes) * torch.exp2(shared)[..., None]).view(t, hidden).to(dtype)
+
+
+def mxfp4_fp8_groups(payload: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An mxfp4 payload [N, >= payload_bytes] as FP8 groups, (e4m3 [N, hidden], fp32 [N, ceil(hidden / 128)]),
+    without rounding: the four e8m0 scales of a 128-value group differ by powers of two, so each value
+    is its e2m1 code shifted by its block's exponent relative to the group's largest (MX_FP8_SHIFT
+    above it), and the group's scale is that largest power of two. Exact where a block is within
+    2^14 of its group's largest (smaller values round to e4m3, to nearest even); no amax, no division.
+    What FP8 experts compute on an mxfp4 payload (decode_rows fp8_groups)."""
+    t, nb, g = payload.shape[0], hidden // MX_BLOCK, -(-hidden // FP8_GROUP)
+    packed = payload[:, :hidden // 2]
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(t, nb, MX_BLOCK)
+    e8m0 = payload[:, hidden // 2:hidden // 2 + nb].to(torch.int64)
+    pad = g * (FP8_GROUP // MX_BLOCK) - nb  # a short last group: empty blocks, e8m0 0 (never the largest)
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, pad)).view(t, g, -1, MX_BLOCK)
+    e8m0 = torch.nn.functional.pad(e8m0, (0, pad)).view(t, g, -1)
+    emax = e8m0.amax(dim=2, keepdim=True)
+    shift = torch.exp2((e8m0 - emax).clamp(min=-132).to(torch.float64) + MX_FP8_SHIFT)  # float64: exact
+    q = (e2m1_value(codes).to(torch.float64) * shift[..., None]).to(torch.float32).to(FP8_DTYPE)
+    scale = torch.exp2(emax[..., 0].to(torch.float64) - E8M0_BIAS - MX_FP8_SHIFT).to(torch.float32)
+    return q.view(t, -1)[:, :hidden], scale
 
 
 def fp8_encode(x: torch.Tensor) -> torch.Tensor:
@@ -305,23 +332,29 @@ def encode_back_ref(x, kind, dtype, ids, cap, peers: PeerRows):
 
 def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None, live_only=False, fp8_groups=False):
     bpt = payload_bytes(kind, hidden, dtype)
-    x = decode_ref(kind, rows, hidden, dtype) if not in_place(kind, fp8_groups) else payload_view(rows, kind, hidden, dtype)
+    view = in_place(kind, fp8_groups)
+    x = payload_view(rows, kind, hidden, dtype) if view else decode_ref(kind, rows, hidden, dtype)
     if not (k and rows.shape[0]):  # torch cannot reinterpret empty byte columns
         ids = torch.empty(rows.shape[0], k, dtype=torch.int64, device=rows.device)
         w = torch.empty(rows.shape[0], k, dtype=torch.float32, device=rows.device)
     else:
         ids = bytes_as(rows[:, bpt:bpt + 4 * k], torch.int32).to(torch.int64)
         w = bytes_as(rows[:, bpt + 4 * k:bpt + 8 * k], torch.float32)
-    if in_place(kind, fp8_groups):
+    if view:
         if out is None:
             return x, ids, w
         out[1].copy_(ids)
         out[2].copy_(w)
         return x, out[1], out[2]
-    if live_only and k:
-        x = torch.where((ids >= 0).any(dim=1, keepdim=True), x, 0).to(x.dtype)
-    if fp8_groups:  # what fused_moe would make of the decoded rows before its GEMMs
-        x = per_token_group_quant_fp8_ref(x, FP8_GROUP) if x.shape[0] else empty_decoded(0, hidden, dtype, True, x.device)
+    live = (ids >= 0).any(dim=1, keepdim=True) if live_only and k else None
+    if live is not None:
+        x = torch.where(live, x, 0).to(x.dtype)
+    if fp8_groups and not x.shape[0]:
+        x = empty_decoded(0, hidden, dtype, True, x.device)
+    elif fp8_groups and kind == MXFP4:  # exactly, from the codes and scales (a dead row: zeros)
+        x = mxfp4_fp8_groups(rows if live is None else torch.where(live, rows, 0), hidden)
+    elif fp8_groups:  # what fused_moe would make of the decoded rows before its GEMMs
+        x = per_token_group_quant_fp8_ref(x, FP8_GROUP)
     if out is None:
         return x, ids, w
     for dst, src in zip(out[0] if fp8_groups else (out[0],), x if fp8_groups else (x,)):
@@ -437,6 +470,34 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
 
     @triton.jit
+    def _e8m0_value(e8m0):
+        # 2^(e8m0 - 127) is the fp32 whose exponent field is e8m0; e8m0 0 is the subnormal 2^-127.
+        return tl.where(e8m0 == 0, 0x400000, e8m0 << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mxfp4_fp8_group(codes, e8m0, FAST: tl.constexpr):
+        # codes [R, NB, 32] and e8m0 [R, NB] (int32), one FP8 group a row -> (e4m3 [R, NB, 32], fp32
+        # scales [R]): mxfp4_fp8_groups, the torch specification. 2^(d + MX_FP8_SHIFT) is built as
+        # fp32 bits, normal for d >= -132 (any smaller shift flushes to zero in e4m3 anyway).
+        emax = tl.max(e8m0, axis=1)
+        d = tl.maximum(e8m0 - emax[:, None], -132)
+        shift = ((d + 127 + MX_FP8_SHIFT_C) << 23).to(tl.float32, bitcast=True)
+        q = _cast_to(_e2m1_value(codes) * shift[:, :, None], tl.float8e4nv, FAST)
+        return q, _e8m0_value(emax) * (0.5 ** MX_FP8_SHIFT_C)
+
+    @triton.jit
+    def _load_mxfp4(row, chunk, hidden, live, CHUNK: tl.constexpr):
+        # One chunk of a row's mxfp4 payload -> (codes [CHUNK / 32, 32], e8m0 [CHUNK / 32]), int32;
+        # zeros where not live (nothing is read).
+        NB: tl.constexpr = CHUNK // 32
+        offs = chunk * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
+        packed = tl.load(row + offs, mask=tl.where(live, offs < hidden // 2, False), other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(packed & 15, packed >> 4), [NB, 32])
+        b = chunk * NB + tl.arange(0, NB)
+        e8m0 = tl.load(row + hidden // 2 + b, mask=tl.where(live, b < hidden // 32, False), other=0).to(tl.int32)
+        return codes, e8m0
+
+    @triton.jit
     def _store_payload(row, body, scale, live, chunk, hidden, KIND: tl.constexpr, WIRE: tl.constexpr,
                        CHUNK: tl.constexpr, ALIGN: tl.constexpr):
         # One chunk of a row's payload; zeros where the row is not live.
@@ -472,15 +533,8 @@ if triton is not None:
             scale = _load_u32(row + hidden + 4 * chunk * G, G, tl.where(live, g * 128 < hidden, False), ALIGN)
             v = tl.reshape(tl.reshape(q, [G, 128]) * scale.to(tl.float32, bitcast=True)[:, None], [CHUNK])
         else:
-            NB: tl.constexpr = CHUNK // 32
-            offs = chunk * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
-            packed = tl.load(row + offs, mask=tl.where(live, offs < hidden // 2, False), other=0).to(tl.int32)
-            codes = tl.reshape(tl.join(packed & 15, packed >> 4), [NB, 32])
-            b = chunk * NB + tl.arange(0, NB)
-            e8m0 = tl.load(row + hidden // 2 + b, mask=tl.where(live, b < hidden // 32, False), other=0).to(tl.int32)
-            # 2^(e8m0 - 127) is the fp32 whose exponent field is e8m0; e8m0 0 is the subnormal 2^-127.
-            scale = tl.where(e8m0 == 0, 0x400000, e8m0 << 23).to(tl.float32, bitcast=True)
-            v = tl.reshape(_e2m1_value(codes) * scale[:, None], [CHUNK])
+            codes, e8m0 = _load_mxfp4(row, chunk, hidden, live, CHUNK)
+            v = tl.reshape(_e2m1_value(codes) * _e8m0_value(e8m0)[:, None], [CHUNK])
         return v
 
     @triton.jit
@@ -589,15 +643,21 @@ if triton is not None:
                 live = tl.max(tl.where(j < top_k, ids, -1), axis=0) >= 0
             else:
                 live = n >= 0
-            v = _load_payload(row, chunk, hidden, live, KIND, WIRE, CHUNK, ALIGN, FAST)
             if Q8:
                 G: tl.constexpr = CHUNK // 128
-                q, scale = _quant_group_tile(tl.reshape(v.to(WIRE).to(tl.float32), [G, 128]), 448.0, FAST)
-                tl.store(out_ptr + n * stride_out + offs, tl.reshape(q, [CHUNK]).to(out_ptr.dtype.element_ty),
-                         mask=offs < hidden)
+                if KIND == 2:  # exactly, from the codes and scales (mxfp4_fp8_groups)
+                    codes, e8m0 = _load_mxfp4(row, chunk, hidden, live, CHUNK)
+                    q, scale = _mxfp4_fp8_group(tl.reshape(codes, [G, 4, 32]), tl.reshape(e8m0, [G, 4]), FAST)
+                    q = tl.reshape(q, [CHUNK]).to(out_ptr.dtype.element_ty)
+                else:
+                    v = _load_payload(row, chunk, hidden, live, KIND, WIRE, CHUNK, ALIGN, FAST)
+                    q, scale = _quant_group_tile(tl.reshape(v.to(WIRE).to(tl.float32), [G, 128]), 448.0, FAST)
+                    q = tl.reshape(q, [CHUNK]).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + n * stride_out + offs, q, mask=offs < hidden)
                 g = chunk * G + tl.arange(0, G)
                 tl.store(scale_ptr + n * stride_scale + g, scale, mask=g * 128 < hidden)
             else:
+                v = _load_payload(row, chunk, hidden, live, KIND, WIRE, CHUNK, ALIGN, FAST)
                 tl.store(out_ptr + n * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=offs < hidden)
         if META:
             if chunk == 0:
@@ -876,7 +936,7 @@ def decode_rows(rows: torch.Tensor, kind: str, hidden: int, dtype: torch.dtype, 
     payload unread (a payload handed over as a view keeps whatever bytes are there).
     fp8_groups: x is (e4m3 [N, hidden], fp32 scales [N, ceil(hidden / 128)]) for FP8 experts, the
     decoded rows quantized per 128 exactly as fused_moe would quantize them; an fp8 payload is
-    already that and comes back as views."""
+    already that and comes back as views, an mxfp4 one is converted without rounding (mxfp4_fp8_groups)."""
     if triton_ok if triton_ok is not None else use_triton(rows, dtype):
         return decode_rows_triton(rows, kind, hidden, dtype, k, out, live_only, fp8_groups)
     return decode_rows_ref(rows, kind, hidden, dtype, k, out, live_only, fp8_groups)

@@ -227,6 +227,8 @@ def _cases() -> dict:
             wc.PeerRows(back, torch.tensor([b.data_ptr() for b in back]), 0))
         cases[f"wire_decode_live_{kind}"] = lambda kind=kind, rb=row_bytes: wc.decode_rows_triton(
             torch.zeros(2 * tokens, rb, dtype=torch.uint8), kind, h, bf, top_k, live_only=True)
+        cases[f"wire_decode_fp8_groups_{kind}"] = lambda kind=kind, rb=row_bytes: wc.decode_rows_triton(
+            torch.zeros(2 * tokens, rb, dtype=torch.uint8), kind, h, bf, top_k, live_only=True, fp8_groups=True)
     flags, epoch, status = (torch.zeros(n, dtype=torch.int64) for n in (2, 1, 1))
     cases["peer_barrier"] = lambda: peer_sync.peer_barrier(torch.tensor([flags.data_ptr()] * 2), epoch, status, 0, 1.0)
     return cases
