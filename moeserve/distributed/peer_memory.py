@@ -5,8 +5,10 @@ transport), plus the device barrier that orders those stores (kernels/peer_sync.
 
 CUDA: one torch allocation per rank shared through CUDA IPC (torch.multiprocessing's CUDA tensor
 reduction: cudaIpcGetMemHandle, opened by each peer with peer access enabled); a kernel on this
-GPU then stores over NVLink (or PCIe) into the peer's HBM. It also maps several processes on one
-GPU, which tests use on a one-GPU machine (torch's symmetric memory refuses that layout).
+GPU then stores over NVLink (or PCIe) into the peer's HBM. Each peer opens the handle on its own
+GPU (torch would open it on the exporter's, creating a CUDA context, ~0.5 GB, on every peer GPU
+of every rank). It also maps several processes on one GPU, which tests use on a one-GPU machine
+(torch's symmetric memory refuses that layout).
 CPU: a file in /dev/shm that every rank maps shared, so that gloo ranks run the same protocol.
 
 All ranks of the group must be on one host (checked at start). Each rank's buffer:
@@ -18,6 +20,7 @@ CUDA graph is being captured).
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import tempfile
@@ -44,6 +47,19 @@ def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def _on_device(rebuild, args: tuple, index: int) -> tuple:
+    """torch's CUDA-tensor rebuild arguments, changed to open the IPC handle on GPU `index` (this
+    rank's): cudaIpcOpenMemHandle maps the peer's memory into the current device's context, with
+    peer access enabled lazily, as DeepEP and vLLM's custom all-reduce open theirs. The tensor then
+    says it is on this GPU, which is where its address is valid. No IPC event to wait on: the
+    exporter synchronized before it shared the handle."""
+    names = list(inspect.signature(rebuild).parameters)
+    args = list(args)
+    args[names.index("storage_device")] = index
+    args[names.index("event_sync_required")] = False
+    return tuple(args)
+
+
 class PeerBuffers:
     """regions: name -> bytes. local(name) is this rank's region; peer_views(name)[r] is rank r's
     region as this process maps it; table(name) holds their addresses (int64 [R], on the device)
@@ -61,6 +77,7 @@ class PeerBuffers:
         if self.device.type == "cuda":
             from torch.multiprocessing.reductions import reduce_tensor
             self.buffer = torch.zeros(size, dtype=torch.uint8, device=self.device)
+            torch.cuda.synchronize(self.device)  # the zeros are written before any peer maps them
             handle = reduce_tensor(self.buffer)
         else:
             self._path = os.path.join(_shm_dir(), f"moeserve-peer-{uuid.uuid4().hex}-{self.rank}")
@@ -73,7 +90,7 @@ class PeerBuffers:
             self.close()
             raise ValueError(f"peer memory needs every rank of the group on one host; they are on {hosts}")
         try:
-            self.peers = [self.buffer if r == self.rank else self._open(h) for r, (_, h) in enumerate(shared)]
+            self.peers = [self.buffer if r == self.rank else self._open(r, h) for r, (_, h) in enumerate(shared)]
         finally:
             dist.barrier(group=group)  # every rank has mapped every file: the names can go
             self.close()
@@ -83,11 +100,15 @@ class PeerBuffers:
         self._status_seen = torch.zeros(1, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         self._tables: dict[str, torch.Tensor] = {}
 
-    def _open(self, handle) -> torch.Tensor:
-        if self.device.type == "cuda":
-            rebuild, args = handle
-            return rebuild(*args)
-        return torch.from_file(handle, shared=True, size=self.nbytes, dtype=torch.uint8)
+    def _open(self, peer: int, handle) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.from_file(handle, shared=True, size=self.nbytes, dtype=torch.uint8)
+        rebuild, args = handle
+        try:
+            return rebuild(*_on_device(rebuild, args, self.device.index))
+        except RuntimeError as e:
+            raise RuntimeError(f"rank {self.rank} cannot map rank {peer}'s peer-memory buffer on {self.device} (no "
+                               f"peer access between their GPUs?); use the collective low-latency transport") from e
 
     def close(self) -> None:
         """Remove this rank's shared-memory file name (CPU); the mappings stay valid."""
