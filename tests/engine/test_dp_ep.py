@@ -120,3 +120,24 @@ def test_server_dp2_ep2_one_node_and_two_nodes(deepseek_v3_dir):
     finally:
         if node1.poll() is None:
             node1.kill()
+
+
+def test_dp2_ep2_rank_death_is_an_error_not_a_hang(deepseek_v3_dir):
+    """A rank killed between steps, over the peer-memory transport: the next generate fails with a
+    clear error within the collective deadline (3 s here) and the surviving rank exits; nothing waits
+    forever on a peer that will never store its rows."""
+    import time
+
+    llm = LLM(deepseek_v3_dir, dp=2, ep=2, dispatch_backend="ll", ll_transport="peer", dist_timeout_s=3.0, **ENGINE)
+    try:
+        assert len(greedy(llm, prompts_for(2))) == 2
+        survivor, victim = llm.engine.procs
+        victim.kill()
+        victim.join(10)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="engine"):
+            greedy(llm, prompts_for(2))
+        survivor.join(15)
+        assert not survivor.is_alive() and time.monotonic() - start < 30
+    finally:
+        llm.shutdown()
