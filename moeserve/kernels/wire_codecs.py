@@ -199,14 +199,15 @@ def mxfp4_fp8_groups(payload: torch.Tensor, hidden: int) -> tuple[torch.Tensor, 
     packed = payload[:, :hidden // 2]
     codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(t, nb, MX_BLOCK)
     e8m0 = payload[:, hidden // 2:hidden // 2 + nb].to(torch.int64)
-    pad = g * (FP8_GROUP // MX_BLOCK) - nb  # a short last group: empty blocks, e8m0 0 (never the largest)
-    codes = torch.nn.functional.pad(codes, (0, 0, 0, pad)).view(t, g, -1, MX_BLOCK)
-    e8m0 = torch.nn.functional.pad(e8m0, (0, pad)).view(t, g, -1)
+    per = FP8_GROUP // MX_BLOCK  # mxfp4 blocks a group
+    pad = g * per - nb  # a short last group: empty blocks, e8m0 0 (never the largest)
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, pad)).view(t, g, per, MX_BLOCK)
+    e8m0 = torch.nn.functional.pad(e8m0, (0, pad)).view(t, g, per)
     emax = e8m0.amax(dim=2, keepdim=True)
     shift = torch.exp2((e8m0 - emax).clamp(min=-132).to(torch.float64) + MX_FP8_SHIFT)  # float64: exact
     q = (e2m1_value(codes).to(torch.float64) * shift[..., None]).to(torch.float32).to(FP8_DTYPE)
     scale = torch.exp2(emax[..., 0].to(torch.float64) - E8M0_BIAS - MX_FP8_SHIFT).to(torch.float32)
-    return q.view(t, -1)[:, :hidden], scale
+    return q.view(t, g * FP8_GROUP)[:, :hidden], scale
 
 
 def fp8_encode(x: torch.Tensor) -> torch.Tensor:
@@ -333,7 +334,8 @@ def encode_back_ref(x, kind, dtype, ids, cap, peers: PeerRows):
 def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None, live_only=False, fp8_groups=False):
     bpt = payload_bytes(kind, hidden, dtype)
     view = in_place(kind, fp8_groups)
-    x = payload_view(rows, kind, hidden, dtype) if view else decode_ref(kind, rows, hidden, dtype)
+    exact = fp8_groups and kind == MXFP4  # FP8 groups straight from the codes and scales, nothing decoded
+    x = payload_view(rows, kind, hidden, dtype) if view else None if exact else decode_ref(kind, rows, hidden, dtype)
     if not (k and rows.shape[0]):  # torch cannot reinterpret empty byte columns
         ids = torch.empty(rows.shape[0], k, dtype=torch.int64, device=rows.device)
         w = torch.empty(rows.shape[0], k, dtype=torch.float32, device=rows.device)
@@ -347,14 +349,14 @@ def decode_rows_ref(rows, kind, hidden, dtype, k=0, out=None, live_only=False, f
         out[2].copy_(w)
         return x, out[1], out[2]
     live = (ids >= 0).any(dim=1, keepdim=True) if live_only and k else None
-    if live is not None:
-        x = torch.where(live, x, 0).to(x.dtype)
-    if fp8_groups and not x.shape[0]:
-        x = empty_decoded(0, hidden, dtype, True, x.device)
-    elif fp8_groups and kind == MXFP4:  # exactly, from the codes and scales (a dead row: zeros)
+    if exact:  # a dead row converts as zeros
         x = mxfp4_fp8_groups(rows if live is None else torch.where(live, rows, 0), hidden)
-    elif fp8_groups:  # what fused_moe would make of the decoded rows before its GEMMs
-        x = per_token_group_quant_fp8_ref(x, FP8_GROUP)
+    else:
+        if live is not None:
+            x = torch.where(live, x, 0).to(x.dtype)
+        if fp8_groups:  # what fused_moe would make of the decoded rows before its GEMMs
+            x = per_token_group_quant_fp8_ref(x, FP8_GROUP) if x.shape[0] else empty_decoded(0, hidden, dtype, True,
+                                                                                              x.device)
     if out is None:
         return x, ids, w
     for dst, src in zip(out[0] if fp8_groups else (out[0],), x if fp8_groups else (x,)):
