@@ -180,12 +180,17 @@ def mxfp4_encode(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([packed, (shared + E8M0_BIAS).to(torch.uint8)], dim=1)
 
 
-def mxfp4_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-    t = payload.shape[0]
+def _mxfp4_fields(payload: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An mxfp4 payload -> (e2m1 codes [N, hidden / 32, 32], e8m0 scales [N, hidden / 32] int64)."""
     packed = payload[:, :hidden // 2]
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(t, hidden // MX_BLOCK, MX_BLOCK)
-    shared = payload[:, hidden // 2:hidden // 2 + hidden // MX_BLOCK].to(torch.float32) - E8M0_BIAS
-    return (e2m1_value(codes) * torch.exp2(shared)[..., None]).view(t, hidden).to(dtype)
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(payload.shape[0], hidden // MX_BLOCK, MX_BLOCK)
+    return codes, payload[:, hidden // 2:hidden // 2 + hidden // MX_BLOCK].to(torch.int64)
+
+
+def mxfp4_decode(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    codes, e8m0 = _mxfp4_fields(payload, hidden)
+    shared = e8m0.to(torch.float32) - E8M0_BIAS
+    return (e2m1_value(codes) * torch.exp2(shared)[..., None]).view(payload.shape[0], hidden).to(dtype)
 
 
 def mxfp4_fp8_groups(payload: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +201,7 @@ def mxfp4_fp8_groups(payload: torch.Tensor, hidden: int) -> tuple[torch.Tensor, 
     2^14 of its group's largest (smaller values round to e4m3, to nearest even); no amax, no division.
     What FP8 experts compute on an mxfp4 payload (decode_rows fp8_groups)."""
     t, nb, g = payload.shape[0], hidden // MX_BLOCK, -(-hidden // FP8_GROUP)
-    packed = payload[:, :hidden // 2]
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(t, nb, MX_BLOCK)
-    e8m0 = payload[:, hidden // 2:hidden // 2 + nb].to(torch.int64)
+    codes, e8m0 = _mxfp4_fields(payload, hidden)
     per = FP8_GROUP // MX_BLOCK  # mxfp4 blocks a group
     pad = g * per - nb  # a short last group: empty blocks, e8m0 0 (never the largest)
     codes = torch.nn.functional.pad(codes, (0, 0, 0, pad)).view(t, g, per, MX_BLOCK)
