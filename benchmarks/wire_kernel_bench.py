@@ -42,7 +42,8 @@ CHECK_TOKENS = 128
 SET_BYTES = 256 << 20
 TUNE_CANDIDATES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8), (8192, 16)]
 TUNE_CASES = [("encode", "mxfp4", "ll", True), ("encode", "fp8", "plain", False), ("encode", "none", "ht", True),
-              ("decode", "mxfp4", "ht", True), ("combine", "fp8", "ll", True), ("combine", "none", "ht", True)]
+              ("decode", "mxfp4", "ht", True), ("combine", "fp8", "ll", True), ("combine", "none", "ht", True),
+              ("combine", "mxfp4", "ll", True)]
 
 
 class Setup:
@@ -299,10 +300,15 @@ def write_report(out, meta, rows, tune):
 
 
 def tune(args, bw, dtype, device):
-    """Candidates of (values per program, warps) per kernel, and fp8's fast paths off, at 4096 tokens, 2 ranks."""
-    s = Setup(args.tune_tokens, 2, args, device)
+    """Candidates of (values per program, warps) per kernel, and fp8's fast paths off, at 4096 tokens and
+    each of --tune-ranks (default 2), for the TUNE_CASES of --tune-ops."""
     results = []
-    for op, kind, layout, meta in TUNE_CASES:
+    cases = [(r, case) for r in map(int, args.tune_ranks.split(",")) for case in TUNE_CASES
+             if case[0] in args.tune_ops.split(",")]
+    s = None
+    for ranks, (op, kind, layout, meta) in cases:
+        if s is None or s.r != ranks:
+            s = Setup(args.tune_tokens, ranks, args, device)
         row0, run, check, nbytes, sets = make_case(s, op, kind, layout, meta, dtype)
         saved = wc.TUNING[op, kind], wc.FAST_FP8
         variants = [(c, w, True) for c, w in TUNE_CANDIDATES]
@@ -323,7 +329,7 @@ def tune(args, bw, dtype, device):
             torch.cuda.empty_cache()
     best = {}
     for r in results:
-        key = f"{r['op']}/{r['kind']}"
+        key = f"{r['op']}/{r['kind']}/R={r['R']}"
         if "error" not in r and r["exact"] and r["fast"] and (key not in best or r["t_us"] < best[key]["t_us"]):
             best[key] = r
     print("tune best:", json.dumps({k: (v["chunk"], v["warps"], round(v["t_us"], 1)) for k, v in best.items()}))
@@ -341,6 +347,8 @@ def main():
     ap.add_argument("--ranks", default="2,8")
     ap.add_argument("--tokens", default="128,4096")
     ap.add_argument("--tune-tokens", type=int, default=4096)
+    ap.add_argument("--tune-ranks", default="2", help="destination ranks to tune at (comma list)")
+    ap.add_argument("--tune-ops", default="encode,decode,combine", help="which TUNE_CASES ops to tune")
     ap.add_argument("--label", default="")
     ap.add_argument("--ops", default="route,encode,decode,combine", help="which kernels to time (comma list)")
     args = ap.parse_args()
@@ -358,7 +366,8 @@ def main():
             "git_commit": git_commit(), "command": " ".join(sys.argv), "label": args.label,
             "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": bw / 1e9,
             "dtype": str(dtype), "hidden": args.hidden, "experts": args.experts, "topk": args.topk,
-            "tuning": {f"{op}/{kind}": list(v) for (op, kind), v in getattr(wc, "TUNING", {}).items()}}
+            "tuning": {f"{op}/{kind}": list(v) for (op, kind), v in getattr(wc, "TUNING", {}).items()},
+            "tuning_many_ranks": {f"{op}/{kind}": list(v) for (op, kind), v in getattr(wc, "TUNING_MANY_RANKS", {}).items()}}
     print(json.dumps(meta))
     tuned = tune(args, bw, dtype, device) if args.tune else None
     rows = []

@@ -751,13 +751,19 @@ NUM_WARPS = 4  # route
 TUNING = {(op, kind): (8192, 8) for op in ("encode", "decode", "combine") for kind in KINDS}
 TUNING["encode", RAW] = TUNING["combine", RAW] = (8192, 16)
 SMALL, MIN_PROGRAMS = (1024, 4), 1024
+# Combining fp8 rows from 4 or more ranks: every program decodes one row of each rank (unrolled), so at
+# 8192 values per program the 8-warp program holds 4-8 rows' conversions at once; half as many values
+# measured 10% faster at 4 ranks (51.4 -> 46.5 us) and 5% at 8 (88.8 -> 84.2 us) (H200, 4096 tokens;
+# docs/perf/ep.md, "Row kernels at 4 and 8 ranks").
+TUNING_MANY_RANKS = {("combine", FP8): (4096, 8)}
+MANY_RANKS = 4
 FAST_FP8 = True  # the GPU's e4m3 conversions and reciprocal division (see above); CUDA only
 COMBINE_UNROLL = 8  # combine unrolls its loop over ranks up to this many
 
 
-def _config(op: str, kind: str, hidden: int, rows: int) -> tuple[int, int]:
+def _config(op: str, kind: str, hidden: int, rows: int, ranks: int = 2) -> tuple[int, int]:
     # Values per program: a power of two, whole fp8 groups (so whole mxfp4 blocks too).
-    chunk, warps = TUNING[op, kind]
+    chunk, warps = TUNING_MANY_RANKS.get((op, kind), TUNING[op, kind]) if ranks >= MANY_RANKS else TUNING[op, kind]
     if rows * triton.cdiv(hidden, chunk) < MIN_PROGRAMS:
         chunk, warps = SMALL
     return max(128, min(chunk, triton.next_power_of_2(hidden))), warps
@@ -863,7 +869,7 @@ def combine_rows_triton(rows, kind, hidden, dtype, out_dtype, num_tokens, slots=
         return y.zero_()
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    chunk, warps = _config("combine", kind, hidden, num_tokens)
+    chunk, warps = _config("combine", kind, hidden, num_tokens, num_ranks)
     k = dest.shape[1] if dest is not None else 0
     _combine_rows_kernel[(num_tokens, triton.cdiv(hidden, chunk))](
         rows, y, slots.contiguous() if slots is not None else y, dest.contiguous() if dest is not None else y,
