@@ -311,6 +311,7 @@ def tune(args, bw, dtype, device):
             s = Setup(args.tune_tokens, ranks, args, device)
         row0, run, check, nbytes, sets = make_case(s, op, kind, layout, meta, dtype)
         saved = wc.TUNING[op, kind], wc.FAST_FP8
+        many = wc.TUNING_MANY_RANKS.pop((op, kind), None)  # the candidates go through TUNING at any rank count
         variants = [(c, w, True) for c, w in TUNE_CANDIDATES]
         if kind == "fp8":
             variants.append((saved[0][0], saved[0][1], False))
@@ -324,6 +325,8 @@ def tune(args, bw, dtype, device):
             results.append(row)
             print("tune", json.dumps(row))
         wc.TUNING[op, kind], wc.FAST_FP8 = saved
+        if many is not None:
+            wc.TUNING_MANY_RANKS[op, kind] = many
         del run, check
         if device.type == "cuda":
             torch.cuda.empty_cache()

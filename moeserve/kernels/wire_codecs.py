@@ -751,10 +751,9 @@ NUM_WARPS = 4  # route
 TUNING = {(op, kind): (8192, 8) for op in ("encode", "decode", "combine") for kind in KINDS}
 TUNING["encode", RAW] = TUNING["combine", RAW] = (8192, 16)
 SMALL, MIN_PROGRAMS = (1024, 4), 1024
-# Combining fp8 rows from 4 or more ranks: every program decodes one row of each rank (unrolled), so at
-# 8192 values per program the 8-warp program holds 4-8 rows' conversions at once; half as many values
-# measured 10% faster at 4 ranks (51.4 -> 46.5 us) and 5% at 8 (88.8 -> 84.2 us) (H200, 4096 tokens;
-# docs/perf/ep.md, "Row kernels at 4 and 8 ranks").
+# Combining fp8 rows from 4 or more ranks (each program decodes a row of every rank, unrolled): programs
+# of 4096 values measured 10% faster than the 2-rank table's 8192 at 4 ranks (51.4 -> 46.9 us) and 5% at 8
+# (88.1 -> 84.4 us) (H200, 4096 tokens; docs/perf/ep.md, "Row kernels at 4 and 8 ranks").
 TUNING_MANY_RANKS = {("combine", FP8): (4096, 8)}
 MANY_RANKS = 4
 FAST_FP8 = True  # the GPU's e4m3 conversions and reciprocal division (see above); CUDA only

@@ -326,16 +326,19 @@ def test_triton_row_kernels_match_the_torch_references(interpreter_results):
 # ---- plain CPU ------------------------------------------------------------------------------------
 
 def test_wire_kernel_bench_smoke(tmp_path):
-    """benchmarks/wire_kernel_bench.py --smoke --tune: tiny shapes on CPU under the interpreter, end to end."""
+    """benchmarks/wire_kernel_bench.py --smoke --tune: tiny shapes on CPU under the interpreter, end to end
+    (tuning at 2 and 4 ranks: from 4 on, combine's fp8 config comes from another table)."""
     bench = os.path.join(REPO, "benchmarks", "wire_kernel_bench.py")
-    proc = subprocess.run([sys.executable, bench, "--smoke", "--tune", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run([sys.executable, bench, "--smoke", "--tune", "--tune-ranks", "2,4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "wire_kernels.json").read_text())
     assert report["cases"] and all(r["exact"] for r in report["cases"])
     assert {r["op"] for r in report["cases"]} == {"route", "encode", "decode", "combine"}
     assert {r["layout"] for r in report["cases"] if r["op"] == "encode"} == {"ht", "ll", "plain"}
     assert report["tune"]["best"] and all(r["exact"] for r in report["tune"]["candidates"])
+    assert {r["R"] for r in report["tune"]["candidates"]} == {2, 4}
+    assert report["tuning_many_ranks"] == {"combine/fp8": [4096, 8]}
     assert proc.stdout.strip().splitlines()[-1].startswith("|")  # the table comes last
 
 
