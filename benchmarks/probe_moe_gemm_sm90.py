@@ -407,7 +407,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="2,8,16,32,64,128")
     parser.add_argument("--variants", default="bn64,bn128",
-                        help="Gluon launches to time: bnN BLOCK_N, then optional _stS stages, _wW warps")
+                        help="Gluon launches to time: bnN BLOCK_N, then optional _stS stages, _wW warps, _dD "
+                             "diagnostic (1 stream only, 2 no scale loads), _tiled (weights stored tile by tile)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -462,11 +463,9 @@ def main() -> int:
                     kw["w_tiled"] = tiled[tkey]
                 out = torch.full_like(ref, float("nan"))
                 if name == "gate_up":
-                    fn = lambda: moe_gemm_sm90(a, a_s, w13, w13s, out, None, align, pairs, TOP_K, True,
-                                                             **kw)
+                    fn = lambda: moe_gemm_sm90(a, a_s, w13, w13s, out, None, align, pairs, TOP_K, True, **kw)
                 else:
-                    fn = lambda: moe_gemm_sm90(aq, aq_s, w2, w2s, out, route_w, align, pairs, 1, False,
-                                                             **kw)
+                    fn = lambda: moe_gemm_sm90(aq, aq_s, w2, w2s, out, route_w, align, pairs, 1, False, **kw)
                 try:
                     dog.step(f"gluon {name} {key} T={tokens} first call")
                     fn()
