@@ -24,7 +24,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ep_launch import run_ranks  # noqa: E402
 
-H, I, E, K, CAP = 512, 64, 16, 4, 32
+# MOESERVE_PEER_TEST_SHAPE="H,I,E,K,CAP" runs the same checks at another size (DeepSeek-V3's rows: hidden 7168,
+# e.g. "7168,64,16,8,4096" for 4096 rows a rank); the default keeps the suite fast.
+H, I, E, K, CAP = (int(v) for v in os.environ.get("MOESERVE_PEER_TEST_SHAPE", "512,64,16,4,32").split(","))
 FORMATS = {("none", "none"): 1e-2, ("fp8", "fp8"): 6e-2, ("mxfp4", "fp8"): 0.2}
 
 
