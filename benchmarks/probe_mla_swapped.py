@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moeserve.kernels import attention_triton as at  # noqa: E402
 from moeserve.kernels.attention import mla_decode_ref  # noqa: E402
-from moeserve.kernels.attention_triton import _merge, _split_range  # noqa: E402
+from moeserve.kernels.attention_triton import _first_tile_pages, _merge, _split_range, _tile_slots_ahead  # noqa: E402
 
 LATENT, ROPE, PAGE = 512, 64, 64
 
@@ -58,13 +58,10 @@ def _mla_decode_swapped_kernel(
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc_t = tl.zeros([LATENT, BLOCK_H], dtype=tl.float32)
-    offs_n = start + tl.arange(0, BLOCK_N)
-    pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
+    pages = _first_tile_pages(bt_row, start, end, BLOCK_N, PAGE_SIZE)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
-        slots = pages.to(tl.int64) * stride_kv_page + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kv_tok
-        pages = tl.load(bt_row + (offs_n + BLOCK_N) // PAGE_SIZE, mask=offs_n + BLOCK_N < end, other=0)
+        offs_n, valid, slots, pages = _tile_slots_ahead(bt_row, pages, n0, end, BLOCK_N, PAGE_SIZE, stride_kv_page,
+                                                        stride_kv_tok)
         kv_lat = tl.load(kv_ptr + slots[:, None] + offs_l[None, :], mask=valid[:, None], other=0.0)
         kv_rope = tl.load(kv_ptr + slots[:, None] + LATENT + offs_r[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(kv_lat, q_lat_t)  # [BLOCK_N, BLOCK_H]: tokens are the MMA's M side

@@ -83,6 +83,27 @@ def _paged_slots(bt_row_ptr, offs_n, valid, PAGE_SIZE: tl.constexpr, stride_page
 
 
 @triton.jit
+def _tile_slots_ahead(bt_row_ptr, pages, n0, end, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, stride_page,
+                      stride_tok):
+    """Tile [n0, n0 + BLOCK_N) of a paged sequence, its block-table entries `pages` loaded an iteration
+    before (start with _first_tile_pages) -> (offs_n, valid, element offsets of its rows, the next
+    tile's entries). Loading them ahead keeps the cache loads from waiting on a block-table load issued
+    just before them (MLA decode with 3 stages, split + merge: 33 us vs 42 at V2-Lite batch 64 on an
+    H200; docs/perf/kernels_attention.md)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    valid = offs_n < end
+    slots = pages.to(tl.int64) * stride_page + (offs_n % PAGE_SIZE).to(tl.int64) * stride_tok
+    next_pages = tl.load(bt_row_ptr + (offs_n + BLOCK_N) // PAGE_SIZE, mask=offs_n + BLOCK_N < end, other=0)
+    return offs_n, valid, slots, next_pages
+
+
+@triton.jit
+def _first_tile_pages(bt_row_ptr, start, end, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    offs_n = start + tl.arange(0, BLOCK_N)
+    return tl.load(bt_row_ptr + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
+
+
+@triton.jit
 def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
     """[start, end) of this split's tokens; splits are whole BLOCK_N tiles, trailing ones may be empty."""
     tiles = tl.cdiv(seq_len, BLOCK_N)
@@ -152,16 +173,10 @@ def _mla_decode_split_kernel(
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
-    # Each tile's block-table entries are loaded an iteration ahead, so its cache loads never wait
-    # on a block-table load issued just before them (with 3 stages, split + merge: 33 us vs 42 at
-    # V2-Lite batch 64 on an H200; docs/perf/kernels_attention.md).
-    offs_n = start + tl.arange(0, BLOCK_N)
-    pages = tl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
+    pages = _first_tile_pages(bt_row, start, end, BLOCK_N, PAGE_SIZE)  # each tile's entries a tile ahead
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
-        slots = pages.to(tl.int64) * stride_kv_page + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kv_tok
-        pages = tl.load(bt_row + (offs_n + BLOCK_N) // PAGE_SIZE, mask=offs_n + BLOCK_N < end, other=0)
+        offs_n, valid, slots, pages = _tile_slots_ahead(bt_row, pages, n0, end, BLOCK_N, PAGE_SIZE, stride_kv_page,
+                                                        stride_kv_tok)
         kv_lat = tl.load(kv_ptr + slots[:, None] + offs_l[None, :], mask=valid[:, None] & l_mask[None, :],
                          other=0.0)
         kv_rope = tl.load(kv_ptr + slots[:, None] + LATENT + offs_r[None, :], mask=valid[:, None] & r_mask[None, :],
