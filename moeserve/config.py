@@ -287,6 +287,10 @@ class ParallelConfig:
     node_rank: int = 0
     dist_init_addr: str | None = None  # "host:port" of rank 0's rendezvous; None on one node: a free local port
     dist_timeout_s: float = 300.0  # deadline of every collective
+    # Process-group backend: "auto" (NCCL on GPUs, gloo on CPU) | "nccl" | "gloo". gloo on GPUs stages
+    # every collective through host memory and lets a node's ranks share its GPUs round-robin (NCCL runs
+    # one rank a GPU): for checking parallel paths on fewer GPUs than ranks, not for speed.
+    dist_backend: str = "auto"
     # Expert-parallel wire formats: "auto" follows the checkpoint (fp8 for FP8 checkpoints, else
     # the activation dtype), or "none" | "fp8" | "mxfp4" (dispatch only).
     dispatch_dtype: str = "auto"
@@ -313,6 +317,8 @@ class ParallelConfig:
             raise ValueError(f"node_rank {self.node_rank} is not in [0, {self.nnodes})")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("a multi-node instance needs dist_init_addr (host:port of node 0)")
+        if self.dist_backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"dist_backend {self.dist_backend!r}: use auto, nccl or gloo")
         if self.ll_transport not in (None, "collective", "peer"):
             raise ValueError(f"ll_transport {self.ll_transport!r}: use collective or peer")
         if self.ll_transport == "peer" and self.nnodes > 1:

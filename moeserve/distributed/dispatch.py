@@ -327,6 +327,14 @@ def select_backend(num_tokens_per_rank: int, threshold: int) -> str:
     return "ll" if num_tokens_per_rank <= threshold else "ht"
 
 
+def resolve_ll_transport(transport: str | None) -> str:
+    """Argument, else env MOESERVE_EP_LL_TRANSPORT, else 'collective'."""
+    transport = transport or os.environ.get(ENV_LL_TRANSPORT) or "collective"
+    if transport not in LL_TRANSPORTS:
+        raise ValueError(f"ll_transport {transport!r}: use one of {LL_TRANSPORTS}")
+    return transport
+
+
 def resolve_mode(mode: str | None) -> str:
     """Argument, else env MOESERVE_DISPATCH, else 'auto'."""
     mode = mode or os.environ.get(ENV_BACKEND) or "auto"
@@ -378,9 +386,7 @@ class Dispatcher:
         self.ll_chunks = int(ll_chunks or os.environ.get(ENV_LL_CHUNKS) or 1)
         if self.ht_chunks < 1 or self.ll_chunks < 1:
             raise ValueError(f"ht_chunks and ll_chunks must be >= 1, got {self.ht_chunks}, {self.ll_chunks}")
-        self.ll_transport = ll_transport or os.environ.get(ENV_LL_TRANSPORT) or "collective"
-        if self.ll_transport not in LL_TRANSPORTS:
-            raise ValueError(f"ll_transport {self.ll_transport!r}: use one of {LL_TRANSPORTS}")
+        self.ll_transport = resolve_ll_transport(ll_transport)
         if self.ll_transport == "peer" and self.ll_chunks > 1:
             raise ValueError("ll_chunks pipelines the collective transport's transfers; the peer transport has none")
         self.uses_peer_memory = self.ll_transport == "peer" and self.group is not None

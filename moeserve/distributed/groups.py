@@ -70,24 +70,58 @@ def free_port(span: int = 1) -> int:
     raise RuntimeError(f"no {span} consecutive free ports found")
 
 
-def default_backend(device: str | torch.device | None = None) -> str:
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def default_backend(device: str | torch.device | None = None, backend: str = "auto") -> str:
+    """The process-group backend: `backend` unless "auto", which is NCCL on GPUs and gloo on CPU.
+    gloo on GPUs stages every collective through host memory (torch's gloo CUDA work): slow, but
+    it lets ranks share a GPU, which NCCL refuses (rank_device)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"dist backend {backend!r}: use one of {BACKENDS}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if torch.device(device).type != "cuda":
+        if backend == "nccl":
+            raise ValueError("the nccl backend needs GPUs; on CPU use gloo (or auto)")
+        return "gloo"
+    return "nccl" if backend == "auto" else backend
+
+
+def rank_device(device: str | torch.device, local_rank: int, backend: str, num_gpus: int | None = None
+                ) -> torch.device:
+    """The device of a node's local_rank-th rank: cpu, or GPU local_rank. Ranks outnumbering the GPUs
+    share them round-robin (GPU local_rank % num_gpus) only under gloo: NCCL runs one rank a GPU."""
+    if torch.device(device).type != "cuda":
+        return torch.device("cpu")
+    num_gpus = torch.cuda.device_count() if num_gpus is None else num_gpus
+    if num_gpus < 1:
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is visible")
+    if local_rank >= num_gpus and backend != "gloo":
+        raise ValueError(f"local rank {local_rank} needs GPU {local_rank}, but {num_gpus} are visible: run at most "
+                         f"{num_gpus} ranks a node (dist_backend 'gloo' lets ranks share GPUs, for checks, not speed)")
+    return torch.device("cuda", local_rank % num_gpus)
+
+
+def ranks_on_gpu(ranks_per_node: int, gpu: int, num_gpus: int | None = None) -> int:
+    """How many of a node's ranks rank_device puts on GPU `gpu` (more than one only under gloo)."""
+    num_gpus = torch.cuda.device_count() if num_gpus is None else num_gpus
+    return len(range(gpu, ranks_per_node, num_gpus))
 
 
 def init_distributed(init_addr: str, local_rank: int, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
-                     device: str | torch.device | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+                     device: str | torch.device | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     backend: str = "auto") -> torch.device:
     """Join the instance's default process group through TCP rendezvous at init_addr ("host:port").
 
     Rank 0 (node 0, local rank 0) hosts the rendezvous store; every node passes the same address.
-    Returns this rank's device (cuda:local_rank with NCCL, cpu with gloo).
+    Returns this rank's device (rank_device: cuda:local_rank on GPUs, cpu with gloo on CPU).
     """
-    backend = default_backend(device)
+    backend = default_backend(device, backend)
     rank = node_rank * nproc_per_node + local_rank
     world = nnodes * nproc_per_node
-    dev = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
+    dev = rank_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), local_rank, backend)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{init_addr}", rank=rank, world_size=world,
@@ -98,9 +132,9 @@ def init_distributed(init_addr: str, local_rank: int, nproc_per_node: int, nnode
 def init_from_env(device: str | torch.device | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
     """Join through torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK)."""
     backend = default_backend(device)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
+    dev = rank_device(device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                      int(os.environ.get("LOCAL_RANK", 0)), backend)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))

@@ -12,7 +12,8 @@ A group is one rank, or tp ranks: the group's rank 0 runs the engine core and se
 dummy batches included, to its tp - 1 workers (engine/tp.py), which join the forward.
 
 Ranks are numbered node_rank * ranks_per_node + local rank (= dp_rank * tp + tp_rank); on GPU a
-rank uses cuda:local rank. `setup_rank` joins every rank, engine core or worker, to its groups.
+rank uses cuda:local rank (groups.rank_device; under dist_backend "gloo" ranks may share GPUs).
+`setup_rank` joins every rank, engine core or worker, to its groups.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from moeserve.config import EngineConfig, ModelConfig, ParallelConfig, resolve_dtype
-from moeserve.distributed.dispatch import resolve_mode
+from moeserve.distributed.dispatch import resolve_ll_transport, resolve_mode
 from moeserve.distributed.ep_moe import EPRuntime
 from moeserve.distributed.groups import (ParallelState, build_parallel_state, default_backend, group_ranks,
-                                         init_distributed, set_parallel_state)
+                                         init_distributed, rank_device, set_parallel_state)
 from moeserve.engine.tp import TPChannel
 from moeserve.models.loader import check_tensor_parallel
 
@@ -46,9 +47,27 @@ def wire_codecs(config: EngineConfig, model_config: ModelConfig) -> tuple[str, s
     return dispatch, combine
 
 
+def _device_type(config: EngineConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(config.device).type
+
+
 def validate_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
     """Clear errors up front, before any rank process starts."""
     p = config.parallel
+    on_gpu = _device_type(config) == "cuda"
+    if on_gpu and default_backend("cuda", p.dist_backend) == "gloo" and not config.enforce_eager:
+        # gloo's collectives wait on the host: nothing a CUDA graph could capture
+        if p.tp > 1:
+            raise ValueError("tensor parallelism over gloo on GPUs cannot capture its all_reduces in CUDA graphs: "
+                             "set enforce_eager (or use nccl)")
+        if p.ep > 1 and resolve_mode(p.dispatch_backend if p.dispatch_backend != "auto" else None) != "ht" \
+                and resolve_ll_transport(p.ll_transport) != "peer":
+            raise ValueError("expert parallelism over gloo on GPUs captures its decode dispatch in CUDA graphs only "
+                             "with ll_transport 'peer' (no collective inside): set it, or enforce_eager")
+    if on_gpu and p.world_size > 1:
+        rank_device("cuda", p.ranks_per_node - 1, default_backend("cuda", p.dist_backend))  # enough GPUs?
     if p.tp > 1:
         check_tensor_parallel(config.model_build_config(model_config), p.tp, expert_parallel=p.ep > 1)
     if p.ep == 1:
@@ -117,16 +136,16 @@ def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> Ra
     channels; call before the model is built (every rank: engine cores and TP workers alike).
     Nothing to join for a single rank, or for independent replicas (dp > 1, tp = ep = 1)."""
     p = config.parallel
-    if p.tp == 1 and p.ep == 1:
-        return RankLinks()
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device_type(config)
     local_rank = rank % p.ranks_per_node
     node_rank = rank // p.ranks_per_node
-    backend = default_backend(device)
+    backend = default_backend(device, p.dist_backend)
+    if device == "cuda" and p.world_size > 1:  # each rank on its GPU, replicas too (the runner takes the current)
+        torch.cuda.set_device(rank_device(device, local_rank, backend))
+    if p.tp == 1 and p.ep == 1:
+        return RankLinks()
     dev = init_distributed(p.dist_init_addr, local_rank, p.ranks_per_node, p.nnodes, node_rank, device,
-                           p.dist_timeout_s)
+                           p.dist_timeout_s, backend)
     state: ParallelState = build_parallel_state(tp=p.tp, dp=p.dp, ep=p.ep, device=dev, local_rank=local_rank,
                                                 timeout_s=p.dist_timeout_s)
     # Control messages go over gloo even when the data goes over NCCL: they are host values.

@@ -136,6 +136,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     par.add_argument("--node-rank", type=int, default=0, help="nodes > 0 run their ranks headless")
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (rendezvous; ZMQ on the next ports)")
     par.add_argument("--dist-timeout", type=float, default=300.0, help="seconds any collective may take")
+    par.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                     help="process groups: auto is NCCL on GPUs, gloo on CPU; gloo on GPUs lets ranks share a GPU "
+                     "(collectives through host memory: for checks on fewer GPUs than ranks, not for speed)")
     par.add_argument("--dispatch-dtype", default="auto", choices=["auto", "none", "bf16", "fp8", "mxfp4"])
     par.add_argument("--combine-dtype", default="auto", choices=["auto", "none", "bf16", "fp8"])
     par.add_argument("--dispatch-backend", default="auto", choices=["auto", "ht", "ll"],
@@ -160,6 +163,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 async_scheduling=not args.no_async_scheduling,
                 dp=args.dp, ep=args.ep, tp=args.tp, nnodes=args.nnodes, node_rank=args.node_rank,
                 dist_init_addr=args.dist_init_addr, dist_timeout_s=args.dist_timeout,
+                dist_backend=args.dist_backend,
                 dispatch_dtype=args.dispatch_dtype, combine_dtype=args.combine_dtype,
                 dispatch_backend=args.dispatch_backend, ll_threshold=args.ll_threshold, ll_transport=args.ll_transport,
                 num_redundant_experts=args.num_redundant_experts, eplb_interval=args.eplb_interval,

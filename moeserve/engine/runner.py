@@ -19,7 +19,7 @@ import time
 import torch
 
 from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
-from moeserve.distributed.groups import get_parallel_state
+from moeserve.distributed.groups import get_parallel_state, ranks_on_gpu
 from moeserve.engine.cuda_graphs import CudaGraphs
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import SchedulerOutput
@@ -141,8 +141,12 @@ class ModelRunner:
         self._allocate_kv_cache(0)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        used_by_others = total - free - torch.cuda.memory_allocated()
-        budget = total * cache.gpu_memory_utilization - used_by_others - peak
+        # Ranks sharing this GPU (dist_backend "gloo") take equal parts of gpu_memory_utilization; what
+        # the others hold when this one measures depends on who started first, so it is not subtracted.
+        sharing = ranks_on_gpu(self.config.parallel.ranks_per_node, self.device.index) \
+            if self.config.parallel.world_size > 1 else 1
+        used_by_others = total - free - torch.cuda.memory_allocated() if sharing == 1 else 0
+        budget = total * cache.gpu_memory_utilization / sharing - used_by_others - peak
         num_blocks = int(budget // self._block_bytes())
         if num_blocks < 2:
             raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "

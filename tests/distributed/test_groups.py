@@ -8,7 +8,8 @@ import torch.multiprocessing as mp
 from ep_launch import collect, start_ranks
 from moeserve.distributed.dispatch import Dispatcher, Placement
 from moeserve.distributed.ep_moe import ExpertParallelMoE
-from moeserve.distributed.groups import build_parallel_state, free_port, group_ranks
+from moeserve.distributed.groups import (build_parallel_state, default_backend, free_port, group_ranks, rank_device,
+                                         ranks_on_gpu)
 from moeserve.kernels.fused_moe import fused_moe_ref
 
 
@@ -49,6 +50,25 @@ def _node_worker(rank, world):
     y, ref = layer(x, ids, w), fused_moe_ref(x, w13, w2, w, ids)
     out["err"] = float((y - ref).abs().max()) if len(y) else 0.0
     return out
+
+
+def test_backend_and_rank_devices():
+    assert default_backend("cpu") == "gloo" and default_backend("cuda") == "nccl"
+    assert default_backend("cuda", "gloo") == "gloo" and default_backend("cpu", "auto") == "gloo"
+    with pytest.raises(ValueError, match="needs GPUs"):
+        default_backend("cpu", "nccl")
+    with pytest.raises(ValueError, match="use one of"):
+        default_backend("cuda", "mpi")
+    # One GPU a rank under NCCL; under gloo a node's ranks share its GPUs round-robin.
+    assert [rank_device("cuda", r, "nccl", num_gpus=4).index for r in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="local rank 2 needs GPU 2, but 2 are visible"):
+        rank_device("cuda", 2, "nccl", num_gpus=2)
+    assert [rank_device("cuda", r, "gloo", num_gpus=2).index for r in range(5)] == [0, 1, 0, 1, 0]
+    assert [ranks_on_gpu(5, g, num_gpus=2) for g in range(2)] == [3, 2]
+    assert ranks_on_gpu(2, 0, num_gpus=8) == 1
+    assert rank_device("cpu", 3, "gloo") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        rank_device("cuda", 0, "gloo", num_gpus=0)
 
 
 def test_two_nodes_tcp_rendezvous():
