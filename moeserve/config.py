@@ -361,10 +361,11 @@ class EngineConfig:
     # (ep == 1; under expert parallelism they stay a separate MLP on the token's own rank): the
     # shared MLP's GEMMs and SiLU launches go. False keeps the separate MLP everywhere.
     fuse_shared_experts: bool = True
-    # GPU: at start, run the forward at prefill sizes (ModelRunner._warm_up_prefill), so that Triton
+    # At start, run the forward at prefill sizes (ModelRunner._warm_up_prefill), so that Triton
     # compiles the kernel variants of those sizes then, not inside the first requests that need them
-    # (seconds each on a fresh machine, stalling every request in the batch).
-    warmup_prefill: bool = True
+    # (seconds each on a fresh machine, stalling every request in the batch; under expert parallelism
+    # every rank, whose collectives wait for it). None: on GPUs only (CPU has nothing to compile).
+    warmup_prefill: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -191,6 +191,10 @@ class EPRuntime:
         1/tp of the batch. 0: graphs impossible (forced ht)."""
         return 0 if self.dispatcher.mode == "ht" else self.dispatcher.ll_capacity * self.tp
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest value any rank of the group holds (an all_reduce, a host sync)."""
+        return -self.dispatcher.max_over_ranks(-value)
+
     def begin_step(self, num_tokens: int, global_max: int) -> str:
         """num_tokens: this group's real tokens this step (0 for a dummy batch); rows past it are
         padding. global_max: the most tokens any group runs; the backend follows the most rows

@@ -159,7 +159,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, dense_gemv=args.dense_gemv,
-                fuse_shared_experts=not args.no_fuse_shared_experts, warmup_prefill=not args.no_warmup_prefill,
+                fuse_shared_experts=not args.no_fuse_shared_experts,
+                warmup_prefill=False if args.no_warmup_prefill else None,  # None: on GPUs
                 async_scheduling=not args.no_async_scheduling,
                 dp=args.dp, ep=args.ep, tp=args.tp, nnodes=args.nnodes, node_rank=args.node_rank,
                 dist_init_addr=args.dist_init_addr, dist_timeout_s=args.dist_timeout,

@@ -93,7 +93,7 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_blocks)
         state = get_parallel_state()
         self.ep_runtime = ep_runtime = state.ep_runtime if state is not None else None
-        if self.device.type == "cuda" and config.warmup_prefill and ep_runtime is None:
+        if config.warmup_prefill or (config.warmup_prefill is None and self.device.type == "cuda"):
             self._warm_up_prefill()
         self.graphs: CudaGraphs | None = None
         self.last_step: SampledStep | None = None  # the latest launched step (its tokens may be pending)
@@ -178,13 +178,22 @@ class ModelRunner:
         sampling) at prefill_warmup_sizes, one sequence each, and a few small batches of several."""
         cap = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len_hint(),
                   (self.num_blocks - 4) * self.block_size)
+        if self.ep_runtime is not None:  # every rank runs the same forwards: their MoE layers exchange tokens
+            cap = self.ep_runtime.min_over_ranks(cap)
         if cap < 2:
             return
         t0 = time.perf_counter()
         runs = [(n, 1) for n in prefill_warmup_sizes(cap)] + [(n, 3) for n in (17, 48) if n <= cap]
         for num_tokens, num_seqs in runs:
             greedy_argmax(self._profile_forward(num_tokens, num_seqs))
-        torch.cuda.synchronize(self.device)
+        if self.ep_runtime is not None:
+            # The eager one-token dummy batch a rank with no requests runs while others prefill (a
+            # one-row eager step, which neither the prefill sizes nor the graphs' padded batches run),
+            # beside a small and a large step elsewhere (low-latency and high-throughput dispatch).
+            for ep_max in (1, cap):
+                self.forward_step(StepBatch.dummy(None, ep_max))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         log.info("warmed up %d prefill forwards (up to %d tokens) in %.1f s", len(runs), cap, time.perf_counter() - t0)
 
     # ---- one step ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Data-parallel attention + expert-parallel MoE through the whole engine (gloo, CPU, fp32):
 `LLM(dp=2, ep=2)` and `moeserve serve --dp 2 --ep 2` (one node, and two "nodes" launched
 separately) give the greedy tokens of a single process; so do both dispatch kernels (the
-low-latency one also over the peer-memory transport), FP8 on the wire (within tolerance), and a
-run whose experts the balancer moves mid-generation."""
+low-latency one also over the peer-memory transport), FP8 on the wire (within tolerance), a run
+whose experts the balancer moves mid-generation, and one that warms up at prefill sizes first (every
+rank the same forwards). On the GPU kernels: test_ep_gpu.py."""
 
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def test_dp2_ep2_equals_single_process(arch_ref):
 
 @pytest.mark.parametrize("extra", [{"dispatch_backend": "ht"}, {"dispatch_backend": "ll", "ll_threshold": 64},
                                    {"dispatch_backend": "ll", "ll_threshold": 64, "ll_transport": "peer"},
-                                   {"num_redundant_experts": 2, "eplb_interval": 3, "eplb_window": 4}],
-                         ids=["ht", "ll", "ll_peer", "eplb"])
+                                   {"num_redundant_experts": 2, "eplb_interval": 3, "eplb_window": 4},
+                                   {"warmup_prefill": True, "ll_transport": "peer"}],
+                         ids=["ht", "ll", "ll_peer", "eplb", "warmup"])
 def test_dp2_ep2_variants(deepseek_v3_dir, extra):
     ref = greedy(LLM(deepseek_v3_dir, **ENGINE), prompts_for(7))
     llm = LLM(deepseek_v3_dir, dp=2, ep=2, **ENGINE, **extra)
@@ -76,6 +78,15 @@ def test_bad_parallel_config(deepseek_v3_dir):
         LLM(deepseek_v3_dir, dp=2, ep=2, nnodes=2, dist_init_addr="127.0.0.1:1", ll_transport="peer", **ENGINE)
     with pytest.raises(ValueError, match="do not split evenly"):  # 16 experts + 1 over 2 ranks
         LLM(deepseek_v3_dir, dp=2, ep=2, num_redundant_experts=1, **ENGINE).shutdown()
+    with pytest.raises(ValueError, match="dist_backend"):
+        LLM(deepseek_v3_dir, dp=2, ep=2, dist_backend="mpi", **ENGINE)
+    # gloo on GPUs: its collectives wait on the host, so CUDA graphs need the peer transport (checked
+    # before any rank starts, so this runs without a GPU)
+    gpu = {**ENGINE, "device": "cuda", "dist_backend": "gloo"}
+    with pytest.raises(ValueError, match="only with ll_transport 'peer'"):
+        LLM(deepseek_v3_dir, dp=2, ep=2, **gpu)
+    with pytest.raises(ValueError, match="set enforce_eager"):
+        LLM(deepseek_v3_dir, tp=2, **gpu)
 
 
     with pytest.raises(ValueError, match="dist_backend"):

@@ -21,12 +21,12 @@ def test_sizes_cover_every_power_of_two_and_one_past_it():
     assert prefill_warmup_sizes(20) == [16, 17, 20] and prefill_warmup_sizes(8) == [8]
 
 
-def test_on_by_default_and_off_by_flag():
-    assert EngineConfig(model="m").warmup_prefill
+def test_on_gpus_by_default_and_off_by_flag():
+    assert EngineConfig(model="m").warmup_prefill is None  # on GPUs; True runs it on CPU too (test_dp_ep.py)
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    assert engine_kwargs(parser.parse_args(["--model", "m"]))["warmup_prefill"]
-    assert not engine_kwargs(parser.parse_args(["--model", "m", "--no-warmup-prefill"]))["warmup_prefill"]
+    assert engine_kwargs(parser.parse_args(["--model", "m"]))["warmup_prefill"] is None
+    assert engine_kwargs(parser.parse_args(["--model", "m", "--no-warmup-prefill"]))["warmup_prefill"] is False
 
 
 def _compiles_while_serving(path: str, warmup: bool) -> int:
