@@ -217,6 +217,7 @@ def bench_round_trip(fmt: str, backend: str, tokens: int, args, device) -> dict:
         row["graph_round_trip_us"] = graph_round_trip(round_trip, args, device)
     if args.profile and device.type == "cuda":
         row["profile"] = profile_round_trip(round_trip, f"{fmt} {backend} {tokens} tokens/rank")
+    d.close()  # llp: every rank unmaps its peers' buffers before any of them frees or exits
     return row
 
 

@@ -494,6 +494,14 @@ class Dispatcher:
             self._peer_rows[direction] = wire_codecs.PeerRows(views, self.peer_memory.table(direction), self.rank)
         return self._peer_rows[direction]
 
+    def close(self) -> None:
+        """Give back the peer transport's mappings of the other ranks' buffers (a collective: every
+        rank, after its last dispatch); a later low-latency dispatch maps them again."""
+        self._peer_rows.clear()
+        if self.peer_memory is not None:
+            self.peer_memory.release()
+            self.peer_memory = None
+
     def check_transport(self) -> None:
         """Raise if a peer barrier timed out (a peer died or hung); call between steps."""
         if self.peer_memory is not None:

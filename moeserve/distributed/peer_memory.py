@@ -119,6 +119,16 @@ class PeerBuffers:
                 pass
             self._path = None
 
+    def release(self) -> None:
+        """Unmap the peers' buffers; a collective (every rank, after its last store). On CUDA a process
+        that exits while a peer still maps its memory makes torch warn that the producer ended before
+        its shared tensors were released: after the barrier no peer maps this rank's buffer."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.peers = [self.buffer]
+        self._tables.clear()
+        dist.barrier(group=self.group)
+
     def _addresses(self, offset: int) -> torch.Tensor:
         return torch.tensor([p.data_ptr() + offset for p in self.peers], dtype=torch.int64, device=self.device)
 

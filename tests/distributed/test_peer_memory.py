@@ -1,6 +1,6 @@
 """Peer memory (moeserve/distributed/peer_memory.py) on 2 gloo ranks in separate processes: what one
 rank stores into another's buffer is there after the barrier, the shared-memory names are gone
-once every rank has mapped them, ranks on different hosts are refused, and the device barrier
+once every rank has mapped them, release() unmaps the peers, ranks on different hosts are refused, and the device barrier
 kernel (run by the Triton interpreter over the processes' shared buffers) meets, counts its
 epochs, and gives up at its deadline with an error the host raises instead of hanging.
 The dispatch/combine built on it: test_ep_moe.py and test_wire_kernels.py ("llp")."""
@@ -43,6 +43,8 @@ def _stores(rank, world, kernel):
             except RuntimeError as e:
                 out["timeout"] = f"{type(e).__name__}: {e}"
         dist.barrier()
+    pb.release()  # a collective: afterwards this rank maps only its own buffer
+    out["mapped_after_release"] = [p.data_ptr() == pb.buffer.data_ptr() for p in pb.peers]
     return out
 
 
@@ -50,6 +52,7 @@ def _check_stores(results, world, kernel):
     for rank, r in enumerate(results):
         assert r["got"] == [1000 * src + 10 * rank + i for src in range(world) for i in range(10)]
         assert r["offsets"] == {"a": (256, 40), "b": (512, 1000)}  # flags first, 256-byte aligned regions
+        assert r["mapped_after_release"] == [True]
     if kernel:
         assert [r["epoch"] for r in results] == [4, 4]
         assert "PeerTimeout: rank 0: a peer barrier waited more than 1s for rank 1" in results[0]["timeout"]

@@ -74,6 +74,7 @@ def _ranks(rank, world):
                 live = (recv_ids >= 0).any(dim=1)
                 y = d.combine((recv_x.float() * 1.5 - 0.25).to(torch.bfloat16), h)
                 res[kernels] = [t.cpu() for t in (recv_x[live], recv_ids, recv_w, y)]
+                d.close()
             same = all(torch.equal(a, b) for a, b in zip(res["torch"], res["triton"]))
             d = Dispatcher(dist.group.WORLD, placement, H, torch.bfloat16, dcodec, ccodec, mode="ll",
                            ll_capacity=CAP, device=dev, ll_transport="peer")
@@ -97,6 +98,8 @@ def _ranks(rank, world):
             torch.cuda.synchronize()
             graph_ok = torch.equal(sy, layer(x2, ids2, w2_))
             d.check_transport()
+            del graph
+            d.close()
             out[f"{dcodec}+{ccodec}_{case}"] = {"same_bytes": same, "sq": sq, "bound": bound, "graph": graph_ok}
 
     # FP8 experts (block-scaled e4m3 weights) take the received rows as FP8 groups (fused_moe's x_fp8).
@@ -111,6 +114,7 @@ def _ranks(rank, world):
         y = layer(x, ids, w)
         ref = fused_moe(x, q13, q2, w, ids, s13, s2, (128, 128))
         sq = _sq(y, ref)
+        d.close()
         out[f"fp8_experts_{dcodec}"] = {"same_bytes": True, "graph": True, "sq": sq,
                                         "bound": 0.2 if dcodec == "mxfp4" else 1e-2}
 
@@ -129,6 +133,7 @@ def _ranks(rank, world):
         except PeerTimeout as e:
             timeout = str(e)
     dist.barrier()
+    pb.release()
     out["timeout"] = timeout
     return out
 
