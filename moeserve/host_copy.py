@@ -30,6 +30,17 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def pack_int64(*arrays) -> np.ndarray:
-    """Concatenate int sequences into one int64 array (one upload instead of several)."""
-    return np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays])
+def upload_int64(*arrays, device: torch.device | str) -> list[torch.Tensor]:
+    """Int sequences -> int64 tensors on `device`, views of one upload. Each starts 16 bytes aligned:
+    Triton specializes a pointer argument on 16-byte alignment, so a view at an odd int64 offset (the
+    positions after an odd number of input ids) would run another compiled variant of every kernel
+    reading it, one that no warm-up compiled."""
+    parts, spans, start = [], [], 0
+    for a in arrays:
+        a = np.asarray(a, dtype=np.int64).reshape(-1)
+        pad = -len(a) % 2
+        parts += [a, np.zeros(pad, dtype=np.int64)]
+        spans.append((start, len(a)))
+        start += len(a) + pad
+    up = to_device(np.concatenate(parts), torch.int64, device)
+    return [up[s:s + n] for s, n in spans]

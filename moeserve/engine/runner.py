@@ -18,6 +18,11 @@ import time
 
 import torch
 
+try:
+    import triton
+except ImportError:  # CPU-only installs
+    triton = None
+
 from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
 from moeserve.distributed.groups import get_parallel_state, ranks_on_gpu
 from moeserve.engine.cuda_graphs import CudaGraphs
@@ -25,7 +30,7 @@ from moeserve.engine.request import Request
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.engine.step_io import SampledStep, TokenFixup
 from moeserve.engine.tp import StepBatch, TPChannel
-from moeserve.host_copy import pack_int64, to_device
+from moeserve.host_copy import to_device, upload_int64
 from moeserve.kernels.argmax import greedy_argmax
 from moeserve.layers.attention import AttentionMetadata
 from moeserve.layers.linear import use_gemv_kernel
@@ -67,6 +72,27 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"unknown kv_cache_dtype {name!r}; use auto or fp8")
 
 
+_compile_hook_installed = False
+
+
+def warn_on_compiles() -> None:
+    """From now on, log each Triton compile in this process as a warning: after the warm-up and the
+    CUDA graphs a compile stalls every request of its step (under expert parallelism, every rank)
+    for as long as it takes (seconds on a fresh machine). The warning names the variant, whose
+    argument classes say what to warm up or leave unspecialized."""
+    global _compile_hook_installed
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if _compile_hook_installed or runtime is None or not hasattr(runtime, "jit_post_compile_hook"):
+        return
+
+    def hook(**kwargs):
+        variant = " ".join(str(kwargs.get("repr") or kwargs.get("fn")).split())  # one line
+        log.warning("Triton compiled a kernel after start-up (every request in the step waited for it): %s", variant)
+
+    runtime.jit_post_compile_hook = hook
+    _compile_hook_installed = True
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device | None = None,
                  tp_channel: TPChannel | None = None):
@@ -104,6 +130,8 @@ class ModelRunner:
                                                                        ep_runtime.graph_capacity() > 0):
             self.graphs = CudaGraphs(self.model, self.device, config.scheduler.max_num_seqs,
                                      -(-self.max_model_len_hint() // self.block_size), self.block_size, ep_runtime)
+        if self.device.type == "cuda":
+            warn_on_compiles()
 
     # ---- KV cache ---------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -341,8 +369,7 @@ class ModelRunner:
             hidden = self.model(zero, zero, meta)
         else:
             meta = AttentionMetadata.build(b.query_lens, b.seq_lens, b.tables, self.block_size, self.device)
-            up = to_device(pack_int64(b.ids, b.positions), torch.int64, self.device)
-            ids, positions = up[:len(b.ids)], up[len(b.ids):]
+            ids, positions = upload_int64(b.ids, b.positions, device=self.device)
             if fixup is not None:
                 fixup.apply(ids)
             hidden = self.model(ids, positions, meta)

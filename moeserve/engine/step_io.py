@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.host_copy import pack_int64, to_device, to_host
+from moeserve.host_copy import to_host, upload_int64
 from moeserve.layers.sampler import LogprobTensors, format_logprobs
 
 
@@ -15,8 +15,8 @@ class TokenFixup:
     flight samples. The batch carries a placeholder at `rows`; apply() writes them there."""
 
     def __init__(self, rows: list[int], source: torch.Tensor, source_rows: list[int]):
-        idx = to_device(pack_int64(rows, source_rows), torch.int64, source.device)
-        self.rows, self.values = idx[:len(rows)], source[idx[len(rows):]]
+        self.rows, source_idx = upload_int64(rows, source_rows, device=source.device)
+        self.values = source[source_idx]
 
     def apply(self, input_ids: torch.Tensor) -> None:
         input_ids.index_copy_(0, self.rows, self.values)

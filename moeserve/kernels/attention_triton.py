@@ -125,7 +125,7 @@ def _store_partial(acc, m_i, l_i, part_ptr, lse_ptr, row_ids, row_mask, offs_d, 
     tl.store(lse_ptr + row_ids * num_splits + split, lse, mask=row_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _mla_decode_split_kernel(
         ql_ptr, qr_ptr, kv_ptr, bt_ptr, seq_lens_ptr, part_ptr, lse_ptr,
         num_heads, num_splits, qk_scale_log2,
@@ -205,7 +205,7 @@ def _mla_decode_split_kernel(
                    split, num_splits)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _gqa_decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, part_ptr, lse_ptr,
         num_heads, num_splits, qk_scale_log2,
@@ -322,7 +322,7 @@ def _prefill_tile(acc, m_i, l_i, q1, q2, k_head, v_head, bt_row, k_start, n0, en
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _varlen_prefill_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, plan_ptr, bt_ptr, qk_scale_log2,
         stride_q_tok, stride_q_head, stride_k_page, stride_k_tok, stride_k_head,

@@ -43,8 +43,9 @@ def _compiles_while_serving(path: str, warmup: bool) -> int:
     try:
         greedy = SamplingParams(max_tokens=4, temperature=0.0)
         gen = torch.Generator().manual_seed(0)
-        # sizes the warm-up never ran: one prompt of 300 tokens, then three together (100 + 37 + 5)
-        for lens in ([300], [100, 37, 5]):
+        # sizes the warm-up never ran: one prompt of 300 tokens, one of 5 (an odd count: the positions
+        # after the ids in the step's upload), then three together (100 + 37 + 5)
+        for lens in ([300], [5], [100, 37, 5]):
             prompts = [torch.randint(3, 200, (n,), generator=gen).tolist() for n in lens]
             llm.generate(prompts, greedy)
     finally:
