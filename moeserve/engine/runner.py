@@ -40,12 +40,13 @@ from moeserve.models.loader import load_model
 log = logging.getLogger(__name__)
 
 
-def prefill_warmup_sizes(max_tokens: int, smallest: int = 16) -> list[int]:
+def prefill_warmup_sizes(max_tokens: int, smallest: int = 1) -> list[int]:
     """Token counts whose forwards compile the kernel variants prefill steps use: the powers of two from
     `smallest` up to max_tokens, and max_tokens (the kernels' block-size tables are keyed by token counts
-    and looked up nearest on a log scale), each also one token past it (Triton compiles integer
-    arguments divisible by 16 apart). Smaller steps take the decode sizes' variants, compiled when the
-    CUDA graphs are captured."""
+    and looked up nearest on a log scale, and small tiles are the next power of two of the rows), each
+    also one token past it (Triton compiles integer arguments divisible by 16 apart). The small ones
+    matter without CUDA graphs (eager engines, a TP rank's share of a step), whose capture would
+    otherwise have compiled them."""
     sizes = {max_tokens}
     p = smallest
     while p <= max_tokens:
@@ -86,7 +87,8 @@ def warn_on_compiles() -> None:
         return
 
     def hook(**kwargs):
-        variant = " ".join(str(kwargs.get("repr") or kwargs.get("fn")).split())  # one line
+        key = kwargs.get("key")  # Triton 3.6: a string holding each argument's specialization
+        variant = " ".join(str(key if isinstance(key, str) else kwargs.get("repr")).split())  # one line
         log.warning("Triton compiled a kernel after start-up (every request in the step waited for it): %s", variant)
 
     runtime.jit_post_compile_hook = hook

@@ -14,11 +14,11 @@ from moeserve.engine.runner import prefill_warmup_sizes
 
 
 def test_sizes_cover_every_power_of_two_and_one_past_it():
-    assert prefill_warmup_sizes(100) == [16, 17, 32, 33, 64, 65, 100]
+    assert prefill_warmup_sizes(100) == [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 100]
     sizes = prefill_warmup_sizes(8192)
-    assert sizes[:4] == [16, 17, 32, 33] and sizes[-2:] == [4097, 8192]
-    assert all(2 ** i in sizes and 2 ** i + 1 in sizes for i in range(4, 13))
-    assert prefill_warmup_sizes(20) == [16, 17, 20] and prefill_warmup_sizes(8) == [8]
+    assert sizes[:4] == [1, 2, 3, 4] and sizes[-2:] == [4097, 8192]
+    assert all(2 ** i in sizes and 2 ** i + 1 in sizes for i in range(13))
+    assert prefill_warmup_sizes(20, smallest=16) == [16, 17, 20] and prefill_warmup_sizes(8) == [1, 2, 3, 4, 5, 8]
 
 
 def test_on_gpus_by_default_and_off_by_flag():
