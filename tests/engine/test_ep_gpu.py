@@ -117,34 +117,29 @@ def test_dp2_ep2_sharing_a_gpu_matches_one_gpu(fp8_v3, tmp_path, monkeypatch):
     assert started and not compiled
 
 
-def test_fp8_wire_on_a_gpu_stays_close(fp8_v3):
-    """The checkpoint's default wire (FP8 dispatch and combine for an FP8 checkpoint), eager: the
-    Triton row kernels and the fp8 groups the experts take as they arrived."""
+def _eager_run_stays_close(path, label: str, **parallel) -> None:
+    """An eager parallel engine's greedy tokens against one GPU's, by _not_close."""
     prompts = _prompts()
-    ref = _reference(fp8_v3, prompts)
-    ep = {**EP, "dispatch_dtype": "auto", "combine_dtype": "auto"}
-    llm = LLM(fp8_v3, enforce_eager=True, **ep, **GPU)
+    ref = _reference(path, prompts)
+    llm = LLM(path, enforce_eager=True, **parallel, **GPU)
     try:
         got = _generate(llm, prompts)
     finally:
         llm.shutdown()
     bad = _not_close(got, ref)
-    print(f"dp2/ep2 fp8 wire: agreement {_agreement(got, ref):.3f}, not close at {bad}")
+    print(f"{label}: agreement {_agreement(got, ref):.3f}, not close at {bad}")
+    assert all(p.exitcode == 0 for p in llm.engine.procs)
     assert not bad, (got, ref)
+
+
+def test_fp8_wire_on_a_gpu_stays_close(fp8_v3):
+    """The checkpoint's default wire (FP8 dispatch and combine for an FP8 checkpoint), eager: the
+    Triton row kernels and the fp8 groups the experts take as they arrived."""
+    _eager_run_stays_close(fp8_v3, "dp2/ep2 fp8 wire", **{**EP, "dispatch_dtype": "auto", "combine_dtype": "auto"})
 
 
 def test_dp2_tp2_ep4_on_a_gpu_stays_close(fp8_v3):
     """Attention and dense layers tensor-parallel inside each of two data-parallel groups, experts over
     all four ranks (eager: gloo's all_reduces cannot be captured): the FP8 weights' TP slices (whole
     128-wide blocks here), the TP all_reduces and the token shares each TP rank dispatches."""
-    prompts = _prompts()
-    ref = _reference(fp8_v3, prompts)
-    llm = LLM(fp8_v3, enforce_eager=True, **{**EP, "dp": 2, "tp": 2, "ep": 4}, **GPU)
-    try:
-        got = _generate(llm, prompts)
-    finally:
-        llm.shutdown()
-    bad = _not_close(got, ref)
-    print(f"dp2/tp2/ep4 on a shared GPU: agreement {_agreement(got, ref):.3f}, not close at {bad}")
-    assert all(p.exitcode == 0 for p in llm.engine.procs)
-    assert not bad, (got, ref)
+    _eager_run_stays_close(fp8_v3, "dp2/tp2/ep4 on a shared GPU", **{**EP, "dp": 2, "tp": 2, "ep": 4})
