@@ -272,6 +272,13 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
     else:
         config = moe_config.moe_config(tokens, e, h, i, k, wdtype, x.device, shared)
         row["t_us"] = timer(run_with(config), n_inputs)
+    # beside it, the per-block flags' switches (the bits equal): t_flags_<down waits per block>_<quant by
+    # gate_up's last tile>_us, t_flags_False_False_us the grid-wide wait and the separate quant launch
+    for wait, by_last in ((False, False), (True, False), (False, True), (True, True)):
+        switched = dict(config, DOWN_WAITS_PER_BLOCK=wait, ACT_QUANT_BY_LAST_TILE=by_last)
+        row[f"t_flags_{wait}_{by_last}_us"] = timer(run_with(switched), n_inputs)
+        row.setdefault("flags_equal", True)
+        row["flags_equal"] &= bool(torch.equal(run_with(switched)(0), run_with(config)(0)))
     row["config"] = config
     if tokens == 1 and not smoke:
         row["t_eager_us"] = timer(run_with(config), n_inputs, graph=False)

@@ -21,8 +21,13 @@ Variants:
   act_quant_in_gate_up[_stN]  moe_config.ACT_QUANT_IN_GATE_UP on (optionally gate_up at N stages)
   mla_stN            the MLA decode's default tiles at N stages
   down_no_wait       the fused MoE's down GEMM starts without waiting for its predecessor (gate_up, or in FP8
-                     the intermediate's quant launch): with no_moe_quant, the most one launch for both GEMMs
-                     could overlap them
+                     the intermediate's quant launch), on the grid-wide wait's launches (down_grid_wait): with
+                     no_moe_quant, the most one launch for both GEMMs could overlap them
+  down_grid_wait     the fused MoE's down GEMM waits for gate_up's whole grid, not per block of rows
+                     (moe_config.DOWN_WAITS_PER_BLOCK off)
+  act_quant_launch   FP8: the MoE's intermediate quantized by a launch of its own, not by gate_up's last tile of
+                     each block (moe_config.ACT_QUANT_BY_LAST_TILE off; the down GEMM then waits for that launch's
+                     whole grid too)
   kv_fp8             the engine's KV cache in e4m3 (--kv-cache-dtype fp8)
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
   dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
@@ -146,6 +151,10 @@ def apply(variant: str) -> None:
             moe_config.moe_config = lambda *a, **k: dict(tables(*a, **k), num_stages=stages)
     if variant.startswith("mla_st"):
         attention_triton.MLA_TILES = attention_triton.MLA_TILES[:3] + (int(variant[len("mla_st"):]),)
+    if variant in ("down_no_wait", "down_grid_wait"):
+        moe_config.DOWN_WAITS_PER_BLOCK = False
+    if variant in ("down_no_wait", "act_quant_launch"):
+        moe_config.ACT_QUANT_BY_LAST_TILE = False
     if variant == "down_no_wait":
         _down_without_wait(fused_moe)
     if variant.startswith("dense_m"):
@@ -175,7 +184,7 @@ def apply(variant: str) -> None:
         import moeserve.layers.linear as linear
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
-             "down_no_wait", "no_dense", "kv_fp8")
+             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8")
     families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")

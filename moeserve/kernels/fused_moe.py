@@ -21,6 +21,10 @@ BLOCK_K covers one scale group does, the other keeps its separate quant launch. 
 another way, also bit-identically: `x_fp8`, x already quantized by the RMSNorm that made it, and
 ACT_QUANT_IN_GATE_UP (default moe_config.ACT_QUANT_IN_GATE_UP), gate_up quantizing its own output in
 its epilogue (its N tile is then one scale group), which also halves the intermediate's bytes.
+Per-block flags (moe_config.DOWN_WAITS_PER_BLOCK, ACT_QUANT_BY_LAST_TILE; bit-identical too): the
+down GEMM waits for gate_up block of rows by block instead of for its whole grid, so with PDL it
+streams its weights during gate_up's last wave, and in W8A8 gate_up's last tile of each block
+quantizes the block's intermediate rows, so no quant launch sits between the two GEMMs.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from moeserve.kernels.moe_align import moe_align_block_size_triton
 try:
     import triton
     import triton.language as tl
-    from moeserve.kernels.pdl import pdl_begin, pdl_launch
+    from moeserve.kernels.pdl import pdl_begin, pdl_begin_no_wait, pdl_launch
 
     from moeserve.kernels.fp8 import _grouped_pid, _quant_group_tile
+    from moeserve.kernels.peer_sync import clock_ns
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -106,17 +111,72 @@ def fused_moe_w8a8_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["num_pairs", "max_padded"])
+    @triton.jit
+    def _quant_block_rows(x_ptr, q_ptr, s_ptr, rows, row_mask, width, stride_xm, stride_qm, stride_sm,
+                          ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                          FAST: tl.constexpr):
+        # q/s of x's ROWS rows, one scale per GROUP columns: what _group_quant_kernel makes of them,
+        # bit for bit (the same _quant_group_tile on the same stored values). GROUPS groups of every
+        # row at a time: each pass is a round trip to L2 on the block's critical path. x is read
+        # from L2 (.cg): other programs wrote it, and L1 is not coherent.
+        rows = rows.to(tl.int64)
+        num_groups = tl.cdiv(width, GROUP)
+        for g0 in range(0, num_groups, GROUPS):
+            grp = g0 + tl.arange(0, GROUPS)
+            cols = grp[None, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+            mask = row_mask[:, None, None] & (cols < width)
+            x = tl.load(x_ptr + rows[:, None, None] * stride_xm + cols, mask=mask, other=0.0, cache_modifier=".cg")
+            q, scale = _quant_group_tile(tl.reshape(x.to(tl.float32), [ROWS * GROUPS, GROUP]), FP8_MAX_C, FAST)
+            q = tl.reshape(q, [ROWS, GROUPS, GROUP]).to(q_ptr.dtype.element_ty)
+            tl.store(q_ptr + rows[:, None, None] * stride_qm + cols, q, mask=mask)
+            tl.store(s_ptr + rows[:, None] * stride_sm + grp[None, :], tl.reshape(scale, [ROWS, GROUPS]),
+                     mask=row_mask[:, None] & (grp[None, :] < num_groups))
+
+    @triton.jit
+    def _wait_for_block(flags_ptr, block, ready_count, num_tiles, timeout_ns, MAX_BLOCKS: tl.constexpr,
+                        FAST: tl.constexpr):
+        # Spin until `ready_count` arrivals of the block's gate_up programs (acquire: their stores
+        # are visible after it). Each of the block's num_tiles down programs then departs; the last
+        # one resets both counters to 0 for the next call (all of this block's programs have passed).
+        # Returns 1 if it gave up past timeout_ns (peer_sync.clock_ns), else 0.
+        polls = tl.full([], 0, tl.int64)
+        start = clock_ns(polls, FAST)
+        late = tl.full([], 0, tl.int32)
+        seen = tl.atomic_add(flags_ptr + block, 0, sem="acquire")
+        while (seen < ready_count) & (late == 0):
+            polls += 1
+            if clock_ns(polls, FAST) - start > timeout_ns:
+                late = tl.full([], 1, tl.int32)
+            seen = tl.atomic_add(flags_ptr + block, 0, sem="acquire")
+        if late == 0:
+            if tl.atomic_add(flags_ptr + MAX_BLOCKS + block, 1, sem="relaxed") == num_tiles - 1:
+                tl.atomic_xchg(flags_ptr + block, 0, sem="relaxed")
+                tl.atomic_xchg(flags_ptr + MAX_BLOCKS + block, 0, sem="relaxed")
+        tl.debug_barrier()
+        return late
+
+    @triton.jit
+    def _abort(FAST: tl.constexpr):
+        # A wait past its deadline: the kernel traps, the stream reports a CUDA error to the host at
+        # its next synchronization (a failed step, not a hung one). The interpreter cannot trap.
+        if FAST:
+            tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit(do_not_specialize=["num_pairs", "max_padded", "ready_count", "wait_timeout_ns"])
     def _moe_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, outs_ptr, route_w_ptr,
-                         sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-                         num_pairs, n, k, a_row_div, max_padded,
+                         sorted_ids_ptr, block_expert_ptr, num_padded_ptr, flags_ptr, outq_ptr,
+                         num_pairs, n, k, a_row_div, max_padded, ready_count, wait_timeout_ns,
                          stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_osm,
+                         stride_oqm,
                          GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_SIZE_M: tl.constexpr, GATE_UP: tl.constexpr, W_FP8: tl.constexpr,
                          A_FP8: tl.constexpr, A_QUANT: tl.constexpr = False, FP8_MAX_C: tl.constexpr = 448.0,
                          FAST: tl.constexpr = False, PAIR_BLOCKS: tl.constexpr = False,
                          OUT_QUANT: tl.constexpr = False, ACT_DTYPE: tl.constexpr = tl.float32,
+                         ARRIVE: tl.constexpr = False, QUANT_ROWS: tl.constexpr = False,
+                         QUANT_GROUPS: tl.constexpr = 1, LAST_RESETS: tl.constexpr = False,
+                         WAIT_BLOCK: tl.constexpr = False, MAX_BLOCKS: tl.constexpr = 0,
                          PDL: tl.constexpr = False):
         """One program: BLOCK_M sorted pairs (all of one expert) x BLOCK_N output columns.
         PAIR_BLOCKS: no align pass, one pair a block (one token: its top-k experts are distinct).
@@ -127,8 +187,24 @@ if triton is not None:
         per row and group exactly as the separate quant kernel would (W8A8 without its launch).
         OUT_QUANT (GATE_UP, BLOCK_N == GROUP_K): out gets the e4m3 of the output rounded to ACT_DTYPE,
         outs [pair, pid_n] its scale: what the separate quant kernel makes of the stored output.
+
+        Per-block flags (flags_ptr: arrivals [MAX_BLOCKS], departures [MAX_BLOCKS], int32, zero
+        between calls):
+        ARRIVE (gate_up): each program counts itself into its block's arrivals once its tile is
+          stored. With QUANT_ROWS the block's last program then quantizes the block's rows of out
+          (outq [pair, :] e4m3, outs [pair, group] scales, QUANT_GROUPS groups a pass: the down
+          GEMM's W8A8 input, no quant launch) and arrives once more, or with LAST_RESETS (nothing
+          waits on the block) sets the block's arrivals back to 0.
+        WAIT_BLOCK (down): no grid-wide wait for the predecessor; each program spins on its block's
+          arrivals reaching ready_count before it reads a row of a, so with PDL the down GEMM runs
+          the blocks gate_up has finished during gate_up's last wave (PDL launches it only once
+          every gate_up program has started, so what it waits for is running). Past
+          wait_timeout_ns the kernel traps (_abort).
         """
-        pdl_begin(PDL)
+        if WAIT_BLOCK:
+            pdl_begin_no_wait(PDL)
+        else:
+            pdl_begin(PDL)
         pid = tl.program_id(0)
         pid_m, pid_n = _grouped_pid(pid, max_padded // BLOCK_M, tl.cdiv(n, BLOCK_N), GROUP_SIZE_M)
         if PAIR_BLOCKS:  # block i is pair i alone (its expert: block_expert[i], the flat topk ids)
@@ -141,6 +217,11 @@ if triton is not None:
                 return
             expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
             pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        if WAIT_BLOCK:  # a block that returned above has no arrivals to wait for, in either GEMM
+            if _wait_for_block(flags_ptr, pid_m, ready_count, tl.cdiv(n, BLOCK_N), wait_timeout_ns, MAX_BLOCKS,
+                               FAST):
+                _abort(FAST)
+                return
         mask_m = pair < num_pairs
         a_row = (pair // a_row_div).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,6 +280,20 @@ if triton is not None:
             tl.store(outs_ptr + pair.to(tl.int64) * stride_osm + pid_n, scale, mask=mask_m)
         else:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if ARRIVE:
+            # every thread's stores before the (release) arrival; the block's last arrival sees all
+            # of them (acquire), as the split-K sum in the dense FP8 GEMM does
+            tl.debug_barrier()
+            arrived = tl.atomic_add(flags_ptr + pid_m, 1, sem="acq_rel")
+            if QUANT_ROWS:
+                if arrived == tl.cdiv(n, BLOCK_N) - 1:
+                    _quant_block_rows(out_ptr, outq_ptr, outs_ptr, pair, mask_m, n, stride_om, stride_oqm,
+                                      stride_osm, BLOCK_M, QUANT_GROUPS, GROUP_K, FP8_MAX_C, FAST)
+                    tl.debug_barrier()
+                    if LAST_RESETS:
+                        tl.atomic_xchg(flags_ptr + pid_m, 0, sem="relaxed")
+                    else:
+                        tl.atomic_add(flags_ptr + pid_m, 1, sem="release")
 
     @triton.jit
     def _moe_sum_kernel(y_ptr, ids_ptr, add_ptr, out_ptr, top_k, h, stride_ym, stride_am, stride_om,
@@ -219,11 +314,23 @@ if triton is not None:
         tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < h)
 
 
+QUANT_TILE_VALUES = 8192  # _quant_block_rows's tile: 64 fp32 registers a thread at 4 warps
+
+
+def _quant_groups(rows: int, width: int, group: int) -> int:
+    """Scale groups of each row a pass of _quant_block_rows: all of them, or as many as fit the tile."""
+    return max(1, min(triton.next_power_of_2(triton.cdiv(width, group)), QUANT_TILE_VALUES // (rows * group)))
+
+
 def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_row_div, gate_up, cfg, block,
-                     a_quant=False, out_scale=None, act_dtype=torch.float32):
+                     a_quant=False, out_scale=None, act_dtype=torch.float32, flags=None, rows_quant=None,
+                     wait_count=0, last_resets=False):
     """align: moe_align's (sorted ids, block experts, padded count), or (None, flat topk ids, None):
     one pair a block, no align pass. out_scale: out is e4m3 and gets the output's quantization (the
-    output rounded to act_dtype first), one scale a BLOCK_N = block[1] tile."""
+    output rounded to act_dtype first), one scale a BLOCK_N = block[1] tile.
+    flags (block_flags): gate_up arrives per block (rows_quant: (q, scales) the block's last
+    program fills from out; last_resets: no down GEMM waits on the flags, that program resets
+    them), down (wait_count > 0) waits per block for wait_count arrivals."""
     sorted_ids, block_expert, num_padded = align
     pair_blocks = sorted_ids is None
     n = w.shape[1] // 2 if gate_up else w.shape[1]
@@ -233,19 +340,47 @@ def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_r
     max_padded = block_expert.numel() * cfg["BLOCK_M"] if pair_blocks else sorted_ids.numel()
     dummy = out  # stands in for pointers a variant does not read
     act_tl = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[act_dtype]
+    rows_q, rows_s = rows_quant if rows_quant is not None else (dummy, out_scale)
     _moe_gemm_kernel[grid](
         a, a_scale if a_scale is not None else dummy, w, w_scale if w_fp8 else dummy, out,
-        out_scale if out_scale is not None else dummy,
+        rows_s if rows_s is not None else dummy,
         route_w if route_w is not None else dummy, dummy if pair_blocks else sorted_ids, block_expert,
-        dummy if pair_blocks else num_padded, num_pairs, n, k, a_row_div, max_padded,
+        dummy if pair_blocks else num_padded, flags if flags is not None else dummy, rows_q,
+        num_pairs, n, k, a_row_div, max_padded, wait_count, int(BLOCK_WAIT_TIMEOUT_S * 1e9),
         a.stride(0), a_scale.stride(0) if a_scale is not None else 0, w.stride(0), w.stride(1),
         w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0),
-        out_scale.stride(0) if out_scale is not None else 0,
+        rows_s.stride(0) if rows_s is not None else 0, rows_q.stride(0),
         GROUP_N=block[0], GROUP_K=block[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=min(cfg["BLOCK_K"], block[1]) if w_fp8 else cfg["BLOCK_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
         GATE_UP=gate_up, W_FP8=w_fp8, A_FP8=a.dtype == FP8_DTYPE, A_QUANT=a_quant, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda,
         PAIR_BLOCKS=pair_blocks, OUT_QUANT=out_scale is not None, ACT_DTYPE=act_tl,
+        ARRIVE=flags is not None and gate_up, QUANT_ROWS=rows_quant is not None,
+        QUANT_GROUPS=_quant_groups(cfg["BLOCK_M"], n, block[1]), LAST_RESETS=last_resets,
+        WAIT_BLOCK=wait_count > 0, MAX_BLOCKS=MAX_FLAG_BLOCKS,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(a.device))
+
+
+# Per-block flags of the two MoE GEMMs (_moe_gemm_kernel's ARRIVE / WAIT_BLOCK): arrivals and
+# departures, MAX_FLAG_BLOCKS int32 each, one set a device, zero between calls (each block's last
+# down program resets its pair). Allocated at the first call outside a CUDA-graph capture (the
+# runner warms up before it captures) and never freed, since captured graphs keep its address; a
+# call with more blocks (prefill sizes), or a first call inside a capture, takes the grid-wide wait
+# instead. One set a device: one stream at a time may run the fused MoE on it (the engine's case),
+# as with fp8.split_counters.
+MAX_FLAG_BLOCKS = 16384
+BLOCK_WAIT_TIMEOUT_S = 10.0  # a down program's wait for its block (a whole MoE layer takes < 1 ms)
+_block_flags: dict[torch.device, torch.Tensor] = {}
+
+
+def block_flags(device: torch.device, blocks: int) -> torch.Tensor | None:
+    if blocks > MAX_FLAG_BLOCKS:
+        return None
+    flags = _block_flags.get(device)
+    if flags is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        flags = _block_flags[device] = torch.zeros(2 * MAX_FLAG_BLOCKS, dtype=torch.int32, device=device)
+    return flags
 
 
 def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
@@ -297,6 +432,17 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     # gate_up's epilogue quantizes the intermediate for the down GEMM: its N tile is one scale group.
     act_quant = quant and cfg.get("ACT_QUANT_IN_GATE_UP", moe_config.ACT_QUANT_IN_GATE_UP)
     fuse_down = fuse and min(down_cfg["BLOCK_K"], block[1]) == block[1] and not act_quant
+    # Per-block flags (moe_config): the down GEMM waiting for gate_up per block of rows, and in W8A8
+    # gate_up's last program of a block quantizing the block's intermediate rows (no quant launch).
+    # A single token keeps the quant launch: its blocks are one row each, and quantizing that row after
+    # the block's last tile cost more than the launch (H200, V2-Lite: 33.5 vs 29.9 us the layer).
+    per_block = cfg.get("DOWN_WAITS_PER_BLOCK", moe_config.DOWN_WAITS_PER_BLOCK)
+    quant_rows = (quant and not act_quant and not fuse_down and tokens > 1
+                  and cfg.get("ACT_QUANT_BY_LAST_TILE", moe_config.ACT_QUANT_BY_LAST_TILE))
+    # The down GEMM may wait on gate_up's flags only where gate_up makes its input (not a quant launch).
+    per_block = per_block and (not quant or quant_rows or act_quant or fuse_down)
+    flags = block_flags(device, align[1].numel()) if per_block or quant_rows else None
+    per_block, quant_rows = per_block and flags is not None, quant_rows and flags is not None
 
     if quant and x_fp8 is not None:
         a, a_scale = x_fp8
@@ -309,15 +455,24 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     else:
         act = torch.empty(num_pairs, intermediate, dtype=dtype, device=device)
         act_scale = None
+    rows_quant = (torch.empty(num_pairs, intermediate, dtype=FP8_DTYPE, device=device),
+                  torch.empty(num_pairs, triton.cdiv(intermediate, block[1]), dtype=torch.float32, device=device)
+                  ) if quant_rows else None
     _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block, fuse_gate_up,
-                     out_scale=act_scale, act_dtype=dtype)
+                     out_scale=act_scale, act_dtype=dtype, flags=flags, rows_quant=rows_quant,
+                     last_resets=not per_block)
 
     if act_quant:
         a, a_scale = act, act_scale
+    elif quant_rows:
+        a, a_scale = rows_quant
     else:
         a, a_scale = per_token_group_quant_fp8_triton(act, block[1]) if quant and not fuse_down else (act, None)
     y = torch.empty(num_pairs, hidden, dtype=dtype, device=device)
-    _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, down_cfg, block, fuse_down)
+    # per block: gate_up's tiles (+ the quant)
+    wait_count = triton.cdiv(intermediate, cfg["BLOCK_N"]) + quant_rows if per_block else 0
+    _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, down_cfg, block, fuse_down,
+                     flags=flags if per_block else None, wait_count=wait_count)
     return moe_sum(y, topk_ids, out, addend)
 
 

@@ -99,6 +99,18 @@ MOE_FUSE_MAX_ROWS_PER_EXPERT = 0
 ACT_QUANT_IN_GATE_UP = False
 
 
+# The fused MoE's down GEMM waits for gate_up per block of rows (arrival flags), not for gate_up's
+# whole grid, so with PDL it overlaps gate_up's tail. Bit-identical either way. A config's
+# DOWN_WAITS_PER_BLOCK overrides.
+DOWN_WAITS_PER_BLOCK = True
+
+# W8A8 fused MoE: gate_up's last program of each block of rows quantizes the block's intermediate
+# rows for the down GEMM (arrival flags), which takes the quant launch between the two GEMMs away
+# and keeps gate_up's tuned N tiles (ACT_QUANT_IN_GATE_UP needs them one scale group wide).
+# Bit-identical either way. A config's ACT_QUANT_BY_LAST_TILE overrides.
+ACT_QUANT_BY_LAST_TILE = True
+
+
 def moe_fuse_quant(tokens: int, num_experts: int, top_k: int) -> bool:
     """W8A8 fused MoE: quantize activations inside the two GEMMs (no quant launches) at decode sizes.
 

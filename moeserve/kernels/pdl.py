@@ -53,8 +53,20 @@ if triton is not None and gdc_wait is not None:
             gdc_wait()
             gdc_launch_dependents()
 
+    @triton.jit
+    def pdl_begin_no_wait(PDL: tl.constexpr):
+        # Only lets the successor launch: for a kernel that waits on finer-grained flags of its
+        # predecessor itself (the fused MoE's down GEMM, per block of rows), so it overlaps the
+        # predecessor's tail. It must read nothing else its predecessor writes.
+        if PDL:
+            gdc_launch_dependents()
+
 elif triton is not None:  # pragma: no cover - never launched with PDL (pdl_enabled is False)
 
     @triton.jit
     def pdl_begin(PDL: tl.constexpr):
+        pass
+
+    @triton.jit
+    def pdl_begin_no_wait(PDL: tl.constexpr):
         pass

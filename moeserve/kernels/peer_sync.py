@@ -27,7 +27,7 @@ if triton is not None:
     INTERPRETER_SPIN_NS = tl.constexpr(500_000)  # a poll under the interpreter: ~0.7 ms measured on a CPU
 
     @triton.jit
-    def _clock_ns(polls, FAST: tl.constexpr):
+    def clock_ns(polls, FAST: tl.constexpr):
         # FAST (CUDA; named as the other kernels' GPU-only switch): the GPU's nanosecond clock.
         if FAST:
             return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
@@ -45,13 +45,13 @@ if triton is not None:
             tl.atomic_xchg(peer_flags + rank, e, sem="release", scope="sys")
         mine = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int64))
         polls = tl.full([], 0, tl.int64)
-        start = _clock_ns(polls, FAST)
+        start = clock_ns(polls, FAST)
         late = -1
         for r in range(0, R):
             seen = tl.atomic_add(mine + r, 0, sem="acquire", scope="sys")
             while (seen < e) & (late < 0):
                 polls += 1
-                if _clock_ns(polls, FAST) - start > timeout_ns:
+                if clock_ns(polls, FAST) - start > timeout_ns:
                     late = r
                 seen = tl.atomic_add(mine + r, 0, sem="acquire", scope="sys")
         if late >= 0:

@@ -20,7 +20,10 @@ CHECKS = {  # variant: what must hold after apply(variant)
     "mla_st3": "attention_triton.MLA_TILES[3] == 3",
     "no_moe_quant+down_no_wait": ("fused_moe.per_token_group_quant_fp8_triton.__name__ == 'fake' "
                                   "and fused_moe._launch_moe_gemm.__name__ == 'launch_down_early' "
-                                  "and fused_moe.pdl_begin.__name__ == 'begin'"),
+                                  "and fused_moe.pdl_begin.__name__ == 'begin' and not moe_config.DOWN_WAITS_PER_BLOCK "
+                                  "and not moe_config.ACT_QUANT_BY_LAST_TILE"),
+    "down_grid_wait": "not moe_config.DOWN_WAITS_PER_BLOCK and moe_config.ACT_QUANT_BY_LAST_TILE",
+    "act_quant_launch": "moe_config.DOWN_WAITS_PER_BLOCK and not moe_config.ACT_QUANT_BY_LAST_TILE",
     "dense_m32_bn64_sk4_st6": ("moe_config.dense_fp8_config(64, 2048, 2048, torch.device('cpu'))['SPLIT_K'] == 4 "
                            "and moe_config.dense_fp8_config(64, 2048, 2048, torch.device('cpu'))['BLOCK_M'] == 32 "
                            "and moe_config.dense_fp8_config(64, 2048, 2048, torch.device('cpu'))['num_stages'] == 6 "

@@ -166,6 +166,12 @@ def _cases() -> dict:
             xm, w13_8, w2_8, topk_w, topk_ids, s13, s2, config=dict(mcfg, FUSE_QUANT=fuse))
     cases["fused_moe_fp8_act_quant_in_gate_up"] = lambda: fused_moe.fused_moe_triton(
         xm, w13_8, w2_8, topk_w, topk_ids, s13, s2, config=dict(mcfg, BLOCK_N=128, ACT_QUANT_IN_GATE_UP=True))
+    cases["fused_moe_fp8_one_token"] = lambda: fused_moe.fused_moe_triton(  # per-block wait, the quant launch
+        xm[:1], w13_8, w2_8, topk_w[:1], topk_ids[:1], s13, s2, config=mcfg)
+    for wait, by_last in ((False, False), (False, True), (True, False)):  # the per-block switches apart
+        cases[f"fused_moe_fp8_per_block_{wait}_{by_last}"] = lambda wait=wait, by_last=by_last: (
+            fused_moe.fused_moe_triton(xm, w13_8, w2_8, topk_w, topk_ids, s13, s2,
+                                       config=dict(mcfg, DOWN_WAITS_PER_BLOCK=wait, ACT_QUANT_BY_LAST_TILE=by_last)))
     cases["fused_moe_fp8_weights_bf16_act"] = lambda: fused_moe.fused_moe_triton(
         xm, w13_8, w2_8, topk_w, topk_ids, s13, s2, fp8_activations=False, config=mcfg)
 

@@ -19,11 +19,16 @@ import torch
 
 from moeserve.kernels import moe_config
 from moeserve.kernels.fp8 import FP8_DTYPE, quant_block_fp8_ref
-from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref
+from moeserve.kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_moe_w8a8_ref, triton
 from moeserve.kernels.moe_align import max_padded_size, moe_align_block_size_ref
 from tests.helpers import REPO
 from tests.helpers import interpreter_results as run_interpreted
 from tests.helpers import print_interpreter_cases
+
+if triton is not None:
+    import triton.language as tl
+
+    from moeserve.kernels.fused_moe import _wait_for_block
 
 
 
@@ -48,6 +53,23 @@ def random_moe(tokens, experts, hidden, inter, top_k, dtype, drop=0.25, ep_exper
 
 
 # ---- child process: the cases under the interpreter -----------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _two_block_waits(flags_ptr, out_ptr, timeout_ns, MAX_BLOCKS: tl.constexpr):
+        tl.store(out_ptr, _wait_for_block(flags_ptr, 0, 3, 1, timeout_ns, MAX_BLOCKS, False))
+        tl.store(out_ptr + 1, _wait_for_block(flags_ptr, 1, 2, 1, timeout_ns, MAX_BLOCKS, False))
+
+
+def _block_waits(late_after_ns: int) -> list[int]:
+    """_wait_for_block on two blocks of fresh flags: block 0 has its 3 arrivals, block 1 only 1 of 2."""
+    flags = torch.zeros(2 * 4, dtype=torch.int32)
+    flags[0], flags[1] = 3, 1
+    out = torch.full((2,), -1, dtype=torch.int32)
+    _two_block_waits[(1,)](flags, out, late_after_ns, MAX_BLOCKS=4)
+    return out.tolist() + flags.tolist()
+
 
 def _interpreter_cases() -> dict[str, tuple[float, float]]:
     """name -> (relative error, tolerance)."""
@@ -133,6 +155,39 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     # inputs alone gives ~4% (measured with the torch references alone), hence the loose bound.
     results["fp8_w8a8_vs_unquantized_acts"] = (rel_err(fused_moe(x, q13, q2, w, ids, s13, s2, block),
                                                        fused_moe_ref(x, q13, q2, w, ids, s13, s2, block)), 8e-2)
+
+    # The down GEMM waiting per block of rows (in W8A8 with gate_up's last program of a block
+    # quantizing its rows, I = 48: one whole 32-wide group and one masked) against the grid-wide wait
+    # and the separate quant launch: the same bits, with the flags all back to zero afterwards.
+    from moeserve.kernels import fused_moe as fm
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1)
+    # (and the two switches apart: the quant by gate_up's last tile with the grid-wide wait, and the
+    # per-block wait with the quant launch), I = 80: two whole 32-wide groups and one masked.
+    old = dict(tiles, DOWN_WAITS_PER_BLOCK=False, ACT_QUANT_BY_LAST_TILE=False)
+    for name, (t, e, k, fp8, extra) in {
+        "per_block_fp32_multi_block": (37, 3, 2, False, {"drop": 0.0}),
+        "per_block_fp8_ep": (20, 4, 4, True, {"ep_experts": 8}),
+        "per_block_fp8_T1": (1, 4, 3, True, {"drop": 0.0}),  # one pair a block, no align: the quant launch kept
+    }.items():
+        x, w13, w2, w, ids = random_moe(t, e, 48, 80, k, torch.float32, **extra)
+        scales = (*quant_block_fp8_ref(w13, block), *quant_block_fp8_ref(w2, block)) if fp8 else None
+        weights = (scales[0], scales[2], w, ids, scales[1], scales[3], block) if fp8 else (w13, w2, w, ids)
+        grid_wait = fused_moe_triton(x, *weights, config=old)
+        differ = 0
+        for switches in ((True, True), (False, True), (True, False)):
+            cfg = dict(tiles, DOWN_WAITS_PER_BLOCK=switches[0], ACT_QUANT_BY_LAST_TILE=switches[1])
+            differ += int((fused_moe_triton(x, *weights, config=cfg) != grid_wait).sum())
+            differ += int(fm._block_flags[torch.device("cpu")].abs().sum())
+        if fp8:  # the rows quantized one group a pass (three passes) instead of all at once
+            fm.QUANT_TILE_VALUES = 1
+            differ += int((fused_moe_triton(x, *weights, config=tiles) != grid_wait).sum())
+            fm.QUANT_TILE_VALUES = 8192
+        results[name] = (float(differ), 0.0)
+
+    # A wait past its deadline gives up (on a GPU the kernel then traps) instead of hanging: block 1's
+    # second arrival never comes. Block 0 was ready: its one down tile departed and reset its flags.
+    got = _block_waits(late_after_ns=2_000_000)  # 4 polls of the interpreter's clock
+    results["block_wait_deadline"] = (float(got != [0, 1] + [0, 1, 0, 0] + [0, 0, 0, 0]), 0.0)
     return results
 
 
@@ -144,7 +199,8 @@ def interpreter_results():
 CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
          "fp32_T1_ep", "fp32_T1_fp8", "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
          "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a8_fused_gate_up_only",
-         "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts", "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise"]
+         "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts", "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise",
+         "per_block_fp32_multi_block", "per_block_fp8_ep", "per_block_fp8_T1", "block_wait_deadline"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -197,17 +253,25 @@ def test_down_override_of_other_keys_raises(key):
         fused_moe_triton(x, w13, w2, w, ids, config=cfg)
 
 
-@pytest.mark.parametrize("act_quant_in_gate_up", [False, True])
-def test_each_gemm_gets_its_config(monkeypatch, act_quant_in_gate_up):
+@pytest.mark.parametrize("act_quant_in_gate_up,per_block,by_last_tile", [
+    (False, False, False), (True, False, False), (False, True, True), (True, True, True), (False, False, True),
+    (False, True, False)])
+def test_each_gemm_gets_its_config(monkeypatch, act_quant_in_gate_up, per_block, by_last_tile):
     """The launches fused_moe_triton makes (none run: recorded): gate_up with the config, down with its
     overrides; the in-GEMM quant only where the GEMM's K step is a whole scale group; with
     ACT_QUANT_IN_GATE_UP gate_up quantizes its own output on N tiles of one scale group and no
-    quant launch is left; with the input's quantization given (x_fp8) none is made of x either."""
+    quant launch is left; with ACT_QUANT_BY_LAST_TILE gate_up's last tile of a block quantizes the
+    block's intermediate rows (per-block flags; unless its epilogue already quantizes), and with
+    DOWN_WAITS_PER_BLOCK the down GEMM waits on those flags; with the input's quantization given
+    (x_fp8) none is made of x either."""
     from moeserve.kernels import fused_moe as fm
 
     launches, quants = [], []
     monkeypatch.setattr(moe_config, "ACT_QUANT_IN_GATE_UP", act_quant_in_gate_up)
-    monkeypatch.setattr(fm, "moe_align_block_size_triton", lambda ids, block_m, experts: None)
+    monkeypatch.setattr(moe_config, "DOWN_WAITS_PER_BLOCK", per_block)
+    monkeypatch.setattr(moe_config, "ACT_QUANT_BY_LAST_TILE", by_last_tile)
+    blocks = torch.zeros(5, dtype=torch.int32)
+    monkeypatch.setattr(fm, "moe_align_block_size_triton", lambda ids, block_m, experts: (None, blocks, None))
     monkeypatch.setattr(fm, "_launch_moe_gemm", lambda *args, **kw: launches.append((*args, kw)))
     monkeypatch.setattr(fm, "per_token_group_quant_fp8_triton", lambda a, group: quants.append(a.shape) or (a, None))
     monkeypatch.setattr(fm, "moe_sum", lambda y, ids, out, addend: out)
@@ -221,18 +285,34 @@ def test_each_gemm_gets_its_config(monkeypatch, act_quant_in_gate_up):
     assert gate[9] and gate[12] and not down[9] and not down[12]  # gate_up quantizes x on load
     assert down[10] == moe_config.down_config(cfg)
     assert (down[10]["BLOCK_M"], down[10]["BLOCK_N"], down[10]["BLOCK_K"], down[10]["num_stages"]) == (16, 64, 16, 5)
+    # the down GEMM waits per block only where gate_up makes its input: not behind the quant launch
+    flags, last_tile_quant = gate[13]["flags"], by_last_tile and not act_quant_in_gate_up
+    per_block = per_block and (act_quant_in_gate_up or by_last_tile)
+    assert (flags is not None) == (per_block or last_tile_quant)
+    assert down[13]["flags"] is (flags if per_block else None) and gate[13]["last_resets"] == (not per_block)
     if act_quant_in_gate_up:
         assert gate[10] == dict(cfg, BLOCK_N=32)  # one scale group a tile
         act, act_scale = gate[4], gate[13]["out_scale"]
         assert act.dtype == FP8_DTYPE and act_scale.shape == (3 * 2, 1) and gate[13]["act_dtype"] == x.dtype
-        assert down[0] is act and down[1] is act_scale and quants == []
-    else:
+        assert down[0] is act and down[1] is act_scale and quants == [] and gate[13]["rows_quant"] is None
+        assert down[13]["wait_count"] == (1 if per_block else 0)  # the intermediate's one 32-wide tile a block
+    elif by_last_tile:
         assert gate[10] is cfg and gate[13]["out_scale"] is None
+        rows_q, rows_s = gate[13]["rows_quant"]
+        assert rows_q.shape == (3 * 2, 32) and rows_q.dtype == FP8_DTYPE and rows_s.shape == (3 * 2, 1)
+        assert down[0] is rows_q and down[1] is rows_s and quants == []  # no quant launch in between
+        assert down[13]["wait_count"] == (2 + 1 if per_block else 0)  # two 16-wide tiles a block + the quant
+    else:
+        assert down[13]["wait_count"] == 0
+        assert gate[10] is cfg and gate[13]["out_scale"] is None and gate[13]["rows_quant"] is None
         assert quants == [(3 * 2, 32)]  # only the down GEMM's input [pairs, I] is quantized apart
     launches.clear()
     x_fp8 = (torch.zeros(3, 64, dtype=FP8_DTYPE), torch.ones(3, 2))
     fused_moe_triton(x, q13, q2, w, ids, s13, s2, (32, 32), config=cfg, x_fp8=x_fp8)
     assert launches[0][0] is x_fp8[0] and launches[0][1] is x_fp8[1] and not launches[0][12]
+    launches.clear()
+    fused_moe_triton(x[:1], q13, q2, w[:1], ids[:1], s13, s2, (32, 32), config=dict(cfg, FUSE_QUANT=False))
+    assert launches[0][13]["rows_quant"] is None  # one token keeps the intermediate's quant launch
 
 
 def test_down_config():
@@ -372,3 +452,39 @@ def test_quant_launches_folded_away_on_gpu_bf16(tokens):
                               x_fp8=per_token_group_quant_fp8(x, 128))
     assert torch.equal(apart, folded)
     assert rel_err(folded, fused_moe_w8a8_ref(x, q13, q2, w, ids, s13, s2)) < 3e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_per_block_flags_on_gpu(fp8):
+    """V2-Lite's fused shape (E=66, top-8) at decode sizes: the down GEMM waiting per block of rows
+    (with PDL: started during gate_up's last wave) and, in W8A8, gate_up's last tile of a block
+    quantizing its rows, together and apart, give the bits of the grid-wide wait with the separate
+    quant launch: eagerly 10 times over (a race would show as a differing run) and in a CUDA graph
+    replayed 5 times; the flags are back at zero after each."""
+    from moeserve.kernels import fused_moe as fm
+
+    for tokens in (1, 8, 64, 200):
+        x, w13, w2, w, ids = random_moe(tokens, 66, 2048, 1408, 8, torch.bfloat16, drop=0.0)
+        x, w, ids = x.cuda(), w.cuda(), ids.cuda()
+        if fp8:
+            q13, s13 = quant_block_fp8_ref(w13.cuda())
+            q2, s2 = quant_block_fp8_ref(w2.cuda())
+            weights = (q13, q2, w, ids, s13, s2)
+        else:
+            weights = (w13.cuda(), w2.cuda(), w, ids)
+        cfg = moe_config.moe_config(tokens, 66, 2048, 1408, 8, "fp8" if fp8 else "bfloat16", x.device)
+        grid_wait = fused_moe_triton(x, *weights, config=dict(cfg, DOWN_WAITS_PER_BLOCK=False,
+                                                               ACT_QUANT_BY_LAST_TILE=False))
+        for per_block, by_last_tile in ((True, True), (False, True), (True, False)):
+            switches = dict(cfg, DOWN_WAITS_PER_BLOCK=per_block, ACT_QUANT_BY_LAST_TILE=by_last_tile)
+            for _ in range(10):
+                assert torch.equal(fused_moe_triton(x, *weights, config=switches), grid_wait), (tokens, switches)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fused_moe_triton(x, *weights, config=switches)
+            for _ in range(5):
+                out.zero_()
+                graph.replay()
+                assert torch.equal(out, grid_wait), (tokens, switches)
+            assert not fm._block_flags[x.device].any()
