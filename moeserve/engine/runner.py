@@ -74,6 +74,7 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 _compile_hook_installed = False
+_engines_starting = 0  # runners of this process inside __init__: their compiles are the start-up's
 
 
 def warn_on_compiles() -> None:
@@ -87,6 +88,8 @@ def warn_on_compiles() -> None:
         return
 
     def hook(**kwargs):
+        if _engines_starting:  # another engine of this process starting up (benchmarks, tests)
+            return
         key = kwargs.get("key")  # Triton 3.6: a string holding each argument's specialization
         variant = " ".join(str(key if isinstance(key, str) else kwargs.get("repr")).split())  # one line
         log.warning("Triton compiled a kernel after start-up (every request in the step waited for it): %s", variant)
@@ -98,6 +101,18 @@ def warn_on_compiles() -> None:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device | None = None,
                  tp_channel: TPChannel | None = None):
+        global _engines_starting
+        _engines_starting += 1
+        try:
+            self._start_up(config, model_config, device, tp_channel)
+        finally:
+            _engines_starting -= 1
+        if self.device.type == "cuda":
+            warn_on_compiles()
+
+    def _start_up(self, config: EngineConfig, model_config: ModelConfig, device: torch.device | None,
+                  tp_channel: TPChannel | None) -> None:
+        """Load the model, allocate the KV cache, warm up and capture the CUDA graphs."""
         self.config = config
         self.tp_channel = tp_channel  # tensor parallel: rank 0 sends each step on it, workers receive
         # Asynchronous scheduling under TP: rank 0 sends each step's sampled tokens to the workers,
@@ -132,8 +147,6 @@ class ModelRunner:
                                                                        ep_runtime.graph_capacity() > 0):
             self.graphs = CudaGraphs(self.model, self.device, config.scheduler.max_num_seqs,
                                      -(-self.max_model_len_hint() // self.block_size), self.block_size, ep_runtime)
-        if self.device.type == "cuda":
-            warn_on_compiles()
 
     # ---- KV cache ---------------------------------------------------------------------------
     def _block_bytes(self) -> int:

@@ -62,3 +62,23 @@ def test_warmed_up_engine_compiles_nothing_while_serving(deepseek_v3_dir):
         pytest.skip("this Triton has no compile hook to count with")
     assert _compiles_while_serving(deepseek_v3_dir, warmup=False) > 0  # what the warm-up is for
     assert _compiles_while_serving(deepseek_v3_dir, warmup=True) == 0
+
+
+def test_compile_warning_is_quiet_while_an_engine_starts_up(caplog, monkeypatch):
+    """warn_on_compiles' hook: a compile while some engine of the process is inside its start-up (a
+    benchmark building its second engine) is the start-up's, not a stall of serving: no warning."""
+    import triton
+
+    from moeserve.engine import runner
+
+    hooks = triton.knobs.runtime
+    monkeypatch.setattr(hooks, "jit_post_compile_hook", None)
+    monkeypatch.setattr(runner, "_compile_hook_installed", False)
+    runner.warn_on_compiles()
+    monkeypatch.setattr(runner, "_engines_starting", 1)
+    with caplog.at_level("WARNING", logger=runner.__name__):
+        hooks.jit_post_compile_hook(key="[('*bf16', 'D')]")
+        assert not caplog.records
+        monkeypatch.setattr(runner, "_engines_starting", 0)
+        hooks.jit_post_compile_hook(key="[('*bf16', 'D')]")
+    assert len(caplog.records) == 1 and "after start-up" in caplog.records[0].getMessage()
