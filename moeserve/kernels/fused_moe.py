@@ -436,8 +436,9 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     # gate_up's last program of a block quantizing the block's intermediate rows (no quant launch).
     # A single token keeps the quant launch: its blocks are one row each, and quantizing that row after
     # the block's last tile cost more than the launch (H200, V2-Lite: 33.5 vs 29.9 us the layer).
-    per_block = cfg.get("DOWN_WAITS_PER_BLOCK", moe_config.DOWN_WAITS_PER_BLOCK)
-    quant_rows = (quant and not act_quant and not fuse_down and tokens > 1
+    decode = tokens <= moe_config.PER_BLOCK_MAX_TOKENS
+    per_block = decode and cfg.get("DOWN_WAITS_PER_BLOCK", moe_config.DOWN_WAITS_PER_BLOCK)
+    quant_rows = (decode and quant and not act_quant and not fuse_down and tokens > 1
                   and cfg.get("ACT_QUANT_BY_LAST_TILE", moe_config.ACT_QUANT_BY_LAST_TILE))
     # The down GEMM may wait on gate_up's flags only where gate_up makes its input (not a quant launch).
     per_block = per_block and (not quant or quant_rows or act_quant or fuse_down)

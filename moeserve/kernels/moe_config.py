@@ -110,6 +110,11 @@ DOWN_WAITS_PER_BLOCK = True
 # Bit-identical either way. A config's ACT_QUANT_BY_LAST_TILE overrides.
 ACT_QUANT_BY_LAST_TILE = True
 
+# Both are for decode sizes, where they were measured (H200, V2-Lite, 1-128 tokens;
+# docs/perf/kernels_moe.md): a larger call keeps the grid-wide wait and the quant launch (with prefill
+# tiles of 64+ rows the last tile's quant of its block would take one pass a scale group).
+PER_BLOCK_MAX_TOKENS = 256
+
 
 def moe_fuse_quant(tokens: int, num_experts: int, top_k: int) -> bool:
     """W8A8 fused MoE: quantize activations inside the two GEMMs (no quant launches) at decode sizes.

@@ -156,29 +156,28 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     results["fp8_w8a8_vs_unquantized_acts"] = (rel_err(fused_moe(x, q13, q2, w, ids, s13, s2, block),
                                                        fused_moe_ref(x, q13, q2, w, ids, s13, s2, block)), 8e-2)
 
-    # The down GEMM waiting per block of rows (in W8A8 with gate_up's last program of a block
-    # quantizing its rows, I = 48: one whole 32-wide group and one masked) against the grid-wide wait
-    # and the separate quant launch: the same bits, with the flags all back to zero afterwards.
+    # The down GEMM waiting per block of rows, and in W8A8 gate_up's last program of a block quantizing
+    # its rows (also with the grid-wide wait), against the grid-wide wait and the separate quant launch:
+    # the same bits, with the flags all back to zero afterwards. I = 80: two whole 32-wide scale groups
+    # and one masked; in W8A8 also one group a quant pass (three passes) instead of all at once.
     from moeserve.kernels import fused_moe as fm
     tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_SIZE_M=1, num_warps=4, num_stages=1)
-    # (and the two switches apart: the quant by gate_up's last tile with the grid-wide wait, and the
-    # per-block wait with the quant launch), I = 80: two whole 32-wide groups and one masked.
     old = dict(tiles, DOWN_WAITS_PER_BLOCK=False, ACT_QUANT_BY_LAST_TILE=False)
     for name, (t, e, k, fp8, extra) in {
         "per_block_fp32_multi_block": (37, 3, 2, False, {"drop": 0.0}),
+        "per_block_fp32_T1": (1, 4, 3, False, {"drop": 0.0}),  # one pair a block, no align
         "per_block_fp8_ep": (20, 4, 4, True, {"ep_experts": 8}),
-        "per_block_fp8_T1": (1, 4, 3, True, {"drop": 0.0}),  # one pair a block, no align: the quant launch kept
     }.items():
         x, w13, w2, w, ids = random_moe(t, e, 48, 80, k, torch.float32, **extra)
         scales = (*quant_block_fp8_ref(w13, block), *quant_block_fp8_ref(w2, block)) if fp8 else None
         weights = (scales[0], scales[2], w, ids, scales[1], scales[3], block) if fp8 else (w13, w2, w, ids)
         grid_wait = fused_moe_triton(x, *weights, config=old)
         differ = 0
-        for switches in ((True, True), (False, True), (True, False)):
+        for switches in ((True, True), (False, True)) if fp8 else ((True, True),):
             cfg = dict(tiles, DOWN_WAITS_PER_BLOCK=switches[0], ACT_QUANT_BY_LAST_TILE=switches[1])
             differ += int((fused_moe_triton(x, *weights, config=cfg) != grid_wait).sum())
             differ += int(fm._block_flags[torch.device("cpu")].abs().sum())
-        if fp8:  # the rows quantized one group a pass (three passes) instead of all at once
+        if fp8:
             fm.QUANT_TILE_VALUES = 1
             differ += int((fused_moe_triton(x, *weights, config=tiles) != grid_wait).sum())
             fm.QUANT_TILE_VALUES = 8192
@@ -200,7 +199,7 @@ CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", 
          "fp32_T1_ep", "fp32_T1_fp8", "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
          "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a8_fused_gate_up_only",
          "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts", "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise",
-         "per_block_fp32_multi_block", "per_block_fp8_ep", "per_block_fp8_T1", "block_wait_deadline"]
+         "per_block_fp32_multi_block", "per_block_fp32_T1", "per_block_fp8_ep", "block_wait_deadline"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -313,6 +312,10 @@ def test_each_gemm_gets_its_config(monkeypatch, act_quant_in_gate_up, per_block,
     launches.clear()
     fused_moe_triton(x[:1], q13, q2, w[:1], ids[:1], s13, s2, (32, 32), config=dict(cfg, FUSE_QUANT=False))
     assert launches[0][13]["rows_quant"] is None  # one token keeps the intermediate's quant launch
+    launches.clear()
+    monkeypatch.setattr(moe_config, "PER_BLOCK_MAX_TOKENS", 2)  # past decode sizes: neither switch
+    fused_moe_triton(x, q13, q2, w, ids, s13, s2, (32, 32), config=dict(cfg, FUSE_QUANT=False))
+    assert launches[0][13]["flags"] is None and launches[1][13]["flags"] is None
 
 
 def test_down_config():
