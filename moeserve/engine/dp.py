@@ -47,6 +47,11 @@ def wire_codecs(config: EngineConfig, model_config: ModelConfig) -> tuple[str, s
     return dispatch, combine
 
 
+def forced_dispatch_mode(p: ParallelConfig) -> str | None:
+    """The dispatch kernel the flag forces ("ht" or "ll"), or None for "auto" (chosen per step by load)."""
+    return None if p.dispatch_backend == "auto" else p.dispatch_backend
+
+
 def _device_type(config: EngineConfig) -> str:
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,8 +67,7 @@ def validate_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
         if p.tp > 1:
             raise ValueError("tensor parallelism over gloo on GPUs cannot capture its all_reduces in CUDA graphs: "
                              "set enforce_eager (or use nccl)")
-        if p.ep > 1 and resolve_mode(p.dispatch_backend if p.dispatch_backend != "auto" else None) != "ht" \
-                and resolve_ll_transport(p.ll_transport) != "peer":
+        if p.ep > 1 and resolve_mode(forced_dispatch_mode(p)) != "ht" and resolve_ll_transport(p.ll_transport) != "peer":
             raise ValueError("expert parallelism over gloo on GPUs captures its decode dispatch in CUDA graphs only "
                              "with ll_transport 'peer' (no collective inside): set it, or enforce_eager")
     if on_gpu and p.world_size > 1:
@@ -164,7 +168,7 @@ def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> Ra
         if state.tp_rank == 0:
             links.coordinator = DPCoordinator(group, p.dp)
         dispatch, combine = wire_codecs(config, model_config)
-        mode = None if p.dispatch_backend == "auto" else p.dispatch_backend
+        mode = forced_dispatch_mode(p)
         # Forced low-latency: its fixed buffers must hold the largest step's share per rank
         # (prefill chunks included).
         forced = -(-config.scheduler.max_num_batched_tokens // p.tp) if resolve_mode(mode) == "ll" else None
