@@ -320,15 +320,19 @@ SPLIT_COUNTERS = 16384
 _split_counters: dict[torch.device, torch.Tensor] = {}
 
 
-def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    if tiles > SPLIT_COUNTERS:
-        return None
-    counters = _split_counters.get(device)
+def kept_counters(kept: dict[torch.device, torch.Tensor], device: torch.device, numel: int) -> torch.Tensor | None:
+    """kept[device]: int32 zeros made at the first call outside a CUDA-graph capture and kept for the
+    process (captured graphs keep its address); None for a first call inside a capture."""
+    counters = kept.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        counters = _split_counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+        counters = kept[device] = torch.zeros(numel, dtype=torch.int32, device=device)
     return counters
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    return kept_counters(_split_counters, device, SPLIT_COUNTERS) if tiles <= SPLIT_COUNTERS else None
 
 
 def splitk_matmul(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict,

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels import moe_config
-from moeserve.kernels.fp8 import (FP8_DTYPE, FP8_MAX, dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
-                                  per_token_group_quant_fp8_triton, triton_runs_on)
+from moeserve.kernels.fp8 import (FP8_DTYPE, FP8_MAX, dequant_block_fp8_ref, kept_counters,
+                                  per_token_group_quant_fp8_ref, per_token_group_quant_fp8_triton, triton_runs_on)
 from moeserve.kernels.moe_align import moe_align_block_size_triton
 
 try:
@@ -361,26 +361,18 @@ def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_r
 
 
 # Per-block flags of the two MoE GEMMs (_moe_gemm_kernel's ARRIVE / WAIT_BLOCK): arrivals and
-# departures, MAX_FLAG_BLOCKS int32 each, one set a device, zero between calls (each block's last
-# down program resets its pair). Allocated at the first call outside a CUDA-graph capture (the
-# runner warms up before it captures) and never freed, since captured graphs keep its address; a
-# call with more blocks (prefill sizes), or a first call inside a capture, takes the grid-wide wait
-# instead. One set a device: one stream at a time may run the fused MoE on it (the engine's case),
-# as with fp8.split_counters.
+# departures, MAX_FLAG_BLOCKS int32 each, one set a device (fp8.kept_counters; the runner warms up
+# before it captures), zero between calls (each block's last down program resets its pair). A call
+# with more blocks, or a first call inside a capture, takes the grid-wide wait instead. One set a
+# device: one stream at a time may run the fused MoE on it (the engine's case), as with
+# fp8.split_counters.
 MAX_FLAG_BLOCKS = 16384
 BLOCK_WAIT_TIMEOUT_S = 10.0  # a down program's wait for its block (a whole MoE layer takes < 1 ms)
 _block_flags: dict[torch.device, torch.Tensor] = {}
 
 
 def block_flags(device: torch.device, blocks: int) -> torch.Tensor | None:
-    if blocks > MAX_FLAG_BLOCKS:
-        return None
-    flags = _block_flags.get(device)
-    if flags is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        flags = _block_flags[device] = torch.zeros(2 * MAX_FLAG_BLOCKS, dtype=torch.int32, device=device)
-    return flags
+    return kept_counters(_block_flags, device, 2 * MAX_FLAG_BLOCKS) if blocks <= MAX_FLAG_BLOCKS else None
 
 
 def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
