@@ -57,7 +57,9 @@ if triton is not None and gdc_wait is not None:
     def pdl_begin_no_wait(PDL: tl.constexpr):
         # Only lets the successor launch: for a kernel that waits on finer-grained flags of its
         # predecessor itself (the fused MoE's down GEMM, per block of rows), so it overlaps the
-        # predecessor's tail. It must read nothing else its predecessor writes.
+        # predecessor's tail. What earlier kernels wrote is complete (the predecessor waited for
+        # them before it let this one launch); what the predecessor writes, it may read only behind
+        # those flags.
         if PDL:
             gdc_launch_dependents()
 
