@@ -73,15 +73,20 @@ def free_port(span: int = 1) -> int:
 BACKENDS = ("auto", "nccl", "gloo")
 
 
+def device_type(device: str | torch.device | None = None) -> str:
+    """"cuda" or "cpu": the device's type; None and "auto" mean a GPU where one is visible."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
 def default_backend(device: str | torch.device | None = None, backend: str = "auto") -> str:
     """The process-group backend: `backend` unless "auto", which is NCCL on GPUs and gloo on CPU.
     gloo on GPUs stages every collective through host memory (torch's gloo CUDA work): slow, but
     it lets ranks share a GPU, which NCCL refuses (rank_device)."""
     if backend not in BACKENDS:
         raise ValueError(f"dist backend {backend!r}: use one of {BACKENDS}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type != "cuda":
+    if device_type(device) != "cuda":
         if backend == "nccl":
             raise ValueError("the nccl backend needs GPUs; on CPU use gloo (or auto)")
         return "gloo"
@@ -120,7 +125,7 @@ def init_distributed(init_addr: str, local_rank: int, nproc_per_node: int, nnode
     backend = default_backend(device, backend)
     rank = node_rank * nproc_per_node + local_rank
     world = nnodes * nproc_per_node
-    dev = rank_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), local_rank, backend)
+    dev = rank_device(device_type(device), local_rank, backend)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -132,8 +137,7 @@ def init_distributed(init_addr: str, local_rank: int, nproc_per_node: int, nnode
 def init_from_env(device: str | torch.device | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
     """Join through torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK)."""
     backend = default_backend(device)
-    dev = rank_device(device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                      int(os.environ.get("LOCAL_RANK", 0)), backend)
+    dev = rank_device(device_type(device), int(os.environ.get("LOCAL_RANK", 0)), backend)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from moeserve.config import EngineConfig, ModelConfig, ParallelConfig, resolve_dtype
 from moeserve.distributed.dispatch import resolve_ll_transport, resolve_mode
 from moeserve.distributed.ep_moe import EPRuntime
-from moeserve.distributed.groups import (ParallelState, build_parallel_state, default_backend, group_ranks,
-                                         init_distributed, rank_device, set_parallel_state)
+from moeserve.distributed.groups import (ParallelState, build_parallel_state, default_backend, device_type,
+                                         group_ranks, init_distributed, rank_device, set_parallel_state)
 from moeserve.engine.tp import TPChannel
 from moeserve.models.loader import check_tensor_parallel
 
@@ -52,16 +52,10 @@ def forced_dispatch_mode(p: ParallelConfig) -> str | None:
     return None if p.dispatch_backend == "auto" else p.dispatch_backend
 
 
-def _device_type(config: EngineConfig) -> str:
-    if config.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(config.device).type
-
-
 def validate_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
     """Clear errors up front, before any rank process starts."""
     p = config.parallel
-    on_gpu = _device_type(config) == "cuda"
+    on_gpu = device_type(config.device) == "cuda"
     if on_gpu and default_backend("cuda", p.dist_backend) == "gloo" and not config.enforce_eager:
         # gloo's collectives wait on the host: nothing a CUDA graph could capture
         if p.tp > 1:
@@ -140,7 +134,7 @@ def setup_rank(config: EngineConfig, model_config: ModelConfig, rank: int) -> Ra
     channels; call before the model is built (every rank: engine cores and TP workers alike).
     Nothing to join for a single rank, or for independent replicas (dp > 1, tp = ep = 1)."""
     p = config.parallel
-    device = _device_type(config)
+    device = device_type(config.device)
     local_rank = rank % p.ranks_per_node
     node_rank = rank // p.ranks_per_node
     backend = default_backend(device, p.dist_backend)
