@@ -16,6 +16,7 @@ Variants:
   no_dense_quant     the dense FP8 GEMMs' activation quant launches removed (o_proj; q/kv_a's is in the norm)
   no_quant           both of the above
   no_moe_sum         the MoE's final weighted-sum launch removed
+  no_route_align     the routing (top-k) and moe_align launches removed: a fixed random top-k a batch size
   no_mla             the MLA decode (split kernel and merge) removed
   no_norm_quant      the norms stop quantizing for the FP8 GEMMs after them (each GEMM quantizes again)
   act_quant_in_gate_up[_stN]  moe_config.ACT_QUANT_IN_GATE_UP on (optionally gate_up at N stages)
@@ -29,6 +30,8 @@ Variants:
                      each block (moe_config.ACT_QUANT_BY_LAST_TILE off; the down GEMM then waits for that launch's
                      whole grid too)
   kv_fp8             the engine's KV cache in e4m3 (--kv-cache-dtype fp8)
+  expert_rows        the experts' weights row-major (moe_config.EXPERT_WEIGHT_TILE off)
+  expert_tiles_N     the experts' weights in tiles of N rows; expert_tiles_bf16: bf16 experts in tiles too
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
   dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
                      in the GEMM), optionally T stages and W warps
@@ -47,6 +50,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,6 +101,35 @@ def _down_without_wait(fused_moe):
     fused_moe._launch_moe_gemm = launch_down_early
 
 
+def _fixed_routing(moe_layer, fused_moe):
+    """Router.forward keeping its logits launch (a fused router would keep one) but no top-k launch: each
+    layer's rows take the first rows of a random top-k table (distinct experts, uniform: all experts hit at
+    batch 64, as with the engine's dummy weights) made at the layer's first (eager, largest) call; and
+    moe_align launching nothing: its result for those ids, made once a size and kept."""
+    import torch
+    import torch.nn.functional as F
+    tables, aligned = {}, {}
+    forward, align = moe_layer.Router.forward, fused_moe.moe_align_block_size_triton
+
+    def route(self, x):
+        _ = moe_layer.router_logits(x, self.weight) if self.fp32 else F.linear(x, self.weight)
+        if id(self) not in tables or tables[id(self)][1].shape[0] < x.shape[0]:
+            weights, ids = forward(self, x)
+            routed = ids.shape[1] - self.routing.num_fused_shared
+            ids[:, :routed] = torch.rand(x.shape[0], self.weight.shape[0], device=x.device).topk(routed, 1).indices
+            tables[id(self)] = (weights, ids)
+        weights, ids = tables[id(self)]
+        return weights[:x.shape[0]], ids[:x.shape[0]]
+
+    def fixed_align(ids, block_m, num_experts, **kwargs):
+        key = (ids.data_ptr(), ids.shape[0], block_m, num_experts)
+        if key not in aligned:
+            aligned[key] = align(ids, block_m, num_experts, **kwargs)
+        return aligned[key]
+    moe_layer.Router.forward = route
+    fused_moe.moe_align_block_size_triton = fixed_align
+
+
 def _skip_dense(linear_mod):
     """Linear.forward returning a zeros tensor made once per shape (lm_head, vocab-wide, still runs)."""
     import torch
@@ -137,6 +170,9 @@ def apply(variant: str) -> None:
         fused_moe.per_token_group_quant_fp8_triton = _zero_quant(fused_moe.per_token_group_quant_fp8_triton)
     if variant in ("no_dense_quant", "no_quant"):
         fp8.per_token_group_quant_fp8_triton = _zero_quant(fp8.per_token_group_quant_fp8_triton)
+    if variant == "no_route_align":
+        import moeserve.layers.moe as moe_layer
+        _fixed_routing(moe_layer, fused_moe)
     if variant == "no_moe_sum":
         fused_moe.moe_sum = lambda y, topk_ids, out, addend=None: out
     if variant == "no_mla":
@@ -180,14 +216,52 @@ def apply(variant: str) -> None:
         moe_config.moe_config = forced_moe
     if variant == "kv_fp8":
         ENGINE_KWARGS["kv_cache_dtype"] = "fp8"
+    if variant == "expert_rows":
+        moe_config.EXPERT_WEIGHT_TILE = None
+    if variant.startswith("expert_tiles_"):  # expert_tiles_64 (rows a tile), expert_tiles_bf16 (bf16 tiled too)
+        spec = variant[len("expert_tiles_"):]
+        if spec == "bf16":
+            moe_config.EXPERT_WEIGHT_TILE_FORMATS = (*moe_config.EXPERT_WEIGHT_TILE_FORMATS, "bfloat16")
+        else:
+            moe_config.EXPERT_WEIGHT_TILE = (int(spec), moe_config.EXPERT_WEIGHT_TILE[1])
     if variant == "no_dense":
         import moeserve.layers.linear as linear
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
-             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8")
-    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_")
+             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "expert_rows",
+             "no_route_align")
+    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_", "expert_tiles_")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
+
+
+def kernel_times(engine, batch: int = 64, steps: int = 5) -> dict:
+    """GPU kernels of `steps` decode steps at `batch` (CUDA graphs as served): name -> [launches a step,
+    us a step], largest first; the sum of kernel times counts overlapped (PDL) kernels twice."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeserve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"prof-{i}", [11 + i] * 1024, params)
+    while engine.stats.num_scheduled_tokens != batch or engine.stats.num_running != batch:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.abort_requests([f"prof-{i}" for i in range(batch)])
+    rows = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        if us > 0:
+            rows[ev.key[:80]] = [round(ev.count / steps, 2), round(us / steps, 1)]
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1][1]))
 
 
 def run_one(variant: str, dtype: str) -> dict:
@@ -207,10 +281,15 @@ def run_one(variant: str, dtype: str) -> dict:
                                       gpu_memory_utilization=0.88, warmup_prefill=False, **ENGINE_KWARGS)
     engine = EngineCore(config)
     build_s = time.perf_counter() - t0
-    b64 = [run_batch(engine, 64, 1024, 96, seed=s)["decode_step_ms"] for s in (1, 2)]
-    b1 = run_batch(engine, 1, 1024, 128, seed=3)["decode_step_ms"]
-    return {"variant": variant, "dtype": dtype, "build_s": round(build_s, 1),
-            "b64_step_ms": [round(t, 3) for t in b64], "b1_step_ms": round(b1, 3)}
+    runs = [run_batch(engine, 64, 1024, 96, seed=s) for s in (1, 2)] + [run_batch(engine, 1, 1024, 128, seed=3)]
+    # the greedy tokens' checksum: variants that only switch a layout or a launch order must match base's
+    tokens_crc = zlib.crc32(json.dumps([r["tokens"] for r in runs]).encode())
+    row = {"variant": variant, "dtype": dtype, "build_s": round(build_s, 1),
+           "b64_step_ms": [round(r["decode_step_ms"], 3) for r in runs[:2]],
+           "b1_step_ms": round(runs[2]["decode_step_ms"], 3), "tokens_crc": tokens_crc}
+    if os.environ.get("STEP_KERNELS"):  # --kernels: where the GPU time of a batch-64 step goes
+        row["b64_kernels_us"] = kernel_times(engine)
+    return row
 
 
 def main() -> int:
@@ -219,12 +298,15 @@ def main() -> int:
     p.add_argument("--dtypes", default="fp8,bf16")
     p.add_argument("--timeout-s", type=float, default=150.0, help="per variant and dtype")
     p.add_argument("--out", help="path prefix: writes PREFIX.json")
+    p.add_argument("--kernels", action="store_true", help="also profile batch-64 steps: each kernel's time a step")
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "DTYPE"), help=argparse.SUPPRESS)  # the child's side
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(*args.one)), flush=True)
         return 0
     rows = []
+    if args.kernels:
+        os.environ["STEP_KERNELS"] = "1"  # read by the children
     for variant in args.variants.split(","):
         for dtype in args.dtypes.split(","):
             try:
