@@ -71,7 +71,7 @@ from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_
                                   dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton)
 from moeserve.kernels.fused_moe import (_launch_moe_gemm, fused_moe, fused_moe_ref, fused_moe_triton,  # noqa: E402
-                                        fused_moe_w8a8_ref, tile_expert_weights)
+                                        fused_moe_w8a8_ref)
 from moeserve.kernels import moe_align  # noqa: E402
 from moeserve.kernels.moe_align import moe_align_block_size_ref, moe_align_block_size_triton  # noqa: E402
 
@@ -85,7 +85,6 @@ MODELS = {  # name: (E, H, I, top_k, routed experts: > E - S means only E - S ar
 TOKENS = [1, 8, 64, 256, 2048, 8192]
 DENSE_NK = [(2112, 7168), (24576, 1536), (4096, 7168), (7168, 2048), (7168, 16384)]
 BLOCK = (128, 128)
-TILES: list[tuple[int, int]] = []  # --tiles: weight tiles to time beside row-major
 
 
 def cfg(bm, bn, bk, g, w, s):
@@ -280,15 +279,6 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
         row[f"t_flags_{wait}_{by_last}_us"] = timer(run_with(switched), n_inputs)
         row.setdefault("flags_equal", True)
         row["flags_equal"] &= bool(torch.equal(run_with(switched)(0), run_with(config)(0)))
-    # beside it, the weights stored in contiguous tiles (fused_moe.tile_expert_weights): t_tiled_<n>x<k>_us
-    for tile in TILES:
-        tw13, tw2 = tile_expert_weights(w13, tile), tile_expert_weights(w2, tile)
-        tiled = lambda j: fused_moe_triton(xs[j], tw13, tw2, routes[j][0], routes[j][1], s13, s2, BLOCK, act_fp8,
-                                           config, w_tile=tile)
-        name_t = f"{tile[0]}x{tile[1]}"
-        row[f"t_tiled_{name_t}_us"] = timer(tiled, n_inputs)
-        row[f"tiled_{name_t}_equal"] = bool(torch.equal(tiled(0), run_with(config)(0)))
-        del tw13, tw2
     row["config"] = config
     if tokens == 1 and not smoke:
         row["t_eager_us"] = timer(run_with(config), n_inputs, graph=False)
@@ -956,10 +946,8 @@ def main():
     ap.add_argument("--gemm-models", default="V2-Lite,V3", help="--fp8-gemm: the models whose GEMM shapes to run")
     ap.add_argument("--no-moe-quant", action="store_true", help="--fp8-gemm without the fused-MoE quant rows")
     ap.add_argument("--align", action="store_true", help="moe_align alone: one-program vs three-pass path (only)")
-    ap.add_argument("--tiles", default="", help="MoE rows also with the weights in these tiles: 64x128,32x128")
     args = ap.parse_args()
     t_start = time.time()
-    TILES[:] = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t]
     if args.align:
         return align_main(args, Timer(args.smoke), torch.device("cpu" if args.smoke else "cuda"), t_start)
     if args.fp8_gemm:

@@ -30,8 +30,6 @@ Variants:
                      each block (moe_config.ACT_QUANT_BY_LAST_TILE off; the down GEMM then waits for that launch's
                      whole grid too)
   kv_fp8             the engine's KV cache in e4m3 (--kv-cache-dtype fp8)
-  expert_rows        the experts' weights row-major (moe_config.EXPERT_WEIGHT_TILE off)
-  expert_tiles_N     the experts' weights in tiles of N rows; expert_tiles_bf16: bf16 experts in tiles too
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
   dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
                      in the GEMM), optionally T stages and W warps
@@ -216,21 +214,12 @@ def apply(variant: str) -> None:
         moe_config.moe_config = forced_moe
     if variant == "kv_fp8":
         ENGINE_KWARGS["kv_cache_dtype"] = "fp8"
-    if variant == "expert_rows":
-        moe_config.EXPERT_WEIGHT_TILE = None
-    if variant.startswith("expert_tiles_"):  # expert_tiles_64 (rows a tile), expert_tiles_bf16 (bf16 tiled too)
-        spec = variant[len("expert_tiles_"):]
-        if spec == "bf16":
-            moe_config.EXPERT_WEIGHT_TILE_FORMATS = (*moe_config.EXPERT_WEIGHT_TILE_FORMATS, "bfloat16")
-        else:
-            moe_config.EXPERT_WEIGHT_TILE = (int(spec), moe_config.EXPERT_WEIGHT_TILE[1])
     if variant == "no_dense":
         import moeserve.layers.linear as linear
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
-             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "expert_rows",
-             "no_route_align")
-    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_", "expert_tiles_")
+             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "no_route_align")
+    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
 

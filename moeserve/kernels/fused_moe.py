@@ -156,14 +156,6 @@ if triton is not None:
         return late
 
     @triton.jit
-    def _weight_row_offsets(rows, k, stride_row, W_TILE_N: tl.constexpr, W_TILE_K: tl.constexpr):
-        # Offset of each weight row's first element within its expert; in tiles, of the row's part
-        # of its first tile (a tile row of W_TILE_N weight rows holds W_TILE_N * k elements).
-        if W_TILE_N:
-            return (rows // W_TILE_N).to(tl.int64) * (W_TILE_N * k) + (rows % W_TILE_N) * W_TILE_K
-        return rows.to(tl.int64) * stride_row
-
-    @triton.jit
     def _abort(FAST: tl.constexpr):
         # A wait past its deadline: the kernel traps, the stream reports a CUDA error to the host at
         # its next synchronization (a failed step, not a hung one). The interpreter cannot trap.
@@ -185,7 +177,7 @@ if triton is not None:
                          ARRIVE: tl.constexpr = False, QUANT_ROWS: tl.constexpr = False,
                          QUANT_GROUPS: tl.constexpr = 1, LAST_RESETS: tl.constexpr = False,
                          WAIT_BLOCK: tl.constexpr = False, MAX_BLOCKS: tl.constexpr = 0,
-                         W_TILE_N: tl.constexpr = 0, W_TILE_K: tl.constexpr = 0, PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False):
         """One program: BLOCK_M sorted pairs (all of one expert) x BLOCK_N output columns.
         PAIR_BLOCKS: no align pass, one pair a block (one token: its top-k experts are distinct).
 
@@ -208,8 +200,6 @@ if triton is not None:
           the blocks gate_up has finished during gate_up's last wave (PDL launches it only once
           every gate_up program has started, so what it waits for is running). Past
           wait_timeout_ns the kernel traps (_abort).
-        W_TILE_N > 0: each expert's weights are stored in tiles (tile_expert_weights): [W_TILE_N rows,
-          W_TILE_K columns] contiguous, tiles row-major; BLOCK_K divides W_TILE_K, W_TILE_K divides k.
         """
         if WAIT_BLOCK:
             pdl_begin_no_wait(PDL)
@@ -239,12 +229,11 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
 
         a_rows = a_ptr + a_row[:, None] * stride_am
-        w_gate = w_ptr + expert * stride_we + _weight_row_offsets(offs_n, k, stride_wn, W_TILE_N, W_TILE_K)[None, :]
+        w_gate = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
         ws_gate = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GATE_UP:  # up rows sit n rows below the gate rows
-            w_up = w_ptr + expert * stride_we + _weight_row_offsets(offs_n + n, k, stride_wn, W_TILE_N,
-                                                                    W_TILE_K)[None, :]
+            w_up = w_gate + n * stride_wn
             ws_up = ws_ptr + expert * stride_wse + ((offs_n + n) // GROUP_N) * stride_wsn
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
@@ -252,15 +241,9 @@ if triton is not None:
             mask_k = kk < k
             a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w_mask = mask_n[None, :] & mask_k[:, None]
-            if W_TILE_N:  # the K step lies inside one tile column: its W_TILE_N x W_TILE_K tiles are contiguous
-                # (the hint: the compiler cannot see that the step's start is BLOCK_K-aligned, and without
-                # it the weight loads are not pipelined)
-                wk = tl.multiple_of((k0 // W_TILE_K) * (W_TILE_N * W_TILE_K) + k0 % W_TILE_K, BLOCK_K) + offs_k
-            else:
-                wk = kk
-            b = tl.load(w_gate + wk[:, None], mask=w_mask, other=0.0)
+            b = tl.load(w_gate + kk[:, None], mask=w_mask, other=0.0)
             if GATE_UP:
-                b_up = tl.load(w_up + wk[:, None], mask=w_mask, other=0.0)
+                b_up = tl.load(w_up + kk[:, None], mask=w_mask, other=0.0)
             if W_FP8:
                 kg = k0 // GROUP_K
                 s_gate = tl.load(ws_gate + kg, mask=mask_n, other=0.0)
@@ -339,52 +322,20 @@ def _quant_groups(rows: int, width: int, group: int) -> int:
     return max(1, min(triton.next_power_of_2(triton.cdiv(width, group)), QUANT_TILE_VALUES // (rows * group)))
 
 
-def tile_expert_weights(w: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
-    """w [E, N, K] with each expert's [tile_n, tile_k] tiles made contiguous (tiles in row-major
-    order): the same shape and values, elements reordered. A GEMM program then streams whole
-    contiguous tiles instead of tile_k-wide pieces of tile_n rows (fused_moe's w_tile)."""
-    e, n, k = w.shape
-    tn, tk = tile
-    if n % tn or k % tk:
-        raise ValueError(f"expert weights [{e}, {n}, {k}] do not split into {tn} x {tk} tiles")
-    return w.reshape(e, n // tn, tn, k // tk, tk).transpose(2, 3).contiguous().view(e, n, k)
-
-
-@torch.no_grad()
-def tile_expert_weights_(w: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
-    """tile_expert_weights in place, one expert at a time (at most one expert's copy made)."""
-    for e in range(w.shape[0]):
-        w[e].copy_(tile_expert_weights(w[e:e + 1], tile)[0])
-    return w
-
-
-def untile_expert_weights(w: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
-    """tile_expert_weights' inverse."""
-    e, n, k = w.shape
-    tn, tk = tile
-    return w.reshape(e, n // tn, k // tk, tn, tk).transpose(2, 3).contiguous().view(e, n, k)
-
-
 def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_row_div, gate_up, cfg, block,
                      a_quant=False, out_scale=None, act_dtype=torch.float32, flags=None, rows_quant=None,
-                     wait_count=0, last_resets=False, w_tile=None):
+                     wait_count=0, last_resets=False):
     """align: moe_align's (sorted ids, block experts, padded count), or (None, flat topk ids, None):
     one pair a block, no align pass. out_scale: out is e4m3 and gets the output's quantization (the
     output rounded to act_dtype first), one scale a BLOCK_N = block[1] tile.
     flags (block_flags): gate_up arrives per block (rows_quant: (q, scales) the block's last
     program fills from out; last_resets: no down GEMM waits on the flags, that program resets
-    them), down (wait_count > 0) waits per block for wait_count arrivals.
-    w_tile: (tile_n, tile_k), w stored by tile_expert_weights."""
+    them), down (wait_count > 0) waits per block for wait_count arrivals."""
     sorted_ids, block_expert, num_padded = align
     pair_blocks = sorted_ids is None
     n = w.shape[1] // 2 if gate_up else w.shape[1]
     k = w.shape[2]
     w_fp8 = w_scale is not None
-    block_k = min(cfg["BLOCK_K"], block[1]) if w_fp8 else cfg["BLOCK_K"]
-    tile_n, tile_k = w_tile or (0, 0)
-    if w_tile and (tile_k % block_k or k % tile_k or w.shape[1] % tile_n):
-        raise ValueError(f"fused MoE: weights [{', '.join(map(str, w.shape))}] in {tile_n} x {tile_k} tiles "
-                         f"with BLOCK_K {block_k}: a K step must lie inside one tile")
     grid = (block_expert.numel() * triton.cdiv(n, cfg["BLOCK_N"]),)
     max_padded = block_expert.numel() * cfg["BLOCK_M"] if pair_blocks else sorted_ids.numel()
     dummy = out  # stands in for pointers a variant does not read
@@ -400,12 +351,12 @@ def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_r
         w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0),
         rows_s.stride(0) if rows_s is not None else 0, rows_q.stride(0),
         GROUP_N=block[0], GROUP_K=block[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=block_k, GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
+        BLOCK_K=min(cfg["BLOCK_K"], block[1]) if w_fp8 else cfg["BLOCK_K"], GROUP_SIZE_M=cfg["GROUP_SIZE_M"],
         GATE_UP=gate_up, W_FP8=w_fp8, A_FP8=a.dtype == FP8_DTYPE, A_QUANT=a_quant, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda,
         PAIR_BLOCKS=pair_blocks, OUT_QUANT=out_scale is not None, ACT_DTYPE=act_tl,
         ARRIVE=flags is not None and gate_up, QUANT_ROWS=rows_quant is not None,
         QUANT_GROUPS=_quant_groups(cfg["BLOCK_M"], n, block[1]), LAST_RESETS=last_resets,
-        WAIT_BLOCK=wait_count > 0, MAX_BLOCKS=MAX_FLAG_BLOCKS, W_TILE_N=tile_n, W_TILE_K=tile_k,
+        WAIT_BLOCK=wait_count > 0, MAX_BLOCKS=MAX_FLAG_BLOCKS,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(a.device))
 
 
@@ -443,9 +394,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
                      fp8_activations: bool = True, config: dict | None = None,
                      addend: torch.Tensor | None = None, num_fused_shared: int = 0,
                      x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     out_dtype: torch.dtype | None = None, w_tile: tuple[int, int] | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
     # x None: the activations are x_fp8 alone (expert parallelism's received rows), out_dtype the result's.
-    # w_tile: w13 and w2 are stored by tile_expert_weights with these tiles.
     tokens, hidden = (x if x is not None else x_fp8[0]).shape
     dtype, device = (x.dtype, x.device) if x is not None else (out_dtype, x_fp8[0].device)
     num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
@@ -503,7 +453,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
                   ) if quant_rows else None
     _launch_moe_gemm(a, a_scale, w13, w13_scale, act, None, align, num_pairs, top_k, True, cfg, block, fuse_gate_up,
                      out_scale=act_scale, act_dtype=dtype, flags=flags, rows_quant=rows_quant,
-                     last_resets=not per_block, w_tile=w_tile)
+                     last_resets=not per_block)
 
     if act_quant:
         a, a_scale = act, act_scale
@@ -515,7 +465,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     # per block: gate_up's tiles (+ the quant)
     wait_count = triton.cdiv(intermediate, cfg["BLOCK_N"]) + quant_rows if per_block else 0
     _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, down_cfg, block, fuse_down,
-                     flags=flags if per_block else None, wait_count=wait_count, w_tile=w_tile)
+                     flags=flags if per_block else None, wait_count=wait_count)
     return moe_sum(y, topk_ids, out, addend)
 
 
@@ -546,25 +496,20 @@ def fused_moe(x: torch.Tensor | None, w13: torch.Tensor, w2: torch.Tensor, topk_
               block: tuple[int, int] = (128, 128), fp8_activations: bool = True,
               addend: torch.Tensor | None = None, num_fused_shared: int = 0,
               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-              out_dtype: torch.dtype | None = None, w_tile: tuple[int, int] | None = None) -> torch.Tensor:
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1), else fused_moe_ref. The
     result plus `addend` [T, H] when given (added in the final sum kernel). num_fused_shared: the
     last S of the experts are shared experts that every token names last in its row (layers/moe.py);
     the math is the same, only the block-size config is looked up for the routed shape too.
     x_fp8: x's quantization per 1 x block[1] (the RMSNorm before made it), for the W8A8 path; the
     reference (W8A16, unquantized activations) does not use it. x None: x_fp8 is the input (only where
-    takes_fp8_input holds), and out_dtype the result's dtype. w_tile: w13 and w2 are stored by
-    tile_expert_weights (the Triton path reads them so; the reference gets them back row-major)."""
+    takes_fp8_input holds), and out_dtype the result's dtype."""
     if x is None:
         if x_fp8 is None or out_dtype is None or w13_scale is None:
             raise ValueError("fused_moe without x needs x_fp8, out_dtype and FP8 expert weights")
         return fused_moe_triton(None, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block), True,
-                                addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8, out_dtype=out_dtype,
-                                w_tile=w_tile)
+                                addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8, out_dtype=out_dtype)
     if _runs_triton(x, w13, w2, w13_scale, w2_scale, block, topk_ids):
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block),
-                                fp8_activations, addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8,
-                                w_tile=w_tile)
-    if w_tile:
-        w13, w2 = untile_expert_weights(w13, w_tile), untile_expert_weights(w2, w_tile)
+                                fp8_activations, addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block, addend)

@@ -116,28 +116,6 @@ ACT_QUANT_BY_LAST_TILE = True
 PER_BLOCK_MAX_TOKENS = 256
 
 
-# Expert weights stored in contiguous tiles of EXPERT_WEIGHT_TILE (rows x columns; fused_moe.tile_expert_weights)
-# instead of row-major, for the weight formats in EXPERT_WEIGHT_TILE_FORMATS on a GPU: each K step of a
-# GEMM program then reads whole 4 KB pieces of HBM instead of 128-byte pieces of 32 rows (FP8: one row's
-# 128 columns are 128 bytes). H200, V2-Lite's fused MoE, one run (docs/perf/kernels_moe.md, twelfth
-# session): FP8 W8A8 157.0 -> 149.8 us at 64 tokens, 88.0 -> 84.8 at 8, 30.1 -> 28.3 at 1; bf16 within
-# 1.5 us. 32-row tiles beat 64- and 128-row ones at 64 and 128 tokens. Experts under expert
-# parallelism stay row-major (their slots are moved and sent as rows).
-EXPERT_WEIGHT_TILE = (32, 128)
-EXPERT_WEIGHT_TILE_FORMATS = ("fp8",)
-
-
-def expert_weight_tile(wdtype: str, w13_shape: tuple, w2_shape: tuple, device: torch.device) -> tuple | None:
-    """The tiles to store experts of this weight format and shapes in ([E, 2I, H] and [E, H, I]), or None
-    (row-major): off the GPU, for other formats, or where the tiles do not divide the weights."""
-    if device.type != "cuda" or EXPERT_WEIGHT_TILE is None or wdtype not in EXPERT_WEIGHT_TILE_FORMATS:
-        return None
-    tn, tk = EXPERT_WEIGHT_TILE
-    if any(shape[1] % tn or shape[2] % tk for shape in (w13_shape, w2_shape)):
-        return None
-    return EXPERT_WEIGHT_TILE
-
-
 def moe_fuse_quant(tokens: int, num_experts: int, top_k: int) -> bool:
     """W8A8 fused MoE: quantize activations inside the two GEMMs (no quant launches) at decode sizes.
 

@@ -41,8 +41,7 @@ from moeserve.distributed.ep_moe import gather_shares, row_share
 from moeserve.distributed.groups import get_parallel_state
 from moeserve.kernels.fp8 import FP8_DTYPE
 from moeserve.kernels.activation import silu_and_mul
-from moeserve.kernels import moe_config
-from moeserve.kernels.fused_moe import fused_moe, tile_expert_weights_
+from moeserve.kernels.fused_moe import fused_moe
 from moeserve.kernels.router_gemm import router_logits
 from moeserve.kernels.routing import RoutingConfig, select_experts
 from moeserve.layers.linear import LinearPart, MergedColumnLinear, _ceil_div, _shard, row_parallel, tp_world
@@ -158,19 +157,6 @@ class Experts(nn.Module):
         self.ep = None
         if self.ep_runtime is not None:
             self.ep = self.ep_runtime.register(self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
-        self.w_tile: tuple[int, int] | None = None  # set once the weights are stored in tiles
-
-    @torch.no_grad()
-    def process_weights_after_loading(self) -> None:
-        """Store the weights in the contiguous tiles the fused MoE kernel streams fastest, where
-        moe_config.expert_weight_tile says so (not under expert parallelism: its slots move as rows)."""
-        wdtype = "fp8" if self.quant else str(self.w13.dtype).removeprefix("torch.")
-        tile = moe_config.expert_weight_tile(wdtype, tuple(self.w13.shape), tuple(self.w2.shape), self.w13.device)
-        if tile is None or self.ep is not None or self.w_tile is not None:
-            return
-        tile_expert_weights_(self.w13, tile)
-        tile_expert_weights_(self.w2, tile)
-        self.w_tile = tile
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 row_offset: int = 0, addend: torch.Tensor | None = None,
@@ -182,7 +168,7 @@ class Experts(nn.Module):
             out = self.ep(x, topk_ids, topk_weights, row_offset)
             return out if addend is None else out + addend
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block,
-                         addend=addend, num_fused_shared=self.num_shared, x_fp8=x_fp8, w_tile=self.w_tile)
+                         addend=addend, num_fused_shared=self.num_shared, x_fp8=x_fp8)
 
 
 def fuses_shared_experts(cfg: ModelConfig, quant: str | None) -> bool:

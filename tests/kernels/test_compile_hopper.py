@@ -172,10 +172,6 @@ def _cases() -> dict:
         cases[f"fused_moe_fp8_per_block_{wait}_{by_last}"] = lambda wait=wait, by_last=by_last: (
             fused_moe.fused_moe_triton(xm, w13_8, w2_8, topk_w, topk_ids, s13, s2,
                                        config=dict(mcfg, DOWN_WAITS_PER_BLOCK=wait, ACT_QUANT_BY_LAST_TILE=by_last)))
-    tile = moe_config.EXPERT_WEIGHT_TILE  # the weights in the engine's tiles (moe_config.expert_weight_tile)
-    cases["fused_moe_fp8_tiled"] = lambda: fused_moe.fused_moe_triton(
-        xm, fused_moe.tile_expert_weights(w13_8, tile), fused_moe.tile_expert_weights(w2_8, tile), topk_w, topk_ids,
-        s13, s2, config=mcfg, w_tile=tile)
     cases["fused_moe_fp8_weights_bf16_act"] = lambda: fused_moe.fused_moe_triton(
         xm, w13_8, w2_8, topk_w, topk_ids, s13, s2, fp8_activations=False, config=mcfg)
 
@@ -263,30 +259,6 @@ def _mla_fp8_profile() -> dict:
     return {}
 
 
-def _moe_weight_copies() -> dict:
-    """Asynchronous copies in each compile of the fused MoE's GEMM, row-major weights against tiled
-    ones (the same config): the tiles' loads must stay pipelined as the rows' are (without the
-    kernel's alignment hint they were plain synchronous loads)."""
-    from moeserve.kernels import fused_moe, moe_config
-
-    bf, tile = torch.bfloat16, moe_config.EXPERT_WEIGHT_TILE
-    tokens, experts, top_k, h, inter = 4, 8, 2, 256, 256
-    x, w = torch.randn(tokens, h, dtype=bf), torch.rand(tokens, top_k)
-    ids = torch.randint(0, experts, (tokens, top_k))
-    w13 = torch.randn(experts, 2 * inter, h, dtype=bf).to(torch.float8_e4m3fn)
-    w2 = torch.randn(experts, h, inter, dtype=bf).to(torch.float8_e4m3fn)
-    s13, s2 = torch.rand(experts, 2 * inter // 128, h // 128), torch.rand(experts, h // 128, inter // 128)
-    cfg = moe_config.default_moe_config(tokens, experts, top_k, False)
-    out = {}
-    for name, weights in (("rows", (w13, w2, None)), ("tiled", (fused_moe.tile_expert_weights(w13, tile),
-                                                               fused_moe.tile_expert_weights(w2, tile), tile))):
-        fused_moe._moe_gemm_kernel.device_caches.clear()
-        fused_moe.fused_moe_triton(x, weights[0], weights[1], w, ids, s13, s2, config=cfg, w_tile=weights[2])
-        out[name] = sorted(k.asm["ttgir"].count("async_copy_global_to_local")
-                           for k in _compiled(fused_moe._moe_gemm_kernel))
-    return out
-
-
 def _peer_store_widths() -> dict:
     """PTX store instructions of the peer transport's bf16 row stores (hidden 7168), which address
     the other ranks' buffers through a table of addresses: 16-byte vector stores, as the collective
@@ -325,7 +297,7 @@ def _compile_all() -> dict:
         except Exception as e:  # noqa: BLE001 - reported by the test
             errors[name] = f"{type(e).__name__}: {str(e)[:2000]}"
     return {"errors": errors, "compiled": sorted(set(compiled)), "defined": sorted(_defined_kernels()),
-            "mla_fp8": _mla_fp8_profile(), "peer_stores": _peer_store_widths(), "moe_copies": _moe_weight_copies()}
+            "mla_fp8": _mla_fp8_profile(), "peer_stores": _peer_store_widths()}
 
 
 @pytest.fixture(scope="module")
@@ -366,10 +338,3 @@ def test_peer_row_stores_are_vectors(results):
 
 if __name__ == "__main__":
     print_interpreter_cases(_compile_all)
-
-
-def test_fused_moe_reads_tiled_weights_pipelined(results):
-    """The fused MoE's GEMMs over tiled expert weights compile to as many asynchronous copies as over
-    row-major ones (both GEMMs, W8A8): the weights' loads stay in the software pipeline."""
-    copies = results["moe_copies"]
-    assert copies["rows"] and copies["tiled"] == copies["rows"], copies

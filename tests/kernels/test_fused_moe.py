@@ -183,23 +183,6 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
             fm.QUANT_TILE_VALUES = 8192
         results[name] = (float(differ), 0.0)
 
-    # Weights stored in contiguous tiles (tile_expert_weights): the same bits as row-major, with an N
-    # tile of one weight tile and of two (BLOCK_N 16 / 32 over 16-row tiles), a K step of half a tile
-    # (the down GEMM's BLOCK_K 16), W8A8 with its per-block flags, and one token.
-    tile = (16, 32)
-    for name, (t, fp8, bn) in {"tiled_fp32_multi_block": (37, False, 16), "tiled_fp32_wide_n": (9, False, 32),
-                               "tiled_fp8": (20, True, 16), "tiled_fp8_T1": (1, True, 32)}.items():
-        x, w13, w2, w, ids = random_moe(t, 4, 64, 64, 3, torch.float32, drop=0.0 if t == 37 else 0.25)
-        if fp8:
-            (w13, s13), (w2, s2) = quant_block_fp8_ref(w13, block), quant_block_fp8_ref(w2, block)
-        cfg = dict(tiles, BLOCK_N=bn, down=dict(BLOCK_K=16))
-        args = (w, ids, s13, s2, block) if fp8 else (w, ids)
-        rows = fused_moe_triton(x, w13, w2, *args, config=cfg)
-        tiled = fused_moe_triton(x, fm.tile_expert_weights(w13, tile), fm.tile_expert_weights(w2, tile), *args,
-                                 config=cfg, w_tile=tile)
-        back = fm.untile_expert_weights(fm.tile_expert_weights(w13, tile), tile)
-        results[name] = (float((rows != tiled).sum() + (back != w13).sum()), 0.0)
-
     # A wait past its deadline gives up (on a GPU the kernel then traps) instead of hanging: block 1's
     # second arrival never comes. Block 0 was ready: its one down tile departed and reset its flags.
     got = _block_waits(late_after_ns=2_000_000)  # 4 polls of the interpreter's clock
@@ -216,8 +199,7 @@ CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", 
          "fp32_T1_ep", "fp32_T1_fp8", "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
          "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a8_fused_gate_up_only",
          "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts", "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise",
-         "per_block_fp32_multi_block", "per_block_fp32_T1", "per_block_fp8_ep", "block_wait_deadline",
-         "tiled_fp32_multi_block", "tiled_fp32_wide_n", "tiled_fp8", "tiled_fp8_T1"]
+         "per_block_fp32_multi_block", "per_block_fp32_T1", "per_block_fp8_ep", "block_wait_deadline"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -509,28 +491,3 @@ def test_per_block_flags_on_gpu(fp8):
                 graph.replay()
                 assert torch.equal(out, grid_wait), (tokens, switches)
             assert not fm._block_flags[x.device].any()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("fp8", [False, True])
-def test_tiled_weights_on_gpu(fp8):
-    """V2-Lite's fused shape at decode and prefill sizes with its tuned tiles: the experts' weights in
-    the engine's tiles (moe_config.EXPERT_WEIGHT_TILE), and in tiles of 64 and 128 rows, give the bits
-    of row-major weights; the dispatcher and the MoE layer pass the tiles on."""
-    from moeserve.kernels import fused_moe as fm
-    from moeserve.kernels.fused_moe import tile_expert_weights
-
-    x, w13, w2, w, ids = random_moe(2048, 66, 2048, 1408, 8, torch.bfloat16, drop=0.0)
-    x, w, ids = x.cuda(), w.cuda(), ids.cuda()
-    if fp8:
-        (w13, s13), (w2, s2) = quant_block_fp8_ref(w13.cuda()), quant_block_fp8_ref(w2.cuda())
-        scales = (s13, s2)
-    else:
-        w13, w2, scales = w13.cuda(), w2.cuda(), ()
-    for tile in (moe_config.EXPERT_WEIGHT_TILE, (64, 128), (128, 128)):
-        t13, t2 = tile_expert_weights(w13, tile), tile_expert_weights(w2, tile)
-        assert torch.equal(fm.untile_expert_weights(t13, tile), w13)
-        for tokens in (1, 8, 64, 200, 2048):
-            rows = fused_moe_triton(x[:tokens], w13, w2, w[:tokens], ids[:tokens], *scales)
-            tiled = fused_moe(x[:tokens], t13, t2, w[:tokens], ids[:tokens], *scales, w_tile=tile)
-            assert torch.equal(tiled, rows), (tile, tokens)
