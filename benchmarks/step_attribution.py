@@ -16,7 +16,6 @@ Variants:
   no_dense_quant     the dense FP8 GEMMs' activation quant launches removed (o_proj; q/kv_a's is in the norm)
   no_quant           both of the above
   no_moe_sum         the MoE's final weighted-sum launch removed
-  no_route_align     the routing (top-k) and moe_align launches removed: a fixed random top-k a batch size
   no_mla             the MLA decode (split kernel and merge) removed
   no_norm_quant      the norms stop quantizing for the FP8 GEMMs after them (each GEMM quantizes again)
   act_quant_in_gate_up[_stN]  moe_config.ACT_QUANT_IN_GATE_UP on (optionally gate_up at N stages)
@@ -99,35 +98,6 @@ def _down_without_wait(fused_moe):
     fused_moe._launch_moe_gemm = launch_down_early
 
 
-def _fixed_routing(moe_layer, fused_moe):
-    """Router.forward keeping its logits launch (a fused router would keep one) but no top-k launch: each
-    layer's rows take the first rows of a random top-k table (distinct experts, uniform: all experts hit at
-    batch 64, as with the engine's dummy weights) made at the layer's first (eager, largest) call; and
-    moe_align launching nothing: its result for those ids, made once a size and kept."""
-    import torch
-    import torch.nn.functional as F
-    tables, aligned = {}, {}
-    forward, align = moe_layer.Router.forward, fused_moe.moe_align_block_size_triton
-
-    def route(self, x):
-        _ = moe_layer.router_logits(x, self.weight) if self.fp32 else F.linear(x, self.weight)
-        if id(self) not in tables or tables[id(self)][1].shape[0] < x.shape[0]:
-            weights, ids = forward(self, x)
-            routed = ids.shape[1] - self.routing.num_fused_shared
-            ids[:, :routed] = torch.rand(x.shape[0], self.weight.shape[0], device=x.device).topk(routed, 1).indices
-            tables[id(self)] = (weights, ids)
-        weights, ids = tables[id(self)]
-        return weights[:x.shape[0]], ids[:x.shape[0]]
-
-    def fixed_align(ids, block_m, num_experts, **kwargs):
-        key = (ids.data_ptr(), ids.shape[0], block_m, num_experts)
-        if key not in aligned:
-            aligned[key] = align(ids, block_m, num_experts, **kwargs)
-        return aligned[key]
-    moe_layer.Router.forward = route
-    fused_moe.moe_align_block_size_triton = fixed_align
-
-
 def _skip_dense(linear_mod):
     """Linear.forward returning a zeros tensor made once per shape (lm_head, vocab-wide, still runs)."""
     import torch
@@ -168,9 +138,6 @@ def apply(variant: str) -> None:
         fused_moe.per_token_group_quant_fp8_triton = _zero_quant(fused_moe.per_token_group_quant_fp8_triton)
     if variant in ("no_dense_quant", "no_quant"):
         fp8.per_token_group_quant_fp8_triton = _zero_quant(fp8.per_token_group_quant_fp8_triton)
-    if variant == "no_route_align":
-        import moeserve.layers.moe as moe_layer
-        _fixed_routing(moe_layer, fused_moe)
     if variant == "no_moe_sum":
         fused_moe.moe_sum = lambda y, topk_ids, out, addend=None: out
     if variant == "no_mla":
@@ -218,7 +185,7 @@ def apply(variant: str) -> None:
         import moeserve.layers.linear as linear
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
-             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "no_route_align")
+             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8")
     families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
