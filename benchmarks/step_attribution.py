@@ -15,7 +15,8 @@ Variants:
   no_moe_quant       the fused MoE's activation quant launches removed (x's, the intermediate's)
   no_dense_quant     the dense FP8 GEMMs' activation quant launches removed (o_proj; q/kv_a's is in the norm)
   no_quant           both of the above
-  no_moe_sum         the MoE's final weighted-sum launch removed
+  no_moe_sum         the MoE's final weighted-sum launch removed (and not left to the next norm)
+  moe_sum_launch     the MoE's weighted sum a launch of its own, not read by the next norm (fused_moe.ExpertRows)
   no_mla             the MLA decode (split kernel and merge) removed
   no_norm_quant      the norms stop quantizing for the FP8 GEMMs after them (each GEMM quantizes again)
   act_quant_in_gate_up[_stN]  moe_config.ACT_QUANT_IN_GATE_UP on (optionally gate_up at N stages)
@@ -140,6 +141,10 @@ def apply(variant: str) -> None:
         fp8.per_token_group_quant_fp8_triton = _zero_quant(fp8.per_token_group_quant_fp8_triton)
     if variant == "no_moe_sum":
         fused_moe.moe_sum = lambda y, topk_ids, out, addend=None: out
+    if variant in ("moe_sum_launch", "no_moe_sum"):
+        import moeserve.layers.moe as moe_layer
+        moe_forward = moe_layer.MoE.forward
+        moe_layer.MoE.forward = lambda self, x, x_fp8=None, sum_rows=True: moe_forward(self, x, x_fp8)
     if variant == "no_mla":
         attention.mla_decode = lambda q_latent, *args: q_latent
     if variant == "no_norm_quant":
@@ -185,7 +190,7 @@ def apply(variant: str) -> None:
         import moeserve.layers.linear as linear
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
-             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8")
+             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "moe_sum_launch")
     families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")

@@ -29,6 +29,8 @@ quantizes the block's intermediate rows, so no quant launch sits between the two
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,28 @@ try:
     from moeserve.kernels.peer_sync import clock_ns
 except ImportError:  # pragma: no cover
     triton = None
+
+
+@dataclass
+class ExpertRows:
+    """The fused MoE's output before its last launch, the sum over each token's experts: what fused_moe
+    returns with sum_rows=False, for an RMSNorm to take as its input (it sums the rows itself, one launch
+    and one [T, H] round trip less: kernels/rmsnorm.py). sum() is the tensor fused_moe returns otherwise."""
+    rows: torch.Tensor  # [T * k, H]: row t * k + j is token t's j-th expert's output, times its router weight
+    ids: torch.Tensor  # [T, k]: the experts; rows of ids < 0 (experts elsewhere) were never written
+    addend: torch.Tensor | None = None  # [T, H], added to the rounded sum (an unfused shared MLP's output)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ids.shape[0], self.rows.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    def sum(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.rows.dtype, device=self.rows.device)
+        return moe_sum(self.rows, self.ids, out, self.addend)
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -394,8 +418,9 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
                      fp8_activations: bool = True, config: dict | None = None,
                      addend: torch.Tensor | None = None, num_fused_shared: int = 0,
                      x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None, sum_rows: bool = True) -> torch.Tensor | ExpertRows:
     # x None: the activations are x_fp8 alone (expert parallelism's received rows), out_dtype the result's.
+    # sum_rows False: the result before the last sum (ExpertRows), for the RMSNorm after the MoE.
     tokens, hidden = (x if x is not None else x_fp8[0]).shape
     dtype, device = (x.dtype, x.device) if x is not None else (out_dtype, x_fp8[0].device)
     num_experts, intermediate = w13.shape[0], w13.shape[1] // 2
@@ -466,6 +491,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     wait_count = triton.cdiv(intermediate, cfg["BLOCK_N"]) + quant_rows if per_block else 0
     _launch_moe_gemm(a, a_scale, w2, w2_scale, y, route_w, align, num_pairs, 1, False, down_cfg, block, fuse_down,
                      flags=flags if per_block else None, wait_count=wait_count)
+    if not sum_rows:
+        return ExpertRows(y, topk_ids, addend)
     return moe_sum(y, topk_ids, out, addend)
 
 
@@ -496,20 +523,23 @@ def fused_moe(x: torch.Tensor | None, w13: torch.Tensor, w2: torch.Tensor, topk_
               block: tuple[int, int] = (128, 128), fp8_activations: bool = True,
               addend: torch.Tensor | None = None, num_fused_shared: int = 0,
               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+              out_dtype: torch.dtype | None = None, sum_rows: bool = True) -> torch.Tensor | ExpertRows:
     """Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1), else fused_moe_ref. The
     result plus `addend` [T, H] when given (added in the final sum kernel). num_fused_shared: the
     last S of the experts are shared experts that every token names last in its row (layers/moe.py);
     the math is the same, only the block-size config is looked up for the routed shape too.
     x_fp8: x's quantization per 1 x block[1] (the RMSNorm before made it), for the W8A8 path; the
     reference (W8A16, unquantized activations) does not use it. x None: x_fp8 is the input (only where
-    takes_fp8_input holds), and out_dtype the result's dtype."""
+    takes_fp8_input holds), and out_dtype the result's dtype. sum_rows False: on the Triton path the
+    result before its last sum (ExpertRows; an RMSNorm takes it as input), else the tensor as always."""
     if x is None:
         if x_fp8 is None or out_dtype is None or w13_scale is None:
             raise ValueError("fused_moe without x needs x_fp8, out_dtype and FP8 expert weights")
         return fused_moe_triton(None, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block), True,
-                                addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8, out_dtype=out_dtype)
+                                addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8, out_dtype=out_dtype,
+                                sum_rows=sum_rows)
     if _runs_triton(x, w13, w2, w13_scale, w2_scale, block, topk_ids):
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, tuple(block),
-                                fp8_activations, addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8)
+                                fp8_activations, addend=addend, num_fused_shared=num_fused_shared, x_fp8=x_fp8,
+                                sum_rows=sum_rows)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block, addend)

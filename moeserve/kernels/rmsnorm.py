@@ -3,6 +3,10 @@
 The Triton kernels do one launch per call (a block of rows per program) where the reference
 does about six elementwise kernels; a decode step calls these a few times per layer.
 
+The input may be a fused MoE's rows before their sum (fused_moe.ExpertRows): the kernel then sums each
+token's expert rows as fused_moe's last launch would (same order, same roundings), one launch and a [T, H]
+round trip less a MoE layer.
+
 `fp8_group`: the norm also quantizes its output per 1 x group (e4m3 + one fp32 scale a group, bit
 for bit what fp8.per_token_group_quant_fp8 makes of the output), for a consumer that runs W8A8 FP8
 GEMMs: the quantization then costs no launch of its own.
@@ -11,6 +15,8 @@ GEMMs: the quantization then costs no launch of its own.
 from __future__ import annotations
 
 import torch
+
+from moeserve.kernels.fused_moe import ExpertRows
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,18 +61,39 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
 
 if triton is not None:
 
+    @triton.jit
+    def _sum_expert_rows(x_ptr, ids_ptr, add_ptr, rows, cols, mask, num_rows, stride_xt, stride_add,
+                         SUM_ROWS: tl.constexpr, HAS_ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # Token t's input: its SUM_ROWS expert rows x[t * SUM_ROWS + j] summed in fp32 in order of j, rows
+        # of ids < 0 skipped, rounded to x's dtype (plus add[t] after that rounding, rounded again): what
+        # fused_moe's _moe_sum_kernel stores, bit for bit.
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for j in tl.static_range(SUM_ROWS):
+            pair = rows * SUM_ROWS + j
+            kept = tl.load(ids_ptr + pair, mask=rows < num_rows, other=-1) >= 0
+            acc += tl.load(x_ptr + pair[:, None] * stride_xt + cols[None, :], mask=mask & kept[:, None],
+                           other=0.0).to(tl.float32)
+        if HAS_ADD:
+            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.load(add_ptr + rows[:, None] * stride_add + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        return acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+
     @triton.jit(do_not_specialize=["num_rows"])
-    def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, q_ptr, s_ptr, num_rows, n, eps,
+    def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, q_ptr, s_ptr, ids_ptr, add_ptr, num_rows, n, eps,
                         x_heads, stride_xt, stride_xh, stride_r, stride_out, stride_r_out, stride_q, stride_s,
-                        HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                        stride_add, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                         QUANT_GROUP: tl.constexpr = 0, FP8_MAX_C: tl.constexpr = 448.0, FAST: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
+                        SUM_ROWS: tl.constexpr = 0, HAS_ADD: tl.constexpr = False, PDL: tl.constexpr = False):
         pdl_begin(PDL)
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         mask = (rows[:, None] < num_rows) & (cols[None, :] < n)
-        x_rows = (rows // x_heads) * stride_xt + (rows % x_heads) * stride_xh  # row (t, h) of x
-        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SUM_ROWS:  # x: a fused MoE's expert rows (ExpertRows), SUM_ROWS a token
+            x = _sum_expert_rows(x_ptr, ids_ptr, add_ptr, rows, cols, mask, num_rows, stride_xt, stride_add,
+                                 SUM_ROWS, HAS_ADD, ROWS, BLOCK)
+        else:
+            x_rows = (rows // x_heads) * stride_xt + (rows % x_heads) * stride_xh  # row (t, h) of x
+            x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
             # Round the sum to the residual stream's dtype first: the norm reads what is stored.
@@ -111,30 +138,39 @@ def _input_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x2, 1, x2.stride(0), 0
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, group: int = 0):
+def _launch(x, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, group: int = 0):
+    # x: a tensor, or a fused MoE's ExpertRows (summed by the kernel)
     n = x.shape[-1]
+    device = x.rows.device if isinstance(x, ExpertRows) else x.device
     res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
-    r_out = None if residual is None else torch.empty(x.shape, dtype=res_dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=device)
+    r_out = None if residual is None else torch.empty(x.shape, dtype=res_dtype, device=device)
     out2 = out.view(-1, n)
     num_rows = out2.shape[0]
     fp8 = None
     if group:
-        fp8 = (torch.empty(num_rows, n, dtype=FP8_DTYPE, device=x.device),
-               torch.empty(num_rows, -(-n // group), dtype=torch.float32, device=x.device))
+        fp8 = (torch.empty(num_rows, n, dtype=FP8_DTYPE, device=device),
+               torch.empty(num_rows, -(-n // group), dtype=torch.float32, device=device))
     if num_rows == 0:
         return out, r_out, fp8
-    x2, heads, stride_xt, stride_xh = _input_rows(x)
+    sum_rows, ids, add = 0, out2, None  # ids and add: stand-in pointers unless x is ExpertRows
+    if isinstance(x, ExpertRows):
+        sum_rows, ids, add = x.ids.shape[1], x.ids.contiguous(), x.addend
+        add = add if add is None or add.stride(-1) == 1 else add.contiguous()
+        x2, heads, stride_xt, stride_xh = _as_rows(x.rows), 1, x.rows.stride(0), 0
+    else:
+        x2, heads, stride_xt, stride_xh = _input_rows(x)
     r2 = out2 if residual is None else _as_rows(residual)
     r_out2 = out2 if r_out is None else r_out.view(-1, n)
     block = max(triton.next_power_of_2(n), group)  # a quantized row is whole groups
     rows = max(1, min(16, 2048 // block))  # short rows (per-head q/k norms): several per program
     q, s = fp8 if fp8 is not None else (out2, out2)  # not written without a group
     _rmsnorm_kernel[(triton.cdiv(num_rows, rows),)](
-        x2, r2, weight, out2, r_out2, q, s, num_rows, n, eps,
+        x2, r2, weight, out2, r_out2, q, s, ids, add if add is not None else out2, num_rows, n, eps,
         heads, stride_xt, stride_xh, r2.stride(0), out2.stride(0), r_out2.stride(0), q.stride(0), s.stride(0),
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block, QUANT_GROUP=group, FP8_MAX_C=FP8_MAX,
-        FAST=x.is_cuda, num_warps=min(16, max(1, rows * block // 256)), **pdl_launch(x.device))
+        add.stride(0) if add is not None else 0, HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
+        QUANT_GROUP=group, FP8_MAX_C=FP8_MAX, FAST=device.type == "cuda", SUM_ROWS=sum_rows,
+        HAS_ADD=add is not None, num_warps=min(16, max(1, rows * block // 256)), **pdl_launch(device))
     return out, r_out, fp8
 
 
@@ -169,15 +205,27 @@ def _use_triton(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return x.is_cuda or all(t.dtype in (torch.float32, torch.float16) for t in (x, *others) if t.is_floating_point())
 
 
+def _summed_unless_triton(x, *others: torch.Tensor):
+    """(x, whether the Triton kernel runs): x is a tensor or ExpertRows, summed first (fused_moe's sum
+    launch) where the kernel cannot read the rows itself."""
+    if isinstance(x, ExpertRows):
+        if _use_triton(x.rows, *others):
+            return x, True
+        x = x.sum()
+    return x, _use_triton(x, *others)
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _use_triton(x, weight):
+    x, use_triton = _summed_unless_triton(x, weight)
+    if use_triton:
         return rmsnorm_triton(x, weight, eps)
     return rmsnorm_ref(x, weight, eps)
 
 
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(x, residual, weight):
+    x, use_triton = _summed_unless_triton(x, residual, weight)
+    if use_triton:
         return fused_add_rmsnorm_triton(x, residual, weight, eps)
     return fused_add_rmsnorm_ref(x, residual, weight, eps)
 
@@ -185,7 +233,8 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
 def rmsnorm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                   group: int) -> tuple[torch.Tensor, torch.Tensor, Fp8Rows]:
     """(rmsnorm(x + residual), x + residual, that output quantized per 1 x group); without a
-    residual, (rmsnorm(x), x, ...)."""
-    if _use_triton(x, weight, *([residual] if residual is not None else [])):
+    residual, (rmsnorm(x), x, ...). x may be a fused MoE's ExpertRows (with a residual)."""
+    x, use_triton = _summed_unless_triton(x, weight, *([residual] if residual is not None else []))
+    if use_triton:
         return rmsnorm_quant_triton(x, residual, weight, eps, group)
     return rmsnorm_quant_ref(x, residual, weight, eps, group)

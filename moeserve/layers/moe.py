@@ -160,15 +160,17 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 row_offset: int = 0, addend: torch.Tensor | None = None,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, sum_rows: bool = True):
         """The routed experts' weighted sum (with the fused shared slots when the routing names
         them), plus `addend` (an unfused shared MLP's output) if given. x_fp8: x quantized per
-        1 x block[1] (FP8 experts on this rank only; the expert-parallel path quantizes for the wire)."""
+        1 x block[1] (FP8 experts on this rank only; the expert-parallel path quantizes for the wire).
+        sum_rows False: where the fused MoE runs its Triton kernels, its rows before the sum
+        (fused_moe.ExpertRows) for the RMSNorm after the layer to sum."""
         if self.ep is not None:
             out = self.ep(x, topk_ids, topk_weights, row_offset)
             return out if addend is None else out + addend
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block,
-                         addend=addend, num_fused_shared=self.num_shared, x_fp8=x_fp8)
+                         addend=addend, num_fused_shared=self.num_shared, x_fp8=x_fp8, sum_rows=sum_rows)
 
 
 def fuses_shared_experts(cfg: ModelConfig, quant: str | None) -> bool:
@@ -213,21 +215,26 @@ class MoE(nn.Module):
         (forward's x_fp8); under expert parallelism x travels to other ranks unquantized: 0."""
         return self.experts.block[1] if self.experts.quant and self.experts.ep is None else 0
 
-    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                sum_rows: bool = True):
+        """sum_rows False: the output may be the fused MoE's rows before their sum (fused_moe.ExpertRows),
+        for an RMSNorm to sum (DecoderLayer's next norm); only without tensor parallelism, whose
+        collectives need the sum."""
         if self.token_shares:
             num_rows = x.shape[0]
             start, rows = row_share(num_rows, self.tp, self.tp_rank)
             out = self._block(x[start:start + rows], start)
             return gather_shares(out, num_rows, self.tp, self.tp_group)
-        out = self._block(x, x_fp8=x_fp8)
+        out = self._block(x, x_fp8=x_fp8, sum_rows=sum_rows or self.tp_group is not None)
         if self.tp_group is not None:  # routed + shared partial sums, one all_reduce
             dist.all_reduce(out, group=self.tp_group)
         return out
 
     def _block(self, x: torch.Tensor, row_offset: int = 0,
-               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, sum_rows: bool = True):
         topk_weights, topk_ids = self.gate(x)  # [T, k + num_fused_shared]
         shared = None  # a TP rank's share may be empty (FP8 GEMMs need rows)
         if self.shared_experts is not None and x.shape[0]:
             shared = self.shared_experts(x, x_fp8)  # same weight format and block as the experts
-        return self.experts(x, topk_weights, topk_ids, row_offset, addend=shared, x_fp8=x_fp8)  # the sum kernel adds it
+        return self.experts(x, topk_weights, topk_ids, row_offset, addend=shared, x_fp8=x_fp8,  # the sum adds it
+                            sum_rows=sum_rows)

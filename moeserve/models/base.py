@@ -43,12 +43,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-norm block with the residual add fused into the next norm; returns (out, residual).
+        """Pre-norm block with the residual add fused into the next norm; returns (out, residual), out a
+        tensor or a MoE's fused_moe.ExpertRows (for that norm, which takes either).
         Where attention or MLP starts with an FP8 GEMM, its norm also hands it the quantized input."""
         h, residual, h_fp8 = self.input_layernorm.norm_residual(x, residual, self.self_attn.fp8_input_group)
         h = self.self_attn(h, positions, meta, h_fp8)
         h, residual, h_fp8 = self.post_attention_layernorm.norm_residual(h, residual, self.mlp.fp8_input_group)
-        return self.mlp(h, h_fp8), residual
+        # A MoE may hand back its rows before their sum (fused_moe.ExpertRows): the next norm, which
+        # every layer's output goes to, sums them itself (one launch less a layer).
+        return (self.mlp(h, h_fp8, sum_rows=False) if isinstance(self.mlp, MoE) else self.mlp(h, h_fp8)), residual
 
 
 class DecoderModel(nn.Module):

@@ -67,6 +67,11 @@ def _cases() -> dict:
     cases["rmsnorm_fp32_residual"] = lambda: rmsnorm.fused_add_rmsnorm_triton(x, res.float(), w, 1e-6)
     cases["rmsnorm_quant_residual"] = lambda: rmsnorm.rmsnorm_quant_triton(x, res, w, 1e-6, 128)  # + its FP8
     cases["rmsnorm_quant"] = lambda: rmsnorm.rmsnorm_quant_triton(x, None, w, 1e-6, 128)
+    # ... over a fused MoE's rows before their sum (fused_moe.ExpertRows), with and without an addend
+    expert_rows = fused_moe.ExpertRows(torch.randn(t * 8, hidden, dtype=bf), torch.randint(-1, 8, (t, 8)))
+    cases["rmsnorm_quant_expert_rows"] = lambda: rmsnorm.rmsnorm_quant_triton(expert_rows, res, w, 1e-6, 128)
+    cases["rmsnorm_expert_rows_addend"] = lambda: rmsnorm.fused_add_rmsnorm_triton(
+        fused_moe.ExpertRows(expert_rows.rows, expert_rows.ids, torch.randn(t, hidden, dtype=bf)), res, w, 1e-6)
 
     # rotary (plain q+k, interleaved q only) and the MLA cache write (norm + rope + store)
     pos, cos_sin = torch.arange(t), torch.randn(64, 64)

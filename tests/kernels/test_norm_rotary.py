@@ -153,9 +153,48 @@ def _norm_quant_case(shape, dtype_name, with_residual, group) -> float:
                  + (q.shape != q_ref.shape) + (s.shape != s_ref.shape))
 
 
+# name: (tokens, experts a token, hidden, dtype, addend, group): a fused MoE's rows before their sum
+# (fused_moe.ExpertRows) as the norm's input; some pairs' experts are elsewhere (id -1)
+EXPERT_ROWS_CASES = {
+    "t5_k3_h64": (5, 3, 64, "fp32", False, 0),
+    "t4_k2_h80_addend": (4, 2, 80, "fp32", True, 0),  # 80: a ragged row
+    "t20_k4_h64_fp16_g32": (20, 4, 64, "fp16", False, 32),  # several rows a program, and the quant
+    "t3_k8_h256_addend_g128": (3, 8, 256, "fp32", True, 128),
+}
+
+
+def _expert_rows_case(tokens, k, hidden, dtype_name, with_addend, group) -> float:
+    """Mismatched bits: the norm over ExpertRows (with a residual; without one too when not quantizing)
+    against fused_moe's sum launch, then the same norm."""
+    from moeserve.kernels.fused_moe import ExpertRows
+    from moeserve.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm, rmsnorm_quant
+
+    dtype = DTYPES[dtype_name]
+    ids = torch.randint(0, 6, (tokens, k))
+    ids[torch.rand(tokens, k) < 0.3] = -1
+    rows = ExpertRows(torch.randn(tokens * k, hidden).to(dtype), ids,
+                      torch.randn(tokens, hidden).to(dtype) if with_addend else None)
+    summed = rows.sum()
+    residual = torch.randn(tokens, hidden).to(dtype)
+    weight = (1 + 0.5 * torch.randn(hidden)).to(dtype)
+
+    def differ(a, b) -> int:
+        a, b = (a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a for a in (a, b))
+        return int((a != b).sum()) if a.shape == b.shape else a.numel() + 1
+
+    if group:
+        got, want = rmsnorm_quant(rows, residual, weight, 1e-6, group), rmsnorm_quant(summed, residual, weight, 1e-6, group)
+        return float(sum(differ(a, b) for a, b in zip((*got[:2], *got[2]), (*want[:2], *want[2]))))
+    got, want = fused_add_rmsnorm(rows, residual, weight, 1e-6), fused_add_rmsnorm(summed, residual, weight, 1e-6)
+    return float(sum(differ(a, b) for a, b in zip(got, want)) + differ(rmsnorm(rows, weight, 1e-6),
+                                                                       rmsnorm(summed, weight, 1e-6)))
+
+
 def _interpreter_cases() -> dict[str, tuple[float, float]]:
     """name -> (relative error vs the reference, tolerance)."""
     results = {}
+    for name, args in EXPERT_ROWS_CASES.items():
+        results["expert_rows_" + name] = (_expert_rows_case(*args), 0.0)
     for name, args in NORM_QUANT_CASES.items():
         results["norm_quant_" + name] = (_norm_quant_case(*args), 0.0)
     for name, args in NORM_CASES.items():
@@ -174,6 +213,7 @@ def interpreter_results():
 
 @pytest.mark.parametrize("case", ["norm_" + n for n in NORM_CASES] + ["qk_norm_" + n for n in QK_OF_QKV_CASES]
                          + ["norm_quant_" + n for n in NORM_QUANT_CASES]
+                         + ["expert_rows_" + n for n in EXPERT_ROWS_CASES]
                          + ["rotary_" + n for n in ROTARY_CASES])
 def test_triton_matches_reference(interpreter_results, case):
     err, tol = interpreter_results[case]
@@ -238,3 +278,28 @@ def test_norm_quant_on_gpu_bf16(rows, hidden, with_residual):
     assert torch.equal(out, plain_out) and torch.equal(res, plain_res)
     q_ref, s_ref = per_token_group_quant_fp8(out, 128)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("tokens,k,addend,group", [(1, 8, False, 128), (64, 8, False, 0), (64, 6, True, 128)])
+def test_expert_rows_on_gpu_bf16(tokens, k, addend, group):
+    """bf16 on the GPU: the norm over a fused MoE's rows before their sum gives the bits of the sum launch
+    followed by the norm (the output, the residual and the quantization)."""
+    from moeserve.kernels.fused_moe import ExpertRows
+    from moeserve.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm_quant
+
+    ids = torch.randint(0, 66, (tokens, k), device="cuda")
+    ids[torch.rand(tokens, k, device="cuda") < 0.2] = -1
+    rows = ExpertRows(torch.randn(tokens * k, 2048, device="cuda", dtype=torch.bfloat16), ids,
+                      torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16) if addend else None)
+    residual = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    weight = (1 + 0.5 * torch.randn(2048, device="cuda")).to(torch.bfloat16)
+    if group:
+        got, want = rmsnorm_quant(rows, residual, weight, 1e-6, group), rmsnorm_quant(rows.sum(), residual, weight,
+                                                                                     1e-6, group)
+        got, want = (*got[:2], got[2][0].view(torch.uint8), got[2][1]), (*want[:2], want[2][0].view(torch.uint8),
+                                                                         want[2][1])
+    else:
+        got, want = fused_add_rmsnorm(rows, residual, weight, 1e-6), fused_add_rmsnorm(rows.sum(), residual, weight,
+                                                                                       1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
