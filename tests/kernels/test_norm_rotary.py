@@ -179,11 +179,12 @@ def _expert_rows_case(tokens, k, hidden, dtype_name, with_addend, group) -> floa
     weight = (1 + 0.5 * torch.randn(hidden)).to(dtype)
 
     def differ(a, b) -> int:
-        a, b = (a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a for a in (a, b))
+        a, b = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (a, b))
         return int((a != b).sum()) if a.shape == b.shape else a.numel() + 1
 
     if group:
-        got, want = rmsnorm_quant(rows, residual, weight, 1e-6, group), rmsnorm_quant(summed, residual, weight, 1e-6, group)
+        got = rmsnorm_quant(rows, residual, weight, 1e-6, group)
+        want = rmsnorm_quant(summed, residual, weight, 1e-6, group)
         return float(sum(differ(a, b) for a, b in zip((*got[:2], *got[2]), (*want[:2], *want[2]))))
     got, want = fused_add_rmsnorm(rows, residual, weight, 1e-6), fused_add_rmsnorm(summed, residual, weight, 1e-6)
     return float(sum(differ(a, b) for a, b in zip(got, want)) + differ(rmsnorm(rows, weight, 1e-6),
