@@ -67,6 +67,10 @@ class ExpertRows:
     def dtype(self) -> torch.dtype:
         return self.rows.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
     def sum(self) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.rows.dtype, device=self.rows.device)
         return moe_sum(self.rows, self.ids, out, self.addend)
@@ -320,22 +324,36 @@ if triton is not None:
                         tl.atomic_add(flags_ptr + pid_m, 1, sem="release")
 
     @triton.jit
-    def _moe_sum_kernel(y_ptr, ids_ptr, add_ptr, out_ptr, top_k, h, stride_ym, stride_am, stride_om,
-                        HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    def _sum_expert_rows(x_ptr, ids_ptr, add_ptr, rows, cols, mask, num_rows, stride_xt, stride_add,
+                         SUM_ROWS: tl.constexpr, HAS_ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # ROWS tokens' sums, [ROWS, BLOCK] columns: token t's SUM_ROWS expert rows x[t * SUM_ROWS + j] summed in
+        # fp32 in order of j, rows of ids < 0 skipped (never written), rounded to x's dtype; plus add[t] after
+        # that rounding (as the reference adds the shared experts' output), rounded again. The sum kernel
+        # below and the RMSNorm that reads ExpertRows (kernels/rmsnorm.py) both sum with this, so their
+        # results are the same bits.
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for j in tl.static_range(SUM_ROWS):
+            pair = rows * SUM_ROWS + j
+            kept = tl.load(ids_ptr + pair, mask=rows < num_rows, other=-1) >= 0
+            acc += tl.load(x_ptr + pair[:, None] * stride_xt + cols[None, :], mask=mask & kept[:, None],
+                           other=0.0).to(tl.float32)
+        if HAS_ADD:
+            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.load(add_ptr + rows[:, None] * stride_add + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        return acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _moe_sum_kernel(y_ptr, ids_ptr, add_ptr, out_ptr, num_tokens, h, stride_ym, stride_am, stride_om,
+                        TOP_K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
         pdl_begin(PDL)
-        # out[t] = sum of y[t * top_k + j] over the j whose expert id is >= 0 (rows of the others
-        # were never written), plus add[t] when given (the shared experts: one launch less)
-        t = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for j in range(0, top_k):
-            width = tl.where(tl.load(ids_ptr + t * top_k + j) >= 0, h, 0)  # nothing from uncomputed pairs
-            row = y_ptr + (t * top_k + j) * stride_ym
-            acc += tl.load(row + offs, mask=offs < width, other=0.0).to(tl.float32)
-        if HAS_ADD:  # as the reference: the routed sum rounded first, then one rounded add
-            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.load(add_ptr + t * stride_am + offs, mask=offs < h, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < h)
+        # out[t] = sum of y[t * TOP_K + j] over the j whose expert id is >= 0, plus add[t] when given
+        # (the shared experts: one launch less); out has y's dtype
+        t = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = cols[None, :] < h
+        acc = _sum_expert_rows(y_ptr, ids_ptr, add_ptr, t, cols, mask, num_tokens, stride_ym, stride_am, TOP_K,
+                               HAS_ADD, 1, BLOCK_H)
+        tl.store(out_ptr + t[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 QUANT_TILE_VALUES = 8192  # _quant_block_rows's tile: 64 fp32 registers a thread at 4 warps
@@ -405,9 +423,10 @@ def moe_sum(y: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, addend: 
     block_h = min(1024, triton.next_power_of_2(h))
     if addend is not None and addend.stride(-1) != 1:
         addend = addend.contiguous()
+    assert out.dtype == y.dtype, "the sum is rounded to the rows' dtype"
     _moe_sum_kernel[(t, triton.cdiv(h, block_h))](
-        y, topk_ids, addend if addend is not None else out, out, top_k, h, y.stride(0),
-        addend.stride(0) if addend is not None else 0, out.stride(0), HAS_ADD=addend is not None,
+        y, topk_ids, addend if addend is not None else out, out, t, h, y.stride(0),
+        addend.stride(0) if addend is not None else 0, out.stride(0), TOP_K=top_k, HAS_ADD=addend is not None,
         BLOCK_H=block_h, num_warps=4, **pdl_launch(y.device))
     return out
 

@@ -55,28 +55,12 @@ try:
     import triton
     import triton.language as tl
     from moeserve.kernels.fp8 import FP8_DTYPE, FP8_MAX, _quant_group_tile
+    from moeserve.kernels.fused_moe import _sum_expert_rows
     from moeserve.kernels.pdl import pdl_begin, pdl_launch
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     triton = None
 
 if triton is not None:
-
-    @triton.jit
-    def _sum_expert_rows(x_ptr, ids_ptr, add_ptr, rows, cols, mask, num_rows, stride_xt, stride_add,
-                         SUM_ROWS: tl.constexpr, HAS_ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # Token t's input: its SUM_ROWS expert rows x[t * SUM_ROWS + j] summed in fp32 in order of j, rows
-        # of ids < 0 skipped, rounded to x's dtype (plus add[t] after that rounding, rounded again): what
-        # fused_moe's _moe_sum_kernel stores, bit for bit.
-        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-        for j in tl.static_range(SUM_ROWS):
-            pair = rows * SUM_ROWS + j
-            kept = tl.load(ids_ptr + pair, mask=rows < num_rows, other=-1) >= 0
-            acc += tl.load(x_ptr + pair[:, None] * stride_xt + cols[None, :], mask=mask & kept[:, None],
-                           other=0.0).to(tl.float32)
-        if HAS_ADD:
-            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.load(add_ptr + rows[:, None] * stride_add + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        return acc.to(x_ptr.dtype.element_ty).to(tl.float32)
 
     @triton.jit(do_not_specialize=["num_rows"])
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, q_ptr, s_ptr, ids_ptr, add_ptr, num_rows, n, eps,
@@ -141,7 +125,7 @@ def _input_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 def _launch(x, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, group: int = 0):
     # x: a tensor, or a fused MoE's ExpertRows (summed by the kernel)
     n = x.shape[-1]
-    device = x.rows.device if isinstance(x, ExpertRows) else x.device
+    device = x.device
     res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, res_dtype), device=device)
     r_out = None if residual is None else torch.empty(x.shape, dtype=res_dtype, device=device)
