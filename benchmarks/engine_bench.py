@@ -224,17 +224,25 @@ def profile_prefill(engine: EngineCore, batch: int, isl: int) -> dict:
     return {"batch": batch, "isl": isl, "step_ms": times}
 
 
+def start_decoding(engine: EngineCore, batch: int, isl: int, max_tokens: int) -> list[str]:
+    """`batch` requests of `isl` random prompt tokens, stepped until every one of them decodes in each
+    step; returns their ids (for abort_requests)."""
+    g = torch.Generator().manual_seed(5)
+    names = [f"prof-{i}" for i in range(batch)]
+    for name in names:
+        ids = torch.randint(10, engine.model_config.vocab_size - 10, (isl,), generator=g).tolist()
+        engine.add_request(name, ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    while engine.stats.num_scheduled_tokens != batch or engine.stats.num_running != batch:
+        engine.step()
+    return names
+
+
 def profile_decode(engine: EngineCore, batch: int, isl: int) -> dict:
     """Split a decode step's wall time into schedule / execute / update, and list the top GPU
     kernels of eager decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = torch.Generator().manual_seed(5)
-    for i in range(batch):
-        ids = torch.randint(10, engine.model_config.vocab_size - 10, (isl,), generator=g).tolist()
-        engine.add_request(f"prof-{i}", ids, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
-    while engine.stats.num_scheduled_tokens != batch or engine.stats.num_running != batch:
-        engine.step()
+    names = start_decoding(engine, batch, isl, max_tokens=60)
     engine.finish_in_flight()  # the phases below are timed one step at a time (synchronous)
     overlapped, engine.async_scheduling = engine.async_scheduling, False
     phases = {"schedule": [], "execute": [], "update": []}
@@ -270,7 +278,7 @@ def profile_decode(engine: EngineCore, batch: int, isl: int) -> dict:
     engine.async_scheduling = overlapped
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
     print(table, flush=True)
-    engine.abort_requests([f"prof-{i}" for i in range(batch)])
+    engine.abort_requests(names)
     out["kernels"] = table
     return out
 

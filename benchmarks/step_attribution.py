@@ -202,13 +202,9 @@ def kernel_times(engine, batch: int = 64, steps: int = 5) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from moeserve.engine.sampling_params import SamplingParams
+    from engine_bench import start_decoding
 
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"prof-{i}", [11 + i] * 1024, params)
-    while engine.stats.num_scheduled_tokens != batch or engine.stats.num_running != batch:
-        engine.step()
+    names = start_decoding(engine, batch, 1024, max_tokens=steps + 40)
     for _ in range(3):
         engine.step()
     torch.cuda.synchronize()
@@ -216,7 +212,7 @@ def kernel_times(engine, batch: int = 64, steps: int = 5) -> dict:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    engine.abort_requests([f"prof-{i}" for i in range(batch)])
+    engine.abort_requests(names)
     rows = {}
     for ev in prof.key_averages():
         us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
