@@ -33,6 +33,15 @@ Variants:
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
   dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
                      in the GEMM), optionally T stages and W warps
+  matvec_bN          MLA's per-head projections (kernels/head_matvec.py) in Triton up to batch N (default 16;
+                     cuBLAS above)
+  moe_stream[_early][_2l][_align][_pN]  the fused MoE at 17-128 tokens replaced by one launch that only reads
+                     its expert weights (w13 and w2, all experts, each of N programs an SM (default 4) a
+                     contiguous share of both, no compute, no align) after the routing: what a single-launch
+                     MoE streaming its bytes perfectly could take a step to (a bound: no real kernel reads a
+                     better pattern). _early: the stream starts before the launch's PDL wait (weights read
+                     while the routing runs); _2l: w13 and w2 in two launches; _align: the real moe_align
+                     launch before it
   moe_gu_..., moe_dn_...  the fused MoE's gate_up (gu) or down (dn) config at 17-128 tokens with keys forced:
                      bnN BLOCK_N, stS num_stages, wW num_warps (moe_dn_bn128_st6)
 A variant may join several with '+' (no_moe_quant+down_no_wait).
@@ -97,6 +106,66 @@ def _down_without_wait(fused_moe):
         finally:
             fused_moe.pdl_launch = pdl_launch
     fused_moe._launch_moe_gemm = launch_down_early
+
+
+def _stream_moe(fused_moe, variant: str):
+    """fused_moe_triton at 17-128 tokens replaced by one streaming launch over w13 and w2 that returns
+    zeros (the step computes wrong tokens); other sizes (batch 1, prefill) run the real kernels."""
+    global gdc_launch_dependents, gdc_wait, tl  # a jitted function sees module globals, not closures
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def stream(w13_ptr, n13, w2_ptr, n2, ids_ptr, sink_ptr, EARLY: tl.constexpr, BLOCK: tl.constexpr):
+        # program p reads [p * chunk, (p + 1) * chunk) of w13 then of w2 (int32 words), xor-folds them
+        # into sink[p] so nothing is optimized away; the routing's first id joins after the PDL wait
+        pid = tl.program_id(0)
+        progs = tl.num_programs(0)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        if not EARLY:
+            gdc_wait()
+        gdc_launch_dependents()
+        chunk13 = tl.cdiv(tl.cdiv(n13, progs), BLOCK) * BLOCK
+        for i in range(pid * chunk13, tl.minimum((pid + 1) * chunk13, n13), BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            acc ^= tl.load(w13_ptr + offs, mask=offs < n13, other=0)
+        chunk2 = tl.cdiv(tl.cdiv(n2, progs), BLOCK) * BLOCK
+        for i in range(pid * chunk2, tl.minimum((pid + 1) * chunk2, n2), BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            acc ^= tl.load(w2_ptr + offs, mask=offs < n2, other=0)
+        if EARLY:
+            gdc_wait()
+        tl.store(sink_ptr + pid, tl.xor_sum(acc, axis=0) + tl.load(ids_ptr))
+
+    early, two_launches, align = "_early" in variant, "_2l" in variant, "_align" in variant
+    per_sm = int(variant.split("_p")[1]) if "_p" in variant else 4
+    real = fused_moe.fused_moe_triton
+    made = {}
+
+    def streamed(x, w13, w2, topk_weights, topk_ids, *args, sum_rows=True, **kwargs):
+        tokens = (x if x is not None else kwargs["x_fp8"][0]).shape[0]
+        if not 16 < tokens <= 128:
+            return real(x, w13, w2, topk_weights, topk_ids, *args, sum_rows=sum_rows, **kwargs)
+        hidden, top_k, device = w2.shape[1], topk_ids.shape[1], w2.device
+        dtype = x.dtype if x is not None else kwargs["out_dtype"]
+        key = (tokens, top_k, hidden, dtype)
+        if key not in made:
+            sm = torch.cuda.get_device_properties(device).multi_processor_count
+            made[key] = (torch.zeros(tokens * top_k, hidden, dtype=dtype, device=device),
+                         torch.zeros(tokens, hidden, dtype=dtype, device=device),
+                         torch.zeros(per_sm * sm, dtype=torch.int32, device=device))
+        rows, out, sink = made[key]
+        if align:
+            fused_moe.moe_align_block_size_triton(topk_ids.contiguous(), 16, w13.shape[0])
+        words = [w.view(torch.uint8).view(-1).view(torch.int32) for w in (w13, w2)]
+        parts = [(words[0], words[1])] if not two_launches else [(words[0], words[0][:0]), (words[1][:0], words[1])]
+        for a, b in parts:
+            stream[(sink.numel(),)](a, a.numel(), b, b.numel(), topk_ids, sink, EARLY=early, BLOCK=8192, num_warps=8,
+                                    launch_pdl=True)
+        return out if sum_rows else fused_moe.ExpertRows(rows, topk_ids.contiguous(), kwargs.get("addend"))
+    fused_moe.fused_moe_triton = streamed
 
 
 def _skip_dense(linear_mod):
@@ -184,6 +253,11 @@ def apply(variant: str) -> None:
                 cfg = dict(cfg, down=dict(cfg.get("down", {}), **keys))
             return cfg
         moe_config.moe_config = forced_moe
+    if variant.startswith("matvec_b"):
+        import moeserve.kernels.head_matvec as head_matvec
+        head_matvec.HEAD_MATVEC_MAX_BATCH = int(variant[len("matvec_b"):])
+    if variant.startswith("moe_stream"):
+        _stream_moe(fused_moe, variant)
     if variant == "kv_fp8":
         ENGINE_KWARGS["kv_cache_dtype"] = "fp8"
     if variant == "no_dense":
@@ -191,7 +265,7 @@ def apply(variant: str) -> None:
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
              "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "moe_sum_launch")
-    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_")
+    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_", "matvec_b", "moe_stream")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
 
