@@ -38,9 +38,9 @@ replaced whole loses the counts not tuned, e.g. its prefill entry).
 
 --align: moe_align_block_size alone at decode and prefill sizes (V2-Lite 64 experts top-6; 66
 experts top-8, i.e. with 2 shared-expert slots; V3 256 experts top-8; BLOCK_M 16 and 64): the
-one-program path (its default num_warps, and 1/2/4/8 warps), the three-pass path and the dispatch,
-each from CUDA-graph replays and checked bit for bit against the reference; also past
-ONE_PROGRAM_MAX_PAIRS, to show where the two paths cross. Writes kernels_align.json to --out. (The
+one-launch path (a program per expert), the three-pass path and the dispatch, each from CUDA-graph
+replays and checked bit for bit against the reference; the one launch also past its bound
+(moe_align.one_launch, up to 8,192 pairs), to show where the two paths cross. Writes kernels_align.json to --out. (The
 MoE rows' t_align_us time the dispatch; t_align_3pass_us the three-pass path where it is not the one
 dispatched.)
 
@@ -283,9 +283,9 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
     if tokens == 1 and not smoke:
         row["t_eager_us"] = timer(run_with(config), n_inputs, graph=False)
     row["t_align_us"] = timer(lambda j: moe_align_block_size_triton(routes[j][1], config["BLOCK_M"], e), n_inputs)
-    if tokens * k <= moe_align.ONE_PROGRAM_MAX_PAIRS:  # the dispatch ran one program: the old path beside it
+    if moe_align.one_launch(tokens * k, e):  # the dispatch ran one launch: the three beside it
         row["t_align_3pass_us"] = timer(lambda j: moe_align_block_size_triton(routes[j][1], config["BLOCK_M"], e,
-                                                                              one_program=False), n_inputs)
+                                                                              path="three_pass"), n_inputs)
 
     wbytes_expert = (w13[0].numel() + w2[0].numel()) * w13.element_size()
     if fp8:
@@ -818,37 +818,21 @@ def align_case(name, e, k, e_routed, tokens, block_m, timer, device, smoke) -> d
     ids = [routing(tokens, e, e_routed, k, device)[1] for _ in range(n_inputs)]
     pairs = tokens * k
     row = {"model": name, "experts": e, "top_k": k, "tokens": tokens, "pairs": pairs, "BLOCK_M": block_m,
-           "one_program_dispatched": pairs <= moe_align.ONE_PROGRAM_MAX_PAIRS}
+           "one_launch_dispatched": moe_align.one_launch(pairs, e)}
     ref = moe_align_block_size_ref(ids[0], block_m, e)
-
-    def one_program(j, warps=None):
-        flat = ids[j].reshape(-1)
-        max_padded = moe_align.max_padded_size(flat.numel(), e, block_m)
-        out = (torch.empty(max_padded, dtype=torch.int32, device=device),
-               torch.empty(max_padded // block_m, dtype=torch.int32, device=device),
-               torch.empty(1, dtype=torch.int32, device=device))
-        moe_align._launch_one_program(flat, *out, block_m, e, num_warps=warps)
-        return out
 
     def mismatch(out) -> int:
         return int(sum(int((p != q).sum()) for p, q in zip(ref, out)))
 
-    paths = {"three_pass": lambda j: moe_align_block_size_triton(ids[j], block_m, e, one_program=False),
+    paths = {"three_pass": lambda j: moe_align_block_size_triton(ids[j], block_m, e, path="three_pass"),
              "dispatch": lambda j: moe_align_block_size_triton(ids[j], block_m, e)}
-    bound = moe_align.ONE_PROGRAM_MAX_PAIRS
-    if pairs <= 4 * bound:  # past the bound, to see the crossover; far past it one program is hopeless
-        paths["one_program"] = one_program
-    if pairs <= bound:  # num_warps of the one program (the default: 4 up to 1024 keys, else 8)
-        for warps in (1, 2, 4, 8):
-            paths[f"one_program_w{warps}"] = lambda j, warps=warps: one_program(j, warps)
+    if pairs <= 8192:  # past the bound too, to see the crossover
+        paths["one_launch"] = lambda j: moe_align_block_size_triton(ids[j], block_m, e, path="one_launch")
     for path, fn in paths.items():
         row[f"{path}_mismatch"] = mismatch(fn(0))
         row[f"t_{path}_us"] = timer(fn, n_inputs)
-    warps = {w: row[f"t_one_program_w{w}_us"] for w in (1, 2, 4, 8) if f"t_one_program_w{w}_us" in row}
-    if warps:
-        row["best_warps"] = min(warps, key=warps.get)
-    if "t_one_program_us" in row:
-        row["three_pass_over_one_program"] = row["t_three_pass_us"] / row["t_one_program_us"]
+    if "t_one_launch_us" in row:
+        row["three_pass_over_one_launch"] = row["t_three_pass_us"] / row["t_one_launch_us"]
     return row
 
 
@@ -856,11 +840,10 @@ def fmt_align_row(r) -> str:
     def us(key):
         return f"{r[key]:.1f}" if key in r else "-"
 
-    warps = " / ".join(us(f"t_one_program_w{w}_us") for w in (1, 2, 4, 8))
     bad = sum(v for key, v in r.items() if key.endswith("_mismatch"))
-    ratio = f"{r['three_pass_over_one_program']:.2f}" if "three_pass_over_one_program" in r else "-"
-    return (f"| {r['model']} | {r['tokens']} | {r['pairs']} | {r['BLOCK_M']} | {us('t_one_program_us')} | {warps} | "
-            f"{us('t_three_pass_us')} | {ratio} | {'one' if r['one_program_dispatched'] else 'three'} "
+    ratio = f"{r['three_pass_over_one_launch']:.2f}" if "three_pass_over_one_launch" in r else "-"
+    return (f"| {r['model']} | {r['tokens']} | {r['pairs']} | {r['BLOCK_M']} | {us('t_one_launch_us')} | "
+            f"{us('t_three_pass_us')} | {ratio} | {'one' if r['one_launch_dispatched'] else 'three'} "
             f"{us('t_dispatch_us')} | {bad} |")
 
 
@@ -869,7 +852,7 @@ def align_main(args, timer, device, t_start):
     meta = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
-            "one_program_max_pairs": moe_align.ONE_PROGRAM_MAX_PAIRS}
+            "one_launch_max_work": moe_align.ONE_LAUNCH_MAX_WORK}
     print(json.dumps(meta))
     shapes = [("tiny", 6, 3, 8)] if args.smoke else ALIGN_SHAPES
     token_list = [1, 5] if args.smoke else ALIGN_TOKENS
@@ -889,11 +872,11 @@ def align_main(args, timer, device, t_start):
     meta["wall_s"] = time.time() - t_start
     with open(os.path.join(args.out, "kernels_align.json"), "w") as f:
         json.dump({**meta, "cases": rows}, f, indent=1)
-    lines = [f"moe_align_block_size, us per call (CUDA-graph replays); one program up to "
-             f"{moe_align.ONE_PROGRAM_MAX_PAIRS} pairs; {meta['device']}; {meta['wall_s']:.0f} s", "",
-             "| shape | T | pairs | BLOCK_M | one program us | 1 / 2 / 4 / 8 warps us | three-pass us | "
-             "three / one | dispatch: path us | mismatching elements |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + [fmt_align_row(r) for r in rows]
+    lines = [f"moe_align_block_size, us per call (CUDA-graph replays); one launch up to "
+             f"{moe_align.ONE_LAUNCH_MAX_WORK} experts x pairs; {meta['device']}; {meta['wall_s']:.0f} s", "",
+             "| shape | T | pairs | BLOCK_M | one launch us | three-pass us | three / one | dispatch: path us | "
+             "mismatching elements |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + [fmt_align_row(r) for r in rows]
     print("\n" + "\n".join(lines))
 
 
@@ -945,7 +928,7 @@ def main():
     ap.add_argument("--fp8-gemm", action="store_true", help="dense FP8 GEMM old/new/bf16 at decode shapes (only)")
     ap.add_argument("--gemm-models", default="V2-Lite,V3", help="--fp8-gemm: the models whose GEMM shapes to run")
     ap.add_argument("--no-moe-quant", action="store_true", help="--fp8-gemm without the fused-MoE quant rows")
-    ap.add_argument("--align", action="store_true", help="moe_align alone: one-program vs three-pass path (only)")
+    ap.add_argument("--align", action="store_true", help="moe_align alone: one-launch vs three-pass path (only)")
     args = ap.parse_args()
     t_start = time.time()
     if args.align:

@@ -9,11 +9,15 @@ Pair p = t * top_k + j stands for token t's j-th expert, topk_ids[t, j]. Outputs
 Pairs whose expert id is < 0 (experts on other ranks) or >= num_experts are left out. Sizes depend only on the
 shapes, never on the ids, so no host sync is needed and the step can be captured in a graph.
 Two Triton paths, picked by the number of pairs (moe_align_block_size_triton):
-- up to ONE_PROGRAM_MAX_PAIRS (decode batches): one launch of one program; each pair's place within
-  its expert comes from sorting the keys expert * N + pair (tl.sort), not from comparing pairs.
-- above it (prefill): chunks of pairs over three launches (count, offsets, scatter). A first version
-  in one program took 7 ms for 65,536 pairs (T=8192, top-8) on an H100, a third of the whole MoE
-  layer: one program cannot spread a large sort or scatter over the GPU.
+- up to ONE_LAUNCH_MAX_WORK experts x pairs (decode batches, short prefills; `one_launch`): one launch
+  of one program per expert. Each reads all the ids and counts every expert's pairs, which gives its
+  expert's run start, and places its expert's pairs by their rank among them (a cumsum): no sort, no
+  second launch. (It
+  replaced one program doing everything, each pair's place from a tl.sort of expert * N + pair keys:
+  on one SM the sort was most of that launch, 3.5 us at V2-Lite's 512 decode pairs against 2.2.)
+- above it (long prefills): chunks of pairs over three launches (count, offsets, scatter). A first
+  version in one program took 7 ms for 65,536 pairs (T=8192, top-8) on an H100, a third of the whole
+  MoE layer: one program cannot spread a large sort or scatter over the GPU.
 Within an expert the pairs keep ascending pair order (the reference's stable sort) on both paths.
 """
 
@@ -70,14 +74,17 @@ if triton is not None:
         keep = (e >= 0) & (e < num_experts)
         return tl.where(keep, e, 0), keep
 
-    @triton.jit(do_not_specialize=["num_pairs", "max_padded", "num_blocks"])
-    def _align_one_program_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_experts,
-                                  max_padded, num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                                  N_PAD: tl.constexpr, FILL: tl.constexpr, BLOCK_FILL: tl.constexpr,
-                                  PDL: tl.constexpr = False):
+    @triton.jit(do_not_specialize=["num_pairs", "max_padded", "num_blocks", "tail_slots", "tail_blocks"])
+    def _align_per_expert_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_experts,
+                                 max_padded, num_blocks, tail_slots, tail_blocks, BLOCK_M: tl.constexpr,
+                                 E_PAD: tl.constexpr, N_PAD: tl.constexpr, RUN_BLOCKS: tl.constexpr,
+                                 FILL: tl.constexpr, PDL: tl.constexpr = False):
         pdl_begin(PDL)
-        # The whole align in one program, for up to N_PAD pairs (a power of two >= num_pairs). Uses
-        # tl.histogram, tl.cumsum, tl.sort and tl.gather: all in Triton 3.6 (the GPU) and 3.9 (CPU).
+        # Program x writes expert x's run: every program counts all experts' pairs (the same counts in
+        # each), which gives its run's start; a pair's slot in the run is its rank among expert x's
+        # pairs (ascending pair order, as the reference's stable sort). Runs are disjoint, and program
+        # x also writes its share [x * tail_slots, +tail_slots) of the slots and blocks past the last run.
+        x = tl.program_id(0)
         lanes = tl.arange(0, N_PAD)
         e, keep = _load_experts(ids_ptr, lanes, num_pairs, num_experts)
         experts = tl.arange(0, E_PAD)
@@ -86,35 +93,31 @@ if triton is not None:
         counts = tl.where(experts == 0, counts - dropped, counts)
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         total = tl.sum(padded, 0)
-        tl.store(num_padded_ptr, total)
-        # slot of an expert's first pair (its padded run's start) minus that pair's place in the
-        # unpadded sorted order (the pairs of all lower experts)
-        shift = (tl.cumsum(padded, 0) - padded) - (tl.cumsum(counts, 0) - counts)
+        start = tl.sum(tl.where(experts < x, padded, 0), 0)
+        run = tl.sum(tl.where(experts == x, padded, 0), 0)
+        if x == 0:
+            tl.store(num_padded_ptr, total)
 
-        # Sorted by expert, then by pair id (unique keys, so any sort keeps pairs in order within an
-        # expert); dropped pairs and the lanes past the end sort last, as expert E_PAD.
-        key = tl.sort(tl.where(keep, e, E_PAD) * N_PAD + lanes)
-        key_e = key // N_PAD
-        placed = key_e < E_PAD
-        key_e = tl.minimum(key_e, E_PAD - 1)
-        dest = lanes + tl.gather(shift, key_e, 0)  # lane = place in the unpadded sorted order
+        mine = keep & (e == x)
+        rank = tl.cumsum(mine.to(tl.int32), 0) - 1
+        tl.store(sorted_ptr + start + rank, lanes, mask=mine)
+        count = tl.sum(mine.to(tl.int32), 0)
+        pad = tl.arange(0, BLOCK_M)  # the run's padding (< BLOCK_M slots): the sentinel
+        tl.store(sorted_ptr + start + count + pad, tl.zeros([BLOCK_M], tl.int32) + num_pairs, mask=count + pad < run)
+        blocks = tl.arange(0, RUN_BLOCKS)
+        tl.store(block_expert_ptr + start // BLOCK_M + blocks, tl.zeros([RUN_BLOCKS], tl.int32) + x,
+                 mask=blocks < run // BLOCK_M)
 
-        # block_expert: each block in use holds, at its first slot, an expert's pair of rank
-        # 0, BLOCK_M, 2 * BLOCK_M, ...: that pair names the block; blocks past the end get -1. The two
-        # stores hit disjoint blocks.
-        tl.store(block_expert_ptr + dest // BLOCK_M, key_e, mask=placed & (dest % BLOCK_M == 0))
-        for b in range(0, num_blocks, BLOCK_FILL):
-            blocks = b + tl.arange(0, BLOCK_FILL)
-            tl.store(block_expert_ptr + blocks, tl.full([BLOCK_FILL], -1, tl.int32),
-                     mask=(blocks < num_blocks) & (blocks * BLOCK_M >= total))
-
-        # sorted_ids: the sentinel everywhere, then the pairs over it. The barrier orders the two
-        # stores across the program's threads (each thread's own stores are ordered anyway).
-        for s in range(0, max_padded, FILL):
-            slots = s + tl.arange(0, FILL)
-            tl.store(sorted_ptr + slots, tl.zeros([FILL], tl.int32) + num_pairs, mask=slots < max_padded)
-        tl.debug_barrier()
-        tl.store(sorted_ptr + dest, key % N_PAD, mask=placed)
+        first = x * tail_slots
+        for s0 in range(first, first + tail_slots, FILL):
+            slots = s0 + tl.arange(0, FILL)
+            tl.store(sorted_ptr + slots, tl.zeros([FILL], tl.int32) + num_pairs,
+                     mask=(slots < first + tail_slots) & (slots >= total) & (slots < max_padded))
+        first = x * tail_blocks
+        for b0 in range(first, first + tail_blocks, FILL):
+            blk = b0 + tl.arange(0, FILL)
+            tl.store(block_expert_ptr + blk, tl.full([FILL], -1, tl.int32),
+                     mask=(blk < first + tail_blocks) & (blk * BLOCK_M >= total) & (blk < num_blocks))
 
     @triton.jit(do_not_specialize=["num_pairs", "max_padded", "slots_per_prog"])
     def _align_count_kernel(ids_ptr, chunk_counts_ptr, sorted_ptr, num_pairs, num_experts, max_padded,
@@ -172,7 +175,8 @@ if triton is not None:
         c = tl.program_id(0)
         lanes = tl.arange(0, CHUNK)
         e, keep = _load_experts(ids_ptr, c * CHUNK + lanes, num_pairs, num_experts)
-        # the chunk sorted by expert, then by pair (as in the one-program kernel); dropped pairs last
+        # the chunk sorted by expert, then by pair (unique keys: pairs stay in order within an expert);
+        # dropped pairs last
         key = tl.sort(tl.where(keep, e, E_PAD) * CHUNK + lanes)
         key_e = key // CHUNK
         placed = key_e < E_PAD
@@ -188,32 +192,39 @@ if triton is not None:
         tl.store(block_expert_ptr + blocks, e_of, mask=blocks < num_blocks)
 
 
-# The one-program path's bound on num_pairs. Decode is where align's launches show (~2 us each
-# against a few-us layer), and a decode batch has B * (top-k [+ shared slots]) pairs: V2-Lite top-6 +
-# 2 shared slots at 64 seqs is 512. The one program sorts next_power_of_2(num_pairs) keys on one SM,
-# so its time follows that padded size while the three-pass path spreads the work over the chunks'
-# programs. Measured on an H200 (kernel_bench_moe.py --align, V2-Lite, docs/perf/kernels_align.json):
-# one program 1.7 / 2.1 / 3.5 / 7.1 / 17.6 us at 6 / 48 / 384 / 768 / 1536 pairs, three passes
-# 4.9 / 6.0 / 7.4 / 8.0 / 7.7 us: the paths cross between 1024 keys (768 pairs) and 2048 (1536).
-ONE_PROGRAM_MAX_PAIRS = 1024
+# The one-launch path's bound: each of its programs (one an expert) reads all the ids, so its time
+# grows with experts x pairs, while the three-pass path spreads the pairs over chunks. Measured on an
+# H200 (kernel_bench_moe.py --align; docs/perf/kernels_align_per_expert*.json), one launch against
+# three passes, us: V2-Lite's 66 experts 2.2 / 2.6 / 3.4 / 5.3 / 8.7 against 9.2-9.5 / 12.6 at 512 /
+# 1,024 / 2,048 / 4,096 / 8,192 pairs; DeepSeek-V3's 256 experts 2.6 / 3.7 / 7.7 / 11.7 against
+# 15.0 / 10.8 / 9.6 / 9.5 at 512 / 1,024 / 2,048 / 4,096. The bound sits between the crossings
+# (V3's 257 fused slots at 2,048 padded pairs, a decode batch of 128 at top-9, stay in one launch).
+ONE_LAUNCH_MAX_WORK = 768 * 1024  # experts x next_power_of_2(pairs)
 
 
-def _launch_one_program(ids, sorted_ids, block_expert, num_padded, block_m, num_experts, num_warps=None):
+def one_launch(num_pairs: int, num_experts: int) -> bool:
+    """Whether moe_align_block_size_triton takes the one-launch path for this many pairs and experts."""
+    return max(num_experts, 1) * triton.next_power_of_2(max(num_pairs, 16)) <= ONE_LAUNCH_MAX_WORK
+
+
+def _launch_per_expert(ids, sorted_ids, block_expert, num_padded, block_m, num_experts):
     num_pairs = ids.numel()
-    e_pad = triton.next_power_of_2(max(num_experts, 2))
     n_pad = triton.next_power_of_2(max(num_pairs, 16))
-    assert (e_pad + 1) * n_pad < 2 ** 31, "sort keys expert * N_PAD + pair must fit in int32"
-    _align_one_program_kernel[(1,)](ids, sorted_ids, block_expert, num_padded, num_pairs, num_experts,
-                                    sorted_ids.numel(), block_expert.numel(), BLOCK_M=block_m, E_PAD=e_pad,
-                                    N_PAD=n_pad, FILL=1024, BLOCK_FILL=256,
-                                    num_warps=num_warps or (4 if n_pad < 1024 else 8),  # measured best
-                                    **pdl_launch(ids.device))
+    grid = max(num_experts, 1)
+    _align_per_expert_kernel[(grid,)](
+        ids, sorted_ids, block_expert, num_padded, num_pairs, num_experts, sorted_ids.numel(), block_expert.numel(),
+        triton.cdiv(sorted_ids.numel(), grid), triton.cdiv(block_expert.numel(), grid), BLOCK_M=block_m,
+        E_PAD=triton.next_power_of_2(max(num_experts, 2)), N_PAD=n_pad,
+        RUN_BLOCKS=triton.next_power_of_2(triton.cdiv(n_pad, block_m)), FILL=64,
+        num_warps=4 if n_pad <= 512 else 8, **pdl_launch(ids.device))
 
 
-def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_experts: int,
-                                one_program: bool | None = None):
-    """One program up to ONE_PROGRAM_MAX_PAIRS pairs, else three launches: count per chunk, offsets
-    (one program), scatter per chunk. one_program: force a path (tests, benchmarks)."""
+PATHS = ("one_launch", "three_pass")
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_experts: int, path: str | None = None):
+    """One launch (a program per expert) where one_launch() says so, else three: count per chunk,
+    offsets (one program), scatter per chunk. path: force one of PATHS (tests, benchmarks)."""
     ids = topk_ids.reshape(-1)
     ids = ids if ids.is_contiguous() else ids.contiguous()
     num_pairs = ids.numel()
@@ -224,10 +235,11 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_expert
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
     e_pad = triton.next_power_of_2(max(num_experts, 2))
-    if one_program is None:
-        one_program = num_pairs <= ONE_PROGRAM_MAX_PAIRS
-    if one_program:
-        _launch_one_program(ids, sorted_ids, block_expert, num_padded, block_m, num_experts)
+    if path is None:
+        path = "one_launch" if one_launch(num_pairs, num_experts) else "three_pass"
+    assert path in PATHS, f"unknown align path {path!r}"
+    if path == "one_launch":
+        _launch_per_expert(ids, sorted_ids, block_expert, num_padded, block_m, num_experts)
         return sorted_ids, block_expert, num_padded
     chunk = min(256, triton.next_power_of_2(max(num_pairs, 16)))
     num_chunks = max(1, triton.cdiv(num_pairs, chunk))

@@ -144,13 +144,13 @@ def _cases() -> dict:
             cases[f"gemv_{dtype}_split{split}_bias"] = lambda xd=xd, wk=wk, bias=bias, cfg=cfg: gemv.gemv_triton(
                 xd, wk, bias, cfg)
 
-    # moe_align on its own: the one-program path (decode) at its smallest and largest sort (8 warps),
+    # moe_align on its own: the one-launch path at its smallest and largest pair counts (4 and 8 warps),
     # and the three-pass path (prefill) that the small fused-MoE cases below do not reach
-    for pairs in (6, moe_align.ONE_PROGRAM_MAX_PAIRS):
-        cases[f"moe_align_one_program_{pairs}"] = lambda pairs=pairs: moe_align.moe_align_block_size_triton(
-            torch.randint(-1, 66, (pairs,)), 16, 66)
+    for pairs in (6, 4096):
+        cases[f"moe_align_one_launch_{pairs}"] = lambda pairs=pairs: moe_align.moe_align_block_size_triton(
+            torch.randint(-1, 66, (pairs,)), 16, 66, path="one_launch")
     cases["moe_align_three_pass"] = lambda: moe_align.moe_align_block_size_triton(
-        torch.randint(-1, 64, (600, 6)), 64, 64)
+        torch.randint(-1, 64, (600, 6)), 64, 64, path="three_pass")
 
     # fused MoE (align, the two grouped GEMMs, the sum): bf16; FP8 weights with FP8
     # activations quantized apart or in the GEMM, or bf16 activations; the sum with an addend

@@ -79,7 +79,7 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     results = {}
     for name, ids, block_m, experts in [
         ("align_small", torch.randint(-1, 6, (7, 3)), 4, 6),
-        ("align_chunks", torch.randint(-1, 300, (130, 5)), 16, 300),  # 650 pairs: 3 chunks of 256
+        ("align_many_experts", torch.randint(-1, 300, (130, 5)), 16, 300),  # 650 pairs, 300 programs
         ("align_block_128", torch.randint(-1, 5, (40, 2)), 128, 5),
         ("align_all_dropped", torch.full((3, 2), -1), 16, 8),
     ]:
@@ -195,7 +195,7 @@ def interpreter_results():
     return run_interpreted(__file__)
 
 
-CASES = ["align_small", "align_chunks", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
+CASES = ["align_small", "align_many_experts", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
          "fp32_T1_ep", "fp32_T1_fp8", "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
          "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a8_fused_gate_up_only",
          "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts", "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise",

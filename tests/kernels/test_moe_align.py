@@ -1,5 +1,5 @@
-"""moe_align_block_size: both Triton paths (one program for decode sizes, three launches above
-ONE_PROGRAM_MAX_PAIRS) against moe_align_block_size_ref, bit for bit: all of sorted_ids (the
+"""moe_align_block_size: both Triton paths (one launch of a program per expert up to
+moe_align.one_launch's bound on experts x pairs, three launches above) against moe_align_block_size_ref, bit for bit: all of sorted_ids (the
 reference fills the slots past num_padded with the sentinel too), block_expert (-1 past the end)
 and num_padded. The kernels run under the interpreter (TRITON_INTERPRET=1) in a child process.
 """
@@ -23,8 +23,7 @@ def _routed(tokens: int, experts: int, top_k: int, pool: int | None = None) -> t
 
 def _cases():
     """name -> (topk_ids, block_m, num_experts, paths): paths the case runs besides the dispatch."""
-    bound = moe_align.ONE_PROGRAM_MAX_PAIRS
-    both = (True, False)
+    both = moe_align.PATHS  # every path, whatever the dispatch would take
     return {
         "1_pair": (torch.randint(0, 64, (1, 1)), 16, 64, both),
         "6_pairs": (_routed(1, 64, 6), 16, 64, both),  # V2-Lite batch 1
@@ -39,8 +38,10 @@ def _cases():
         "all_dropped": (torch.full((7, 2), -1), 32, 8, both),
         "no_pairs": (torch.zeros(0, 6, dtype=torch.long), 16, 64, both),
         "ids_past_num_experts": (torch.randint(-3, 12, (30, 3)), 16, 8, both),  # >= E dropped as the ref does
-        "at_bound": (torch.randint(-1, 66, (bound // 8, 8)), 16, 66, both),
-        "just_above_bound": (torch.randint(-1, 66, (bound + 1, 1)), 64, 66, (False,)),
+        "4096_pairs_66_experts": (torch.randint(-1, 66, (512, 8)), 16, 66, both),
+        "2048_pairs_256_experts": (torch.randint(-1, 256, (256, 8)), 64, 256, both),
+        "above_bound_256_experts": (torch.randint(-1, 256, (257, 8)), 16, 256, ("three_pass",)),
+        "above_bound_1024_experts": (torch.randint(-1, 1024, (300, 2)), 64, 1024, ("three_pass",)),  # 1024 x 1024
     }
 
 
@@ -60,17 +61,16 @@ def _interpreter_cases() -> dict:
         bad = sum(a.shape != b.shape for a, b in zip(ref, out))
         return bad + sum(int((a != b).sum()) for a, b in zip(ref, out) if a.shape == b.shape)
 
-    spy = moe_align._align_one_program_kernel = Spy(moe_align._align_one_program_kernel)
+    spy = moe_align._align_per_expert_kernel = Spy(moe_align._align_per_expert_kernel)
     results = {}
     for name, (ids, block_m, experts, paths) in _cases().items():
         ref = moe_align.moe_align_block_size_ref(ids, block_m, experts)
         res = {}
         for path in paths:
-            res[f"one_program={path}"] = mismatches(ref, moe_align.moe_align_block_size_triton(
-                ids, block_m, experts, one_program=path))
+            res[path] = mismatches(ref, moe_align.moe_align_block_size_triton(ids, block_m, experts, path=path))
         before = spy.launches
         res["dispatch"] = mismatches(ref, moe_align.moe_align_block_size_triton(ids, block_m, experts))
-        res["dispatch_one_program"] = spy.launches > before
+        res["dispatch_one_launch"] = spy.launches > before
         results[name] = res
     return results
 
@@ -83,15 +83,16 @@ def interpreter_results():
 @pytest.mark.parametrize("case", list(_cases()))
 def test_triton_matches_reference(interpreter_results, case):
     res = interpreter_results[case]
-    bad = {path: n for path, n in res.items() if path != "dispatch_one_program" and n}
+    bad = {path: n for path, n in res.items() if path != "dispatch_one_launch" and n}
     assert not bad, f"{case}: mismatching elements {bad} (seed {interpreter_results['seed']})"
 
 
 def test_dispatch_bound(interpreter_results):
-    assert 64 * 10 <= moe_align.ONE_PROGRAM_MAX_PAIRS  # a decode batch of 64 at top-8 + 2 shared slots
-    for name, (ids, *_rest) in _cases().items():
-        expect = ids.numel() <= moe_align.ONE_PROGRAM_MAX_PAIRS
-        assert interpreter_results[name]["dispatch_one_program"] == expect, name
+    assert moe_align.one_launch(128 * 10, 66) and moe_align.one_launch(128 * 9, 257)  # decode batches of 128
+    assert moe_align.one_launch(8192, 66) and not moe_align.one_launch(257 * 8, 256)  # where it was measured
+    for name, (ids, _block_m, experts, _paths) in _cases().items():
+        expect = moe_align.one_launch(ids.numel(), experts)
+        assert interpreter_results[name]["dispatch_one_launch"] == expect, name
 
 
 def test_ref_keeps_pair_order_within_expert():
