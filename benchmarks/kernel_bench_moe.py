@@ -40,7 +40,8 @@ replaced whole loses the counts not tuned, e.g. its prefill entry).
 experts top-8, i.e. with 2 shared-expert slots; V3 256 experts top-8; BLOCK_M 16 and 64): the
 one-launch path (a program per expert), the three-pass path and the dispatch, each from CUDA-graph
 replays and checked bit for bit against the reference; the one launch also past its bound
-(moe_align.one_launch, up to 8,192 pairs), to show where the two paths cross. Writes kernels_align.json to --out. (The
+(moe_align.one_launch, up to 8,192 pairs), to show where the two paths cross. Writes
+kernels_align.json to --out. (The
 MoE rows' t_align_us time the dispatch; t_align_3pass_us the three-pass path where it is not the one
 dispatched.)
 

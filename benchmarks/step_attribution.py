@@ -181,12 +181,12 @@ def _stream_moe(fused_moe, variant: str):
         if align:
             fused_moe.moe_align_block_size_triton(topk_ids.contiguous(), 16, w13.shape[0])
         if tiles:  # the table's BLOCK_N for this call, the GEMMs' K steps of 128 values
-            cfg = fused_moe.moe_config.moe_config(tokens, w13.shape[0], hidden, w2.shape[2], top_k, "fp8" if
-                                                  w13.element_size() == 1 else "bfloat16", device,
+            wdtype = "fp8" if w13.element_size() == 1 else "bfloat16"
+            cfg = fused_moe.moe_config.moe_config(tokens, w13.shape[0], hidden, w2.shape[2], top_k, wdtype, device,
                                                   kwargs.get("num_fused_shared", 0))
+            down_n = fused_moe.moe_config.down_config(cfg)["BLOCK_N"]
             step = 128 * w13.element_size() // 4
-            for w, gate_up, block_n in ((w13, True, cfg["BLOCK_N"]), (w2, False,
-                                                                       fused_moe.moe_config.down_config(cfg)["BLOCK_N"])):
+            for w, gate_up, block_n in ((w13, True, cfg["BLOCK_N"]), (w2, False, down_n)):
                 n = w.shape[1] // 2 if gate_up else w.shape[1]
                 k_words = w.shape[2] * w.element_size() // 4
                 tile_stream[(w.shape[0] * triton.cdiv(n, block_n),)](

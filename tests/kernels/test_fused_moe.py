@@ -195,11 +195,12 @@ def interpreter_results():
     return run_interpreted(__file__)
 
 
-CASES = ["align_small", "align_many_experts", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16", "fp32_T1",
-         "fp32_T1_ep", "fp32_T1_fp8", "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order", "all_dropped_is_zero",
-         "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8", "fp8_w8a8_fused_gate_up_only",
-         "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts", "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise",
-         "per_block_fp32_multi_block", "per_block_fp32_T1", "per_block_fp8_ep", "block_wait_deadline"]
+CASES = ["align_small", "align_many_experts", "align_block_128", "align_all_dropped", "fp32_dropped_ids", "fp16",
+         "fp32_T1", "fp32_T1_ep", "fp32_T1_fp8", "fp32_T37_multi_block", "fp32_ep_local_experts", "fp32_grouped_order",
+         "all_dropped_is_zero", "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8",
+         "fp8_w8a8_fused_gate_up_only", "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts",
+         "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise", "per_block_fp32_multi_block",
+         "per_block_fp32_T1", "per_block_fp8_ep", "block_wait_deadline"]
 
 
 @pytest.mark.parametrize("case", CASES)

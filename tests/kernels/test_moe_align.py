@@ -1,7 +1,7 @@
-"""moe_align_block_size: both Triton paths (one launch of a program per expert up to
-moe_align.one_launch's bound on experts x pairs, three launches above) against moe_align_block_size_ref, bit for bit: all of sorted_ids (the
-reference fills the slots past num_padded with the sentinel too), block_expert (-1 past the end)
-and num_padded. The kernels run under the interpreter (TRITON_INTERPRET=1) in a child process.
+"""moe_align_block_size: both Triton paths (one launch of a program per expert up to moe_align.one_launch's
+bound on experts x pairs, three launches above) against moe_align_block_size_ref, bit for bit: all of
+sorted_ids (the reference fills the slots past num_padded with the sentinel too), block_expert (-1 past the
+end) and num_padded. The kernels run under the interpreter (TRITON_INTERPRET=1) in a child process.
 """
 
 from __future__ import annotations
