@@ -199,12 +199,15 @@ if triton is not None:
 # 1,024 / 2,048 / 4,096 / 8,192 pairs; DeepSeek-V3's 256 experts 2.6 / 3.7 / 7.7 / 11.7 against
 # 15.0 / 10.8 / 9.6 / 9.5 at 512 / 1,024 / 2,048 / 4,096. The bound sits between the crossings
 # (V3's 257 fused slots at 2,048 padded pairs, a decode batch of 128 at top-9, stay in one launch).
+# A program holds all the pairs in registers, so their number is capped too: 8,192, the most measured.
 ONE_LAUNCH_MAX_WORK = 768 * 1024  # experts x next_power_of_2(pairs)
+ONE_LAUNCH_MAX_PAIRS = 8192
 
 
 def one_launch(num_pairs: int, num_experts: int) -> bool:
     """Whether moe_align_block_size_triton takes the one-launch path for this many pairs and experts."""
-    return max(num_experts, 1) * triton.next_power_of_2(max(num_pairs, 16)) <= ONE_LAUNCH_MAX_WORK
+    n_pad = triton.next_power_of_2(max(num_pairs, 16))
+    return n_pad <= ONE_LAUNCH_MAX_PAIRS and max(num_experts, 1) * n_pad <= ONE_LAUNCH_MAX_WORK
 
 
 def _launch_per_expert(ids, sorted_ids, block_expert, num_padded, block_m, num_experts):

@@ -90,6 +90,7 @@ def test_triton_matches_reference(interpreter_results, case):
 def test_dispatch_bound(interpreter_results):
     assert moe_align.one_launch(128 * 10, 66) and moe_align.one_launch(128 * 9, 257)  # decode batches of 128
     assert moe_align.one_launch(8192, 66) and not moe_align.one_launch(257 * 8, 256)  # where it was measured
+    assert not moe_align.one_launch(8193, 8)  # few experts: the pairs a program holds are capped too
     for name, (ids, _block_m, experts, _paths) in _cases().items():
         expect = moe_align.one_launch(ids.numel(), experts)
         assert interpreter_results[name]["dispatch_one_launch"] == expect, name
