@@ -141,8 +141,8 @@ def _stream_moe(fused_moe, variant: str):
         tl.store(sink_ptr + pid, tl.xor_sum(acc, axis=0) + tl.load(ids_ptr))
 
     @triton.jit
-    def tile_stream(w_ptr, rows, k_words, up_rows, ids_ptr, sink_ptr, BLOCK_N: tl.constexpr, STEP: tl.constexpr,
-                    GATE_UP: tl.constexpr):
+    def tile_stream(w_ptr, rows, k_words, up_rows, ids_ptr, sink_ptr, sink_size, BLOCK_N: tl.constexpr,
+                    STEP: tl.constexpr, GATE_UP: tl.constexpr):
         # the fused MoE GEMM's weight reads without its compute: program (expert, N tile) reads its
         # [BLOCK_N, K] rows (gate_up: and the up rows up_rows below) a K step (STEP words) at a time
         gdc_wait()
@@ -158,7 +158,8 @@ def _stream_moe(fused_moe, variant: str):
             if GATE_UP:
                 acc ^= tl.load(base + up_rows * k_words + cols, mask=(r[:, None] < up_rows) & (cols < k_words),
                                other=0)
-        tl.store(sink_ptr + tl.program_id(0) % 1024, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0) + tl.load(ids_ptr))
+        tl.store(sink_ptr + tl.program_id(0) % sink_size,
+                 tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0) + tl.load(ids_ptr))
 
     early, two_launches, align, tiles = "_early" in variant, "_2l" in variant, "_align" in variant, "_tiles" in variant
     per_sm = int(variant.split("_p")[1]) if "_p" in variant else 4
@@ -191,13 +192,14 @@ def _stream_moe(fused_moe, variant: str):
                 k_words = w.shape[2] * w.element_size() // 4
                 tile_stream[(w.shape[0] * triton.cdiv(n, block_n),)](
                     w.view(torch.uint8).view(-1).view(torch.int32), w.shape[1], k_words, n, topk_ids, sink,
-                    BLOCK_N=block_n, STEP=step, GATE_UP=gate_up, num_warps=4, num_stages=4, launch_pdl=True)
-            return out if sum_rows else fused_moe.ExpertRows(rows, topk_ids.contiguous(), kwargs.get("addend"))
-        words = [w.view(torch.uint8).view(-1).view(torch.int32) for w in (w13, w2)]
-        parts = [(words[0], words[1])] if not two_launches else [(words[0], words[0][:0]), (words[1][:0], words[1])]
-        for a, b in parts:
-            stream[(sink.numel(),)](a, a.numel(), b, b.numel(), topk_ids, sink, EARLY=early, BLOCK=8192, num_warps=8,
-                                    launch_pdl=True)
+                    sink.numel(), BLOCK_N=block_n, STEP=step, GATE_UP=gate_up, num_warps=4, num_stages=4,
+                    launch_pdl=True)
+        else:
+            words = [w.view(torch.uint8).view(-1).view(torch.int32) for w in (w13, w2)]
+            parts = [(words[0], words[1])] if not two_launches else [(words[0], words[0][:0]), (words[1][:0], words[1])]
+            for a, b in parts:
+                stream[(sink.numel(),)](a, a.numel(), b, b.numel(), topk_ids, sink, EARLY=early, BLOCK=8192,
+                                        num_warps=8, launch_pdl=True)
         return out if sum_rows else fused_moe.ExpertRows(rows, topk_ids.contiguous(), kwargs.get("addend"))
     fused_moe.fused_moe_triton = streamed
 

@@ -9,12 +9,12 @@ Pair p = t * top_k + j stands for token t's j-th expert, topk_ids[t, j]. Outputs
 Pairs whose expert id is < 0 (experts on other ranks) or >= num_experts are left out. Sizes depend only on the
 shapes, never on the ids, so no host sync is needed and the step can be captured in a graph.
 Two Triton paths, picked by the number of pairs (moe_align_block_size_triton):
-- up to ONE_LAUNCH_MAX_WORK experts x pairs (decode batches, short prefills; `one_launch`): one launch
-  of one program per expert. Each reads all the ids and counts every expert's pairs, which gives its
-  expert's run start, and places its expert's pairs by their rank among them (a cumsum): no sort, no
-  second launch. (It
-  replaced one program doing everything, each pair's place from a tl.sort of expert * N + pair keys:
-  on one SM the sort was most of that launch, 3.5 us at V2-Lite's 512 decode pairs against 2.2.)
+- up to ONE_LAUNCH_MAX_WORK experts x pairs and ONE_LAUNCH_MAX_PAIRS pairs (decode batches, short
+  prefills; `one_launch`): one launch of one program per expert. Each reads all the ids and counts
+  every expert's pairs, which gives its expert's run start, and places its expert's pairs by their
+  rank among them (a cumsum): no sort, no second launch. It replaced one program doing everything,
+  each pair's place from a tl.sort of expert * N + pair keys: on one SM the sort was most of that
+  launch, 3.5 us at V2-Lite's 512 decode pairs against 2.2.
 - above it (long prefills): chunks of pairs over three launches (count, offsets, scatter). A first
   version in one program took 7 ms for 65,536 pairs (T=8192, top-8) on an H100, a third of the whole
   MoE layer: one program cannot spread a large sort or scatter over the GPU.
@@ -237,13 +237,13 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_expert
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    e_pad = triton.next_power_of_2(max(num_experts, 2))
     if path is None:
         path = "one_launch" if one_launch(num_pairs, num_experts) else "three_pass"
     assert path in PATHS, f"unknown align path {path!r}"
     if path == "one_launch":
         _launch_per_expert(ids, sorted_ids, block_expert, num_padded, block_m, num_experts)
         return sorted_ids, block_expert, num_padded
+    e_pad = triton.next_power_of_2(max(num_experts, 2))
     chunk = min(256, triton.next_power_of_2(max(num_pairs, 16)))
     num_chunks = max(1, triton.cdiv(num_pairs, chunk))
     chunk_shift = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
