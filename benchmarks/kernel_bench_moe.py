@@ -71,8 +71,8 @@ from moeserve.kernels.fp8 import (FP8_DTYPE, block_fp8_matmul, block_fp8_matmul_
                                   block_fp8_matmul_triton,
                                   dequant_block_fp8_ref, per_token_group_quant_fp8_ref,
                                   per_token_group_quant_fp8_triton)
-from moeserve.kernels.fused_moe import (_launch_moe_gemm, fused_moe, fused_moe_ref, fused_moe_triton,  # noqa: E402
-                                        fused_moe_w8a8_ref)
+from moeserve.kernels.fused_moe import (_launch_moe_gemm, can_tile_weights, fused_moe, fused_moe_ref,  # noqa: E402
+                                        fused_moe_triton, fused_moe_w8a8_ref, tile_weights)
 from moeserve.kernels import moe_align  # noqa: E402
 from moeserve.kernels.moe_align import moe_align_block_size_ref, moe_align_block_size_triton  # noqa: E402
 
@@ -281,6 +281,16 @@ def moe_case(name, tokens, variant, weights, timer, ceil, tune, tuned, smoke, de
         row.setdefault("flags_equal", True)
         row["flags_equal"] &= bool(torch.equal(run_with(switched)(0), run_with(config)(0)))
     row["config"] = config
+    tile_n = moe_config.FP8_WEIGHT_TILE_ROWS
+    if act_fp8 and can_tile_weights(w13, w2, tile_n, BLOCK):  # beside it, the weights in the engine's tiled layout
+        t13, t2 = tile_weights(w13, tile_n, BLOCK[1]), tile_weights(w2, tile_n, BLOCK[1])
+
+        def tiled(j):
+            return fused_moe_triton(xs[j], t13, t2, routes[j][0], routes[j][1], s13, s2, BLOCK, True, config,
+                                    w_tile_n=tile_n)
+        row["t_tiled_us"] = timer(tiled, n_inputs)
+        row["tiled_equal"] = bool(torch.equal(tiled(0), run_with(config)(0)))
+        del t13, t2
     if tokens == 1 and not smoke:
         row["t_eager_us"] = timer(run_with(config), n_inputs, graph=False)
     row["t_align_us"] = timer(lambda j: moe_align_block_size_triton(routes[j][1], config["BLOCK_M"], e), n_inputs)
@@ -963,8 +973,9 @@ def main():
 
     def record(row):
         rows.append(row)
-        extra = ("config", "t_eager_us", "t_align_us", "t_align_3pass_us", "align_mismatch", "q_mismatch",
-                 "dispatch_err", "t_gate_up_us", "t_down_us", "n_trials", "t_before_us", "config_before")
+        extra = ("config", "t_tiled_us", "tiled_equal", "t_eager_us", "t_align_us", "t_align_3pass_us",
+                 "align_mismatch", "q_mismatch", "dispatch_err", "t_gate_up_us", "t_down_us", "n_trials",
+                 "t_before_us", "config_before")
         print(fmt_row(row), json.dumps({k: v for k, v in row.items() if k in extra}))
         write_report(args.out, meta, rows, tuned_moe, tuned_dense)
 

@@ -116,6 +116,14 @@ ACT_QUANT_BY_LAST_TILE = True
 PER_BLOCK_MAX_TOKENS = 256
 
 
+# FP8 expert weights stored in tiles of FP8_WEIGHT_TILE_ROWS rows x one 128-wide scale group, each
+# contiguous (fused_moe.tile_weights; layers/moe.py tiles them after loading): a GEMM's K step then
+# reads 2 KB chunks, not 128 bytes from each of 16 rows K bytes apart. H200, V2-Lite FP8, batch 64:
+# 0.10-0.15 ms off a decode step (64-row tiles: the same); bf16 (256 bytes a row a K step) gained
+# nothing (docs/perf/engine_v2lite.md, fourteenth session). 0: row-major, as the checkpoint stores them.
+FP8_WEIGHT_TILE_ROWS = 16
+
+
 def moe_fuse_quant(tokens: int, num_experts: int, top_k: int) -> bool:
     """W8A8 fused MoE: quantize activations inside the two GEMMs (no quant launches) at decode sizes.
 

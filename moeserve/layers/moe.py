@@ -39,9 +39,10 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.distributed.ep_moe import gather_shares, row_share
 from moeserve.distributed.groups import get_parallel_state
-from moeserve.kernels.fp8 import FP8_DTYPE
+from moeserve.kernels import moe_config
+from moeserve.kernels.fp8 import FP8_DTYPE, triton_runs_on
 from moeserve.kernels.activation import silu_and_mul
-from moeserve.kernels.fused_moe import fused_moe
+from moeserve.kernels.fused_moe import can_tile_weights, fused_moe, tile_weights
 from moeserve.kernels.router_gemm import router_logits
 from moeserve.kernels.routing import RoutingConfig, select_experts
 from moeserve.layers.linear import LinearPart, MergedColumnLinear, _ceil_div, _shard, row_parallel, tp_world
@@ -157,6 +158,20 @@ class Experts(nn.Module):
         self.ep = None
         if self.ep_runtime is not None:
             self.ep = self.ep_runtime.register(self.w13, self.w2, self.w13_scale, self.w2_scale, self.block)
+        self.w_tile_n = 0  # > 0 once tile_for_kernels has put w13 and w2 in fused_moe.tile_weights' layout
+
+    def tile_for_kernels(self) -> None:
+        """After loading: FP8 experts that the Triton fused MoE runs go into its tiled layout
+        (moe_config.FP8_WEIGHT_TILE_ROWS; fused_moe.tile_weights), an expert at a time so the copy
+        is one expert's bytes. Not under expert parallelism (its paths read the row-major stacks)."""
+        tile_n = moe_config.FP8_WEIGHT_TILE_ROWS
+        if (self.w_tile_n or not self.quant or self.ep is not None or not triton_runs_on(self.w13)
+                or not can_tile_weights(self.w13, self.w2, tile_n, self.block)):
+            return
+        for w in (self.w13, self.w2):
+            for e in range(w.shape[0]):
+                w.data[e] = tile_weights(w.data[e], tile_n, self.block[1])
+        self.w_tile_n = tile_n
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 row_offset: int = 0, addend: torch.Tensor | None = None,
@@ -170,7 +185,8 @@ class Experts(nn.Module):
             out = self.ep(x, topk_ids, topk_weights, row_offset)
             return out if addend is None else out + addend
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale, self.block,
-                         addend=addend, num_fused_shared=self.num_shared, x_fp8=x_fp8, sum_rows=sum_rows)
+                         addend=addend, num_fused_shared=self.num_shared, x_fp8=x_fp8, sum_rows=sum_rows,
+                         w_tile_n=self.w_tile_n)
 
 
 def fuses_shared_experts(cfg: ModelConfig, quant: str | None) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.layers.attention import AttentionMetadata, GQAAttention, MLAAttention
 from moeserve.layers.linear import Linear, lm_head, vocab_embedding
-from moeserve.layers.moe import MLP, MoE
+from moeserve.layers.moe import MLP, Experts, MoE
 from moeserve.layers.norm import RMSNorm
 
 
@@ -116,3 +116,6 @@ class CausalLM(nn.Module):
     def process_weights_after_loading(self, dtype: torch.dtype) -> None:
         for attn in self.attention_layers():
             attn.process_weights_after_loading(dtype)
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.tile_for_kernels()

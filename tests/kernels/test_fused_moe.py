@@ -183,6 +183,34 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
             fm.QUANT_TILE_VALUES = 8192
         results[name] = (float(differ), 0.0)
 
+    # FP8 weights in the tiled layout (tile_weights: [16, block[1]] tiles) give the row-major run's bits:
+    # with an align pass and one pair a block, x quantized apart or inside gate_up, W8A16, and tiles
+    # wider than the layout's (BLOCK_N 32 over 16-row tiles); layers/moe.py's Experts tiles its weights
+    # after loading, and its output stays the same bits
+    from moeserve.kernels.fused_moe import tile_weights
+    from moeserve.layers.moe import Experts
+    x, w13, w2, w, ids = random_moe(9, 4, 64, 96, 3, torch.float32, drop=0.0)
+    q13, s13 = quant_block_fp8_ref(w13, block)
+    q2, s2 = quant_block_fp8_ref(w2, block)
+    t13, t2 = tile_weights(q13, 16, block[1]), tile_weights(q2, 16, block[1])
+    differ = 0
+    for rows in (slice(None), slice(0, 1)):
+        for cfg in (tiles, dict(tiles, BLOCK_N=32, FUSE_QUANT=True)):
+            for act in (True, False):
+                untiled = fused_moe_triton(x[rows], q13, q2, w[rows], ids[rows], s13, s2, block, act, config=cfg)
+                tiled = fused_moe_triton(x[rows], t13, t2, w[rows], ids[rows], s13, s2, block, act, config=cfg,
+                                         w_tile_n=16)
+                differ += int((tiled != untiled).sum())
+    results["fp8_tiled_weights_bitwise"] = (float(differ), 0.0)
+    experts = Experts(4, 64, 96, "fp8", block)
+    for name, value in (("w13", q13), ("w2", q2), ("w13_scale", s13), ("w2_scale", s2)):
+        getattr(experts, name).data.copy_(value)
+    before = experts(x, w, ids)
+    experts.tile_for_kernels()
+    tiled_layer = (experts.w_tile_n == 16 and torch.equal(experts.w13, t13) and torch.equal(experts.w2, t2)
+                   and torch.equal(experts(x, w, ids), before))
+    results["fp8_experts_tile_for_kernels"] = (float(not tiled_layer), 0.0)
+
     # A wait past its deadline gives up (on a GPU the kernel then traps) instead of hanging: block 1's
     # second arrival never comes. Block 0 was ready: its one down tile departed and reset its flags.
     got = _block_waits(late_after_ns=2_000_000)  # 4 polls of the interpreter's clock
@@ -200,7 +228,8 @@ CASES = ["align_small", "align_many_experts", "align_block_128", "align_all_drop
          "all_dropped_is_zero", "fp32_down_override", "addend_float32", "addend_float16", "fp8_w8a8",
          "fp8_w8a8_fused_gate_up_only", "fp8_w8a16", "fp8_w8a8_vs_unquantized_acts",
          "fp8_act_quant_in_gate_up_bitwise", "fp8_x_fp8_given_bitwise", "per_block_fp32_multi_block",
-         "per_block_fp32_T1", "per_block_fp8_ep", "block_wait_deadline"]
+         "per_block_fp32_T1", "per_block_fp8_ep", "fp8_tiled_weights_bitwise", "fp8_experts_tile_for_kernels",
+         "block_wait_deadline"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -231,6 +260,36 @@ def test_dispatch_on_cpu():
     # Without the interpreter this is the reference itself; with it, the kernel.
     x, w13, w2, w, ids = random_moe(4, 3, 16, 8, 2, torch.float32)
     assert rel_err(fused_moe(x, w13, w2, w, ids), fused_moe_ref(x, w13, w2, w, ids)) < 1e-5
+
+
+def test_tiled_weights_round_trip_and_reference_fallback():
+    """tile_weights puts each [tile_n, tile_k] tile in one contiguous run and untile_weights undoes it;
+    fused_moe given tiled weights where its kernels do not run (plain CPU) untiles them for the reference.
+    Off the interpreter Experts.tile_for_kernels leaves the row-major weights alone."""
+    from moeserve.kernels.fused_moe import can_tile_weights, tile_weights, untile_weights
+    from moeserve.layers.moe import Experts
+
+    w = torch.arange(2 * 32 * 64, dtype=torch.float32).view(2, 32, 64)
+    t = tile_weights(w, 16, 32)
+    assert torch.equal(t.view(2, -1)[:, :16 * 32].view(2, 16, 32), w[:, :16, :32])  # the first tile, contiguous
+    assert torch.equal(t.view(2, -1)[:, 16 * 32:32 * 32].view(2, 16, 32), w[:, :16, 32:])  # then the next K tile
+    assert torch.equal(untile_weights(t, 16, 32), w)
+    assert can_tile_weights(w, w, 16, (32, 32)) and not can_tile_weights(w, w[:, :24], 16, (32, 32))
+    assert not can_tile_weights(w, w, 16, (32, 8)) and not can_tile_weights(w[:, :, :48], w[:, :, :48], 16, (48, 48))
+    block = (32, 32)
+    x, w13, w2, wts, ids = random_moe(5, 4, 64, 96, 2, torch.float32)
+    q13, s13 = quant_block_fp8_ref(w13, block)
+    q2, s2 = quant_block_fp8_ref(w2, block)
+    ref = fused_moe_ref(x, q13, q2, wts, ids, s13, s2, block)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        tiled = fused_moe(x, tile_weights(q13, 16, 32), tile_weights(q2, 16, 32), wts, ids, s13, s2, block,
+                          w_tile_n=16)
+        assert torch.equal(tiled, ref)
+        experts = Experts(4, 64, 96, "fp8", block)
+        experts.tile_for_kernels()
+        assert experts.w_tile_n == 0
+    with pytest.raises(ValueError, match="FP8 only"):
+        fused_moe_triton(x, w13, w2, wts, ids, w_tile_n=16)
 
 
 def test_ref_drops_negative_ids():
@@ -492,3 +551,20 @@ def test_per_block_flags_on_gpu(fp8):
                 graph.replay()
                 assert torch.equal(out, grid_wait), (tokens, switches)
             assert not fm._block_flags[x.device].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tiled_weights_on_gpu():
+    """V2-Lite's fused FP8 shape in the tiled layout (moe_config.FP8_WEIGHT_TILE_ROWS) gives the row-major
+    weights' bits at every size the engine runs: one token, decode batches, a prefill."""
+    from moeserve.kernels.fused_moe import tile_weights
+
+    tile_n = moe_config.FP8_WEIGHT_TILE_ROWS
+    q13, s13 = quant_block_fp8_ref(torch.randn(66, 2 * 1408, 2048, device="cuda") * 2048 ** -0.5)
+    q2, s2 = quant_block_fp8_ref(torch.randn(66, 2048, 1408, device="cuda") * 1408 ** -0.5)
+    t13, t2 = tile_weights(q13, tile_n, 128), tile_weights(q2, tile_n, 128)
+    for tokens in (1, 8, 64, 128, 1000):
+        x = torch.randn(tokens, 2048, device="cuda").to(torch.bfloat16)
+        ids, w = torch.rand(tokens, 66, device="cuda").topk(8, dim=1).indices, torch.rand(tokens, 8, device="cuda")
+        untiled = fused_moe(x, q13, q2, w, ids, s13, s2)
+        assert torch.equal(fused_moe(x, t13, t2, w, ids, s13, s2, w_tile_n=tile_n), untiled), tokens
