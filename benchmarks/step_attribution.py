@@ -33,16 +33,19 @@ Variants:
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
   dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
                      in the GEMM), optionally T stages and W warps
+  dense_attn_m...    as dense_m..., only for the attention's q/kv_a and o_proj GEMMs (N and K <= 4096; not layer
+                     0's MLP)
   matvec_bN          MLA's per-head projections (kernels/head_matvec.py) in Triton up to batch N (default 16;
                      cuBLAS above)
-  moe_stream[_early][_2l][_align][_pN][_tiles]  the fused MoE at 17-128 tokens replaced by a launch that only
+  moe_stream[_early][_2l][_align][_pN]  the fused MoE at 17-128 tokens replaced by a launch that only
                      reads its expert weights (w13 and w2, all experts, each of N programs an SM (default 4) a
                      contiguous share of both, no compute, no align) after the routing: what a one-launch MoE
                      streaming its bytes perfectly could take a step to (a bound: no real kernel reads a better
                      pattern). _early: the stream starts before the launch's PDL wait (weights read while the
                      routing runs); _2l: w13 and w2 in two launches; _align: the real moe_align launch before
-                     it; _tiles: instead the fused MoE GEMMs' weight reads without their compute (two launches,
-                     a program an (expert, N tile) of the table's BLOCK_N, [BLOCK_N, 128] values a K step)
+                     it
+  moe_tileN          FP8 experts stored in tiles of N rows (moe_config.FP8_WEIGHT_TILE_ROWS; 0: row-major, as
+                     loaded)
   moe_gu_..., moe_dn_...  the fused MoE's gate_up (gu) or down (dn) config at 17-128 tokens with keys forced:
                      bnN BLOCK_N, stS num_stages, wW num_warps (moe_dn_bn128_st6)
 A variant may join several with '+' (no_moe_quant+down_no_wait).
@@ -140,28 +143,7 @@ def _stream_moe(fused_moe, variant: str):
             gdc_wait()
         tl.store(sink_ptr + pid, tl.xor_sum(acc, axis=0) + tl.load(ids_ptr))
 
-    @triton.jit
-    def tile_stream(w_ptr, rows, k_words, up_rows, ids_ptr, sink_ptr, sink_size, BLOCK_N: tl.constexpr,
-                    STEP: tl.constexpr, GATE_UP: tl.constexpr):
-        # the fused MoE GEMM's weight reads without its compute: program (expert, N tile) reads its
-        # [BLOCK_N, K] rows (gate_up: and the up rows up_rows below) a K step (STEP words) at a time
-        gdc_wait()
-        gdc_launch_dependents()
-        tiles = tl.cdiv(up_rows, BLOCK_N)
-        e, j = tl.program_id(0) // tiles, tl.program_id(0) % tiles
-        r = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        base = w_ptr + e.to(tl.int64) * rows * k_words + r.to(tl.int64)[:, None] * k_words
-        acc = tl.zeros([BLOCK_N, STEP], dtype=tl.int32)
-        for k0 in range(0, k_words, STEP):
-            cols = k0 + tl.arange(0, STEP)[None, :]
-            acc ^= tl.load(base + cols, mask=(r[:, None] < up_rows) & (cols < k_words), other=0)
-            if GATE_UP:
-                acc ^= tl.load(base + up_rows * k_words + cols, mask=(r[:, None] < up_rows) & (cols < k_words),
-                               other=0)
-        tl.store(sink_ptr + tl.program_id(0) % sink_size,
-                 tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0) + tl.load(ids_ptr))
-
-    early, two_launches, align, tiles = "_early" in variant, "_2l" in variant, "_align" in variant, "_tiles" in variant
+    early, two_launches, align = "_early" in variant, "_2l" in variant, "_align" in variant
     per_sm = int(variant.split("_p")[1]) if "_p" in variant else 4
     real = fused_moe.fused_moe_triton
     made = {}
@@ -181,25 +163,11 @@ def _stream_moe(fused_moe, variant: str):
         rows, out, sink = made[key]
         if align:
             fused_moe.moe_align_block_size_triton(topk_ids.contiguous(), 16, w13.shape[0])
-        if tiles:  # the table's BLOCK_N for this call, the GEMMs' K steps of 128 values
-            wdtype = "fp8" if w13.element_size() == 1 else "bfloat16"
-            cfg = fused_moe.moe_config.moe_config(tokens, w13.shape[0], hidden, w2.shape[2], top_k, wdtype, device,
-                                                  kwargs.get("num_fused_shared", 0))
-            down_n = fused_moe.moe_config.down_config(cfg)["BLOCK_N"]
-            step = 128 * w13.element_size() // 4
-            for w, gate_up, block_n in ((w13, True, cfg["BLOCK_N"]), (w2, False, down_n)):
-                n = w.shape[1] // 2 if gate_up else w.shape[1]
-                k_words = w.shape[2] * w.element_size() // 4
-                tile_stream[(w.shape[0] * triton.cdiv(n, block_n),)](
-                    w.view(torch.uint8).view(-1).view(torch.int32), w.shape[1], k_words, n, topk_ids, sink,
-                    sink.numel(), BLOCK_N=block_n, STEP=step, GATE_UP=gate_up, num_warps=4, num_stages=4,
-                    launch_pdl=True)
-        else:
-            words = [w.view(torch.uint8).view(-1).view(torch.int32) for w in (w13, w2)]
-            parts = [(words[0], words[1])] if not two_launches else [(words[0], words[0][:0]), (words[1][:0], words[1])]
-            for a, b in parts:
-                stream[(sink.numel(),)](a, a.numel(), b, b.numel(), topk_ids, sink, EARLY=early, BLOCK=8192,
-                                        num_warps=8, launch_pdl=True)
+        words = [w.view(torch.uint8).view(-1).view(torch.int32) for w in (w13, w2)]
+        parts = [(words[0], words[1])] if not two_launches else [(words[0], words[0][:0]), (words[1][:0], words[1])]
+        for a, b in parts:
+            stream[(sink.numel(),)](a, a.numel(), b, b.numel(), topk_ids, sink, EARLY=early, BLOCK=8192,
+                                    num_warps=8, launch_pdl=True)
         return out if sum_rows else fused_moe.ExpertRows(rows, topk_ids.contiguous(), kwargs.get("addend"))
     fused_moe.fused_moe_triton = streamed
 
@@ -268,13 +236,14 @@ def apply(variant: str) -> None:
         moe_config.ACT_QUANT_BY_LAST_TILE = False
     if variant == "down_no_wait":
         _down_without_wait(fused_moe)
-    if variant.startswith("dense_m"):
-        forced_keys = _config_keys(variant[len("dense_"):])
+    if variant.startswith(("dense_m", "dense_attn_m")):
+        attn_only = variant.startswith("dense_attn_")
+        forced_keys = _config_keys(variant[len("dense_attn_" if attn_only else "dense_"):])
         tables = moe_config.dense_fp8_config
 
         def forced(m, n, k, device):
             cfg = tables(m, n, k, device)
-            if 16 < m <= 128:
+            if 16 < m <= 128 and (not attn_only or max(n, k) <= 4096):
                 cfg = dict(cfg, REDUCE_IN_GEMM=True, FUSE_QUANT=False, **forced_keys)
             return cfg
         moe_config.dense_fp8_config = forced
@@ -294,6 +263,8 @@ def apply(variant: str) -> None:
         head_matvec.HEAD_MATVEC_MAX_BATCH = int(variant[len("matvec_b"):])
     if variant.startswith("moe_stream"):
         _stream_moe(fused_moe, variant)
+    if variant.startswith("moe_tile"):
+        moe_config.FP8_WEIGHT_TILE_ROWS = int(variant[len("moe_tile"):])
     if variant == "kv_fp8":
         ENGINE_KWARGS["kv_cache_dtype"] = "fp8"
     if variant == "no_dense":
@@ -301,7 +272,8 @@ def apply(variant: str) -> None:
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
              "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "moe_sum_launch")
-    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "moe_gu_", "moe_dn_", "matvec_b", "moe_stream")
+    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "dense_attn_m", "moe_gu_", "moe_dn_", "matvec_b",
+                "moe_stream", "moe_tile")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
 
