@@ -130,11 +130,12 @@ def untile_weights(w: torch.Tensor, tile_n: int, tile_k: int) -> torch.Tensor:
 
 
 def can_tile_weights(w13: torch.Tensor, w2: torch.Tensor, tile_n: int, block: tuple[int, int]) -> bool:
-    """Whether both expert stacks split into [tile_n, block[1]] tiles (FP8: the K tile is the scale group,
-    which the Triton path needs a power of two >= 16, as _triton_supports checks)."""
+    """Whether both expert stacks split into [tile_n, block[1]] tiles, w13's gate and up halves each whole
+    tiles (FP8: the K tile is the scale group, which the Triton path needs a power of two >= 16, as
+    _triton_supports checks)."""
     bk = block[1]
-    return (tile_n > 0 and bk >= 16 and bk & (bk - 1) == 0
-            and all(w.shape[-2] % tile_n == 0 and w.shape[-1] % bk == 0 for w in (w13, w2)))
+    return (tile_n > 0 and bk >= 16 and bk & (bk - 1) == 0 and w13.shape[-2] % (2 * tile_n) == 0
+            and w2.shape[-2] % tile_n == 0 and w13.shape[-1] % bk == 0 and w2.shape[-1] % bk == 0)
 
 
 def _fake_quant_act(a: torch.Tensor, group: int) -> torch.Tensor:
@@ -287,8 +288,8 @@ if triton is not None:
 
         a_rows = a_ptr + a_row[:, None] * stride_am
         if W_TILE_N > 0:  # tiled weights (tile_weights): row r's K step s at (r // T * K/BK + s) * T*BK + r % T * BK
-            w_row = (offs_n // W_TILE_N) * (W_TILE_N * k) + (offs_n % W_TILE_N) * BLOCK_K
-            w_gate = w_ptr + expert * stride_we + w_row.to(tl.int64)[None, :]
+            w_row = (offs_n // W_TILE_N).to(tl.int64) * (W_TILE_N * k) + (offs_n % W_TILE_N) * BLOCK_K
+            w_gate = w_ptr + expert * stride_we + w_row[None, :]
         else:
             w_gate = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
         ws_gate = ws_ptr + expert * stride_wse + (offs_n // GROUP_N) * stride_wsn

@@ -177,6 +177,9 @@ def _cases() -> dict:
         cases[f"fused_moe_fp8_per_block_{wait}_{by_last}"] = lambda wait=wait, by_last=by_last: (
             fused_moe.fused_moe_triton(xm, w13_8, w2_8, topk_w, topk_ids, s13, s2,
                                        config=dict(mcfg, DOWN_WAITS_PER_BLOCK=wait, ACT_QUANT_BY_LAST_TILE=by_last)))
+    tiled = [fused_moe.tile_weights(w, moe_config.FP8_WEIGHT_TILE_ROWS, 128) for w in (w13_8, w2_8)]
+    cases["fused_moe_fp8_tiled_weights"] = lambda: fused_moe.fused_moe_triton(  # the layout the engine stores
+        xm, *tiled, topk_w, topk_ids, s13, s2, config=mcfg, w_tile_n=moe_config.FP8_WEIGHT_TILE_ROWS)
     cases["fused_moe_fp8_weights_bf16_act"] = lambda: fused_moe.fused_moe_triton(
         xm, w13_8, w2_8, topk_w, topk_ids, s13, s2, fp8_activations=False, config=mcfg)
 

@@ -275,6 +275,7 @@ def test_tiled_weights_round_trip_and_reference_fallback():
     assert torch.equal(t.view(2, -1)[:, 16 * 32:32 * 32].view(2, 16, 32), w[:, :16, 32:])  # then the next K tile
     assert torch.equal(untile_weights(t, 16, 32), w)
     assert can_tile_weights(w, w, 16, (32, 32)) and not can_tile_weights(w, w[:, :24], 16, (32, 32))
+    assert not can_tile_weights(w[:, :16], w, 16, (32, 32))  # w13's halves of 8 rows: not whole tiles
     assert not can_tile_weights(w, w, 16, (32, 8)) and not can_tile_weights(w[:, :, :48], w[:, :, :48], 16, (48, 48))
     block = (32, 32)
     x, w13, w2, wts, ids = random_moe(5, 4, 64, 96, 2, torch.float32)
