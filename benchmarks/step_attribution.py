@@ -30,6 +30,9 @@ Variants:
                      each block (moe_config.ACT_QUANT_BY_LAST_TILE off; the down GEMM then waits for that launch's
                      whole grid too)
   kv_fp8             the engine's KV cache in e4m3 (--kv-cache-dtype fp8)
+  pageN              the engine's KV cache in pages of N tokens (--block-size N; default 16)
+  mla_tile_in_page0  MLA decode addresses every token's row through its block-table entry even where a tile
+                     lies in one page (attention_triton.MLA_TILE_IN_PAGE off)
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
   dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
                      in the GEMM), optionally T stages and W warps
@@ -47,7 +50,7 @@ Variants:
   moe_tileN          FP8 experts stored in tiles of N rows (moe_config.FP8_WEIGHT_TILE_ROWS; 0: row-major, as
                      loaded)
   moe_gu_..., moe_dn_...  the fused MoE's gate_up (gu) or down (dn) config at 17-128 tokens with keys forced:
-                     bnN BLOCK_N, stS num_stages, wW num_warps (moe_dn_bn128_st6)
+                     bnN BLOCK_N, stS num_stages, wW num_warps, rR maxnreg (moe_dn_bn128_st6, moe_gu_r96)
 A variant may join several with '+' (no_moe_quant+down_no_wait).
 Results (H200, 2026-12-01): docs/perf/engine_v2lite.md.
 """
@@ -58,6 +61,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -191,9 +195,12 @@ def _skip_dense(linear_mod):
 
 
 def _config_keys(spec: str) -> dict:
-    """"m64_bn32_sk2_st6_w8" -> BLOCK_M 64, BLOCK_N 32, SPLIT_K 2, num_stages 6, num_warps 8."""
-    names = {"m": "BLOCK_M", "bn": "BLOCK_N", "sk": "SPLIT_K", "st": "num_stages", "w": "num_warps"}
-    return {names[part.rstrip("0123456789")]: int(part.lstrip("mbnskstw")) for part in spec.split("_")}
+    """"m64_bn32_sk2_st6_w8_r96" -> BLOCK_M 64, BLOCK_N 32, SPLIT_K 2, num_stages 6, num_warps 8, maxnreg 96."""
+    names = {"m": "BLOCK_M", "bn": "BLOCK_N", "sk": "SPLIT_K", "st": "num_stages", "w": "num_warps", "r": "maxnreg"}
+    parts = [re.fullmatch(r"([a-z]+)(\d+)", part) for part in spec.split("_")]
+    if not all(p and p[1] in names for p in parts):
+        raise SystemExit(f"config keys {spec!r}: each part one of {sorted(names)} and a number")
+    return {names[p[1]]: int(p[2]) for p in parts}
 
 
 def apply(variant: str) -> None:
@@ -267,13 +274,18 @@ def apply(variant: str) -> None:
         moe_config.FP8_WEIGHT_TILE_ROWS = int(variant[len("moe_tile"):])
     if variant == "kv_fp8":
         ENGINE_KWARGS["kv_cache_dtype"] = "fp8"
+    if variant.startswith("page"):
+        ENGINE_KWARGS["block_size"] = int(variant[len("page"):])
+    if variant == "mla_tile_in_page0":
+        attention_triton.MLA_TILE_IN_PAGE = False
     if variant == "no_dense":
         import moeserve.layers.linear as linear
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
-             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "moe_sum_launch")
+             "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "moe_sum_launch",
+             "mla_tile_in_page0")
     families = ("act_quant_in_gate_up", "mla_st", "dense_m", "dense_attn_m", "moe_gu_", "moe_dn_", "matvec_b",
-                "moe_stream", "moe_tile")
+                "moe_stream", "moe_tile", "page")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
 

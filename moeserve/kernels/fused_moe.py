@@ -439,7 +439,14 @@ def _launch_moe_gemm(a, a_scale, w, w_scale, out, route_w, align, num_pairs, a_r
         ARRIVE=flags is not None and gate_up, QUANT_ROWS=rows_quant is not None,
         QUANT_GROUPS=_quant_groups(cfg["BLOCK_M"], n, block[1]), LAST_RESETS=last_resets,
         WAIT_BLOCK=wait_count > 0, MAX_BLOCKS=MAX_FLAG_BLOCKS, W_TILE_N=w_tile_n,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(a.device))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **register_cap(cfg, a.device),
+        **pdl_launch(a.device))
+
+
+def register_cap(cfg: dict, device: torch.device) -> dict:
+    """A config's "maxnreg" (registers a thread at most, ptxas's .maxnreg) as launch options: fewer
+    registers a program let more programs share an SM (GPU compiles only; the interpreter has none)."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and device.type == "cuda" else {}
 
 
 # Per-block flags of the two MoE GEMMs (_moe_gemm_kernel's ARRIVE / WAIT_BLOCK): arrivals and

@@ -57,7 +57,7 @@ def _nearest(table: dict, tokens: int) -> dict:
     return {key: dict(v) if isinstance(v, dict) else v for key, v in table[best].items()}
 
 
-DOWN_KEYS = frozenset({"BLOCK_N", "BLOCK_K", "GROUP_SIZE_M", "num_warps", "num_stages"})
+DOWN_KEYS = frozenset({"BLOCK_N", "BLOCK_K", "GROUP_SIZE_M", "num_warps", "num_stages", "maxnreg"})
 
 
 def down_config(cfg: dict) -> dict:
