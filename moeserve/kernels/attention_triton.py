@@ -58,6 +58,12 @@ MANY_HEADS, MANY_HEADS_MIN_BATCH = 64, 16
 # cache: 30.5), batch 128 at 4096: 314 -> 206-216 us (docs/perf/kernels_attention.md). Not the many-heads
 # tiles: fp16 dots were slower there (V3 batch 64: 157 vs 135 us), their 64 heads already spreading
 # each tile's conversion over 4x the dots.
+# Pages of at least a tile (BLOCK_N divides the page size): each tile's rows addressed from one base
+# (the kernel says why); off, or smaller pages, every token's row through its block-table entry. H200,
+# pages of 64 against 16, 1,024 tokens: V2-Lite batch 1 8.6 -> 7.5 us, batch 64 31.6 -> 30.7; V3 (the
+# 64-token many-head tiles) batch 64 115 -> 97 (docs/perf/kernels_attention.md). Hence the engine's
+# 64-token pages for MLA models (config.default_block_size).
+MLA_TILE_IN_PAGE = True
 MLA_FP8_F16_DOTS = True
 MLA_FP8_PTX_CVT = True
 MLA_FP8_FAST_MAX_N = 32
@@ -133,9 +139,10 @@ def _mla_decode_split_kernel(
         LATENT: tl.constexpr, ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, F16_DOTS: tl.constexpr = False, FAST: tl.constexpr = False,
-        PDL: tl.constexpr = False):
+        TILE_IN_PAGE: tl.constexpr = False, PDL: tl.constexpr = False):
     """F16_DOTS: an e4m3 cache with a 16-bit q, the dots in fp16 (below); FAST: on a GPU, its tiles
-    converted by inline PTX (_e4m3_to_f16), not the interpreter's cast."""
+    converted by inline PTX (_e4m3_to_f16), not the interpreter's cast. TILE_IN_PAGE: BLOCK_N divides
+    PAGE_SIZE, so a tile is one page's contiguous rows (below)."""
     pdl_begin(PDL)
     b = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -173,14 +180,37 @@ def _mla_decode_split_kernel(
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
-    pages = _first_tile_pages(bt_row, start, end, BLOCK_N, PAGE_SIZE)  # each tile's entries a tile ahead
+    if TILE_IN_PAGE:
+        # A tile's rows lie in one page (BLOCK_N divides PAGE_SIZE; splits start on tile boundaries),
+        # contiguous: one block-table entry a tile (loaded a tile ahead) and one int64 base, the rows'
+        # offsets from it fixed for the loop. The per-token entries and 64-bit slot arithmetic of the
+        # general path were most of this loop's integer instructions, and the kernel is issue-bound
+        # (docs/perf/kernels_attention.md, Nsight Compute).
+        rows = tl.arange(0, BLOCK_N)
+        lat_offs = rows[:, None] * stride_kv_tok + offs_l[None, :]
+        rope_offs = rows[:, None] * stride_kv_tok + LATENT + offs_r[None, :]
+        page = tl.load(bt_row + start // PAGE_SIZE, mask=start < end, other=0)
+    else:
+        pages = _first_tile_pages(bt_row, start, end, BLOCK_N, PAGE_SIZE)  # each tile's entries a tile ahead
     for n0 in range(start, end, BLOCK_N):
-        offs_n, valid, slots, pages = _tile_slots_ahead(bt_row, pages, n0, end, BLOCK_N, PAGE_SIZE, stride_kv_page,
-                                                        stride_kv_tok)
-        kv_lat = tl.load(kv_ptr + slots[:, None] + offs_l[None, :], mask=valid[:, None] & l_mask[None, :],
-                         other=0.0)
-        kv_rope = tl.load(kv_ptr + slots[:, None] + LATENT + offs_r[None, :], mask=valid[:, None] & r_mask[None, :],
-                          other=0.0)
+        if TILE_IN_PAGE:
+            offs_n = n0 + rows
+            valid = offs_n < end
+            tile = kv_ptr + (page.to(tl.int64) * stride_kv_page + (n0 % PAGE_SIZE) * stride_kv_tok)
+            page = tl.load(bt_row + (n0 + BLOCK_N) // PAGE_SIZE, mask=n0 + BLOCK_N < end, other=0)
+            if BLOCK_L == LATENT and BLOCK_R == ROPE:  # every column in range: the rows' mask alone
+                kv_lat = tl.load(tile + lat_offs, mask=valid[:, None], other=0.0)
+                kv_rope = tl.load(tile + rope_offs, mask=valid[:, None], other=0.0)
+            else:
+                kv_lat = tl.load(tile + lat_offs, mask=valid[:, None] & l_mask[None, :], other=0.0)
+                kv_rope = tl.load(tile + rope_offs, mask=valid[:, None] & r_mask[None, :], other=0.0)
+        else:
+            offs_n, valid, slots, pages = _tile_slots_ahead(bt_row, pages, n0, end, BLOCK_N, PAGE_SIZE,
+                                                            stride_kv_page, stride_kv_tok)
+            kv_lat = tl.load(kv_ptr + slots[:, None] + offs_l[None, :], mask=valid[:, None] & l_mask[None, :],
+                             other=0.0)
+            kv_rope = tl.load(kv_ptr + slots[:, None] + LATENT + offs_r[None, :],
+                              mask=valid[:, None] & r_mask[None, :], other=0.0)
         if F16_DOTS and FAST:
             # The latent tile feeds both dots. Converted by a cast, Triton (3.6) moves the conversion
             # into each dot's operand load: the value sum then reads its transposed e4m3 operand a
@@ -472,6 +502,7 @@ def mla_decode_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: to
         BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=page_size,
         DOT_PRECISION=_dot_precision(q_latent.dtype),
         F16_DOTS=fp8_fast and MLA_FP8_F16_DOTS, FAST=q_latent.is_cuda and MLA_FP8_PTX_CVT,
+        TILE_IN_PAGE=MLA_TILE_IN_PAGE and page_size % block_n == 0,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(q_latent.device))
     out = torch.empty(batch, num_heads, latent, dtype=q_latent.dtype, device=q_latent.device)
     return _merge(part, lse, out, latent)

@@ -68,6 +68,13 @@ MLA_CASES = {  # name: (seq_lens, heads, latent, rope, page_size, q dtype, cache
                                   dict(block_h=64, block_n=64, num_warps=8)),
     "mla_fp8_cache_64heads_v3_tiles": ([70, 5], 64, 512, 64, 16, torch.float16, torch.float8_e4m3fn, 2, False,
                                        dict(block_h=64, block_n=64, num_warps=8)),
+    # pages of a tile or more (BLOCK_N 32 divides 32 and 64): each tile's rows from one base (TILE_IN_PAGE);
+    # sequences ending mid-tile, mid-page and on a page's end, with NaN in the page past them
+    "mla_fp32_bs32_tile_in_page": ([1, 33, 100, 64, 5], 16, 512, 64, 32, torch.float32, torch.float32, 3, False),
+    "mla_fp32_20heads_bs64_strided_q": ([9, 1, 70, 129], 20, 96, 32, 64, torch.float32, torch.float32, 2, True),
+    "mla_fp8_cache_bs64": ([3, 65, 200], 16, 512, 64, 64, torch.float16, torch.float8_e4m3fn, 4, False),
+    "mla_fp32_64heads_v3_tiles_bs64": ([1, 17, 300, 64], 64, 512, 64, 64, torch.float32, torch.float32, 2, False,
+                                       dict(block_h=64, block_n=64, num_warps=8)),
 }
 
 GQA_CASES = {  # name: (seq_lens, heads, kv heads, head dim, page_size, q dtype, cache dtype, num_splits)

@@ -190,6 +190,12 @@ def _cases() -> dict:
     cases["mla_decode"] = lambda: at.mla_decode_triton(
         torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf), torch.randn(8, page, 576, dtype=bf),
         tables, lens, 0.1)
+    cases["mla_decode_tile_in_page"] = lambda: at.mla_decode_triton(  # pages of 64: a tile's rows from one base
+        torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf), torch.randn(8, 64, 576, dtype=bf),
+        tables, lens, 0.1)
+    cases["mla_decode_tile_in_page_fp8_cache"] = lambda: at.mla_decode_triton(
+        torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf),
+        torch.randn(8, 64, 576, dtype=bf).to(e4m3), tables, lens, 0.1)
     cases["mla_decode_fp8_cache"] = lambda: at.mla_decode_triton(  # fp16 dots, tiles converted by inline PTX
         torch.randn(b, 16, 512, dtype=bf), torch.randn(b, 16, 64, dtype=bf),
         torch.randn(8, page, 576, dtype=bf).to(e4m3), tables, lens, 0.1)
