@@ -83,7 +83,7 @@ class EngineCore:
         # from rank 0, engine/tp.py; data-parallel groups agree on step n+1 while step n runs).
         self.async_scheduling = config.scheduler.async_scheduling
         self.in_flight = None  # (SchedulerOutput, SampledStep) launched and not yet reported
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.runner.num_blocks, self.runner.block_size, config.cache.enable_prefix_caching)
         model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self.max_model_len = model_len
         self.scheduler = Scheduler(config.scheduler, self.kv, model_len)

@@ -107,7 +107,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens a KV-cache page (default: 64 for MLA models, else 16)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     parser.add_argument("--cpu-kv-cache-mb", type=int, default=256)

@@ -23,7 +23,7 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-from moeserve.config import EngineConfig, ModelConfig, resolve_dtype
+from moeserve.config import EngineConfig, ModelConfig, default_block_size, resolve_dtype
 from moeserve.distributed.groups import get_parallel_state, ranks_on_gpu
 from moeserve.engine.cuda_graphs import CudaGraphs
 from moeserve.engine.request import Request
@@ -122,7 +122,7 @@ class ModelRunner:
         self.model_config = model_config = config.model_build_config(model_config)
         self.device = device or resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_config)
-        self.block_size = config.cache.block_size
+        self.block_size = config.cache.block_size or default_block_size(model_config)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.model = load_model(model_config, config.model, self.dtype, self.device, config.load_format,

@@ -86,6 +86,20 @@ def test_greedy_equals_transformers_generate(tiny_model, arch):
         assert got == out[0, len(prompt):].tolist()
 
 
+def test_default_kv_page_is_64_tokens_for_mla_and_16_otherwise(v3, qwen3_moe_dir):
+    """No block_size given: MLA models get 64-token pages (their decode kernel addresses a tile from one
+    page), others 16; prefix caching then counts whole pages of that size, and the greedy tokens are
+    those of 4-token pages."""
+    prompt = list(range(3, 103))  # 100 tokens: one full 64-token page, six of 16
+    for path, page in ((v3, 64), (qwen3_moe_dir, 16)):
+        llm = LLM(path, dtype="float32", device="cpu", num_blocks=64)
+        assert llm.engine.runner.block_size == page and llm.engine.kv.block_size == page
+        first = llm.generate([prompt], GREEDY)[0]
+        again = llm.generate([prompt + [7]], GREEDY)[0]
+        assert again.num_cached_tokens == (len(prompt) // page) * page
+        assert first.outputs[0].token_ids == token_ids(make_llm(path).generate([prompt], GREEDY))[0]
+
+
 def test_shared_prefix_computes_only_new_tokens(v3):
     llm = make_llm(v3)
     prefix = list(range(10, 22))  # 3 full blocks of 4
