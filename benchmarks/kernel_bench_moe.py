@@ -427,7 +427,7 @@ def tune_split(tokens, e, k, shared, weights, xs, routes, act_fp8, timer, smoke)
     if math.isinf(least(True, bm) + least(False, bm)):
         raise RuntimeError(f"no config ran at BLOCK_M {bm}")
     (t_gate, c_gate), (t_down, c_down) = best(True, bm)[0], best(False, bm)[0]
-    down = {key: c_down[key] for key in sorted(moe_config.DOWN_KEYS)}
+    down = {key: c_down[key] for key in sorted(moe_config.DOWN_TILE_KEYS)}
     timed = {"gate_up" if g else "down": [dict(c, t_us=t) for t, c in trials[g]] for g in (True, False)}
     return dict(c_gate, down=down), t_gate, t_down, timed
 

@@ -57,7 +57,8 @@ def _nearest(table: dict, tokens: int) -> dict:
     return {key: dict(v) if isinstance(v, dict) else v for key, v in table[best].items()}
 
 
-DOWN_KEYS = frozenset({"BLOCK_N", "BLOCK_K", "GROUP_SIZE_M", "num_warps", "num_stages", "maxnreg"})
+DOWN_TILE_KEYS = frozenset({"BLOCK_N", "BLOCK_K", "GROUP_SIZE_M", "num_warps", "num_stages"})  # a tuned "down"
+DOWN_KEYS = DOWN_TILE_KEYS | {"maxnreg"}  # what "down" may set ("maxnreg": registers a thread at most)
 
 
 def down_config(cfg: dict) -> dict:

@@ -384,6 +384,14 @@ def test_down_config():
     assert moe_config.down_config(cfg) == cfg  # no "down": both GEMMs alike
     down = moe_config.down_config(dict(cfg, down=dict(BLOCK_N=128, num_stages=3)))
     assert down == dict(cfg, BLOCK_N=128, num_stages=3)
+    # a register cap: inherited by down unless down sets its own (0: none); a launch option on GPUs only
+    capped = dict(cfg, maxnreg=112)
+    assert moe_config.down_config(capped)["maxnreg"] == 112
+    assert moe_config.down_config(dict(capped, down=dict(maxnreg=0)))["maxnreg"] == 0
+    from moeserve.kernels.fused_moe import register_cap
+    assert register_cap(capped, torch.device("cpu")) == {}
+    assert register_cap(dict(cfg, maxnreg=0), torch.device("cuda")) == {}
+    assert register_cap(capped, torch.device("cuda")) == {"maxnreg": 112}
 
 
 def test_moe_config_takes_the_fused_shape_first(monkeypatch):
@@ -422,7 +430,7 @@ def test_moe_bench_smoke_tunes_fused_shared_experts(tmp_path):
     for by_tokens in table.values():
         assert set(by_tokens) == {"1", "3"}
         for cfg in by_tokens.values():
-            assert set(cfg["down"]) == moe_config.DOWN_KEYS and moe_config.down_config(cfg)
+            assert set(cfg["down"]) == moe_config.DOWN_TILE_KEYS and moe_config.down_config(cfg)
     rows = [r for r in json.loads((tmp_path / "kernels_moe.json").read_text())["cases"]
             if r["model"] == "V2-Lite-fused"]
     assert len(rows) == 5  # bf16 and fp8 (tuned) at 1 and 3 tokens, fp8_w8a16 at 1
