@@ -264,8 +264,8 @@ def resolve_dtype(dtype: str | torch.dtype, model_config: ModelConfig | None = N
 def default_block_size(model_config: "ModelConfig") -> int:
     """KV-cache page size where none is given: 64 tokens for MLA models, whose decode kernel then
     addresses each 32- or 64-token tile from one page (kernels/attention_triton.py; on an H200,
-    V2-Lite's batch-1 step 3.5% faster than with 16-token pages, batch 64 0.4%:
-    docs/perf/kernels_attention.md), as vLLM's MLA backends use 64; 16 otherwise."""
+    V2-Lite's batch-1 step 3-4% faster than with 16-token pages, batch 64 0.5%:
+    docs/perf/engine_v2lite.md), as vLLM's MLA backends use 64; 16 otherwise."""
     return 64 if model_config.is_mla else 16
 
 
