@@ -7,7 +7,8 @@ reasons) with FP8 and bf16 side by side:
     engine's tiled layout, and bf16; each is moe_align, gate_up, down and the sum;
   - the dense projections at 64 rows: q/kv_a (N 3648) with its input already quantized (the norm does
     it in the engine) and o_proj (N 2048, its quant launch first) in FP8, and both through cuBLAS bf16;
-  - with --kernels mla instead: one layer's MLA decode at batch 64 (split kernel and merge).
+  - with --kernels mla instead: one layer's MLA decode at batch 64 (split kernel and merge), pages of
+    --page-size tokens.
 
     ncu --clock-control none --profile-from-start off --set full -o $OUT/probe python benchmarks/ncu_probe.py
     ncu --import $OUT/probe.ncu-rep --csv --page details > $OUT/probe.csv
@@ -42,18 +43,19 @@ SUMMARY = [("Duration", "us"), ("DRAM Throughput", "dram%"), ("Memory Throughput
            ("Warp Cycles Per Issued Instruction", "cyc/inst")]
 
 
-def mla_steps() -> list:
-    """MLA decode of one V2-Lite layer at batch 64, 1,088 cached tokens a sequence (bf16 cache, page 64):
-    the split kernel and the merge, as the engine's batch-64 steps run them."""
+def mla_steps(page_size: int) -> list:
+    """MLA decode of one V2-Lite layer at batch 64, 1,088 cached tokens a sequence (bf16 cache, pages of
+    page_size tokens): the split kernel and the merge, as the engine's batch-64 steps run them."""
     from kernel_bench_attention import mla_case
 
-    _, run, _, _, _ = mla_case("V2-Lite", 16, TOKENS, 1088, torch.bfloat16, torch.bfloat16, 64, torch.device("cuda"))
-    return [("mla decode b64 x 1088", lambda: run(0))]
+    _, run, _, _, _ = mla_case("V2-Lite", 16, TOKENS, 1088, torch.bfloat16, torch.bfloat16, page_size,
+                               torch.device("cuda"))
+    return [(f"mla decode b64 x 1088, pages of {page_size}", lambda: run(0))]
 
 
-def run_kernels(which: str) -> None:
+def run_kernels(which: str, page_size: int) -> None:
     if which == "mla":
-        return profile(mla_steps())
+        return profile(mla_steps(page_size))
     from kernel_bench_moe import make_experts, routing
 
     from moeserve.kernels import moe_config
@@ -119,8 +121,9 @@ if __name__ == "__main__":
     ap.add_argument("--summary", help="print a line a kernel from an `ncu --csv --page details` file")
     ap.add_argument("--kernels", default="moe_dense", choices=["moe_dense", "mla"],
                     help="the MoE and dense GEMMs (FP8 and bf16), or the MLA decode")
+    ap.add_argument("--page-size", type=int, default=64, help="--kernels mla: the KV cache's page size")
     args = ap.parse_args()
     if args.summary:
         summarize(args.summary)
     else:
-        run_kernels(args.kernels)
+        run_kernels(args.kernels, args.page_size)
