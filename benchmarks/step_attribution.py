@@ -21,6 +21,7 @@ Variants:
   no_norm_quant      the norms stop quantizing for the FP8 GEMMs after them (each GEMM quantizes again)
   act_quant_in_gate_up[_stN]  moe_config.ACT_QUANT_IN_GATE_UP on (optionally gate_up at N stages)
   mla_stN            the MLA decode's default tiles at N stages
+  mla_resN           MLA decode splits sized for N resident programs an SM (attention_triton.MLA_RESIDENT)
   down_no_wait       the fused MoE's down GEMM starts without waiting for its predecessor (gate_up, or in FP8
                      the intermediate's quant launch), on the grid-wide wait's launches (down_grid_wait): with
                      no_moe_quant, the most one launch for both GEMMs could overlap them
@@ -30,7 +31,7 @@ Variants:
                      each block (moe_config.ACT_QUANT_BY_LAST_TILE off; the down GEMM then waits for that launch's
                      whole grid too)
   kv_fp8             the engine's KV cache in e4m3 (--kv-cache-dtype fp8)
-  pageN              the engine's KV cache in pages of N tokens (--block-size N; default 16)
+  pageN              the engine's KV cache in pages of N tokens (--block-size N; default 64 for MLA models)
   mla_tile_in_page0  MLA decode addresses every token's row through its block-table entry even where a tile
                      lies in one page (attention_triton.MLA_TILE_IN_PAGE off)
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
@@ -237,6 +238,8 @@ def apply(variant: str) -> None:
             moe_config.moe_config = lambda *a, **k: dict(tables(*a, **k), num_stages=stages)
     if variant.startswith("mla_st"):
         attention_triton.MLA_TILES = attention_triton.MLA_TILES[:3] + (int(variant[len("mla_st"):]),)
+    if variant.startswith("mla_res"):
+        attention_triton.MLA_RESIDENT = int(variant[len("mla_res"):])
     if variant in ("down_no_wait", "down_grid_wait"):
         moe_config.DOWN_WAITS_PER_BLOCK = False
     if variant in ("down_no_wait", "act_quant_launch"):
@@ -284,7 +287,7 @@ def apply(variant: str) -> None:
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
              "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "moe_sum_launch",
              "mla_tile_in_page0")
-    families = ("act_quant_in_gate_up", "mla_st", "dense_m", "dense_attn_m", "moe_gu_", "moe_dn_", "matvec_b",
+    families = ("act_quant_in_gate_up", "mla_st", "mla_res", "dense_m", "dense_attn_m", "moe_gu_", "moe_dn_", "matvec_b",
                 "moe_stream", "moe_tile", "page")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
