@@ -287,8 +287,8 @@ def apply(variant: str) -> None:
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
              "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "moe_sum_launch",
              "mla_tile_in_page0")
-    families = ("act_quant_in_gate_up", "mla_st", "mla_res", "dense_m", "dense_attn_m", "moe_gu_", "moe_dn_", "matvec_b",
-                "moe_stream", "moe_tile", "page")
+    families = ("act_quant_in_gate_up", "mla_st", "mla_res", "dense_m", "dense_attn_m", "moe_gu_", "moe_dn_",
+                "matvec_b", "moe_stream", "moe_tile", "page")
     if variant not in known and not variant.startswith(families):
         raise SystemExit(f"unknown variant {variant!r}")
 
