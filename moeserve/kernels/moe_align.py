@@ -204,15 +204,20 @@ ONE_LAUNCH_MAX_WORK = 768 * 1024  # experts x next_power_of_2(pairs)
 ONE_LAUNCH_MAX_PAIRS = 8192
 
 
+def _padded_pairs(num_pairs: int) -> int:
+    """Lanes for num_pairs pairs in a program: the next power of two, at least 16 (both paths)."""
+    return triton.next_power_of_2(max(num_pairs, 16))
+
+
 def one_launch(num_pairs: int, num_experts: int) -> bool:
     """Whether moe_align_block_size_triton takes the one-launch path for this many pairs and experts."""
-    n_pad = triton.next_power_of_2(max(num_pairs, 16))
+    n_pad = _padded_pairs(num_pairs)
     return n_pad <= ONE_LAUNCH_MAX_PAIRS and max(num_experts, 1) * n_pad <= ONE_LAUNCH_MAX_WORK
 
 
 def _launch_per_expert(ids, sorted_ids, block_expert, num_padded, block_m, num_experts):
     num_pairs = ids.numel()
-    n_pad = triton.next_power_of_2(max(num_pairs, 16))
+    n_pad = _padded_pairs(num_pairs)
     grid = max(num_experts, 1)
     _align_per_expert_kernel[(grid,)](
         ids, sorted_ids, block_expert, num_padded, num_pairs, num_experts, sorted_ids.numel(), block_expert.numel(),
@@ -244,7 +249,7 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_expert
         _launch_per_expert(ids, sorted_ids, block_expert, num_padded, block_m, num_experts)
         return sorted_ids, block_expert, num_padded
     e_pad = triton.next_power_of_2(max(num_experts, 2))
-    chunk = min(256, triton.next_power_of_2(max(num_pairs, 16)))
+    chunk = min(256, _padded_pairs(num_pairs))
     num_chunks = max(1, triton.cdiv(num_pairs, chunk))
     chunk_shift = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     pad_end = torch.empty(e_pad, dtype=torch.int32, device=device)
