@@ -34,6 +34,8 @@ Variants:
   pageN              the engine's KV cache in pages of N tokens (--block-size N; default 64 for MLA models)
   mla_tile_in_page0  MLA decode addresses every token's row through its block-table entry even where a tile
                      lies in one page (attention_triton.MLA_TILE_IN_PAGE off)
+  fp8_scale_columns  the FP8 GEMMs (dense and MoE) load a weight scale a column and multiply it in apart, as
+                     before moe_config.DENSE_FP8_SCALE_PER_TILE
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
   dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
                      in the GEMM), optionally T stages and W warps
@@ -281,12 +283,14 @@ def apply(variant: str) -> None:
         ENGINE_KWARGS["block_size"] = int(variant[len("page"):])
     if variant == "mla_tile_in_page0":
         attention_triton.MLA_TILE_IN_PAGE = False
+    if variant == "fp8_scale_columns":
+        moe_config.DENSE_FP8_SCALE_PER_TILE = False
     if variant == "no_dense":
         import moeserve.layers.linear as linear
         _skip_dense(linear)
     known = ("base", "no_moe_quant", "no_dense_quant", "no_quant", "no_moe_sum", "no_mla", "no_norm_quant",
              "down_no_wait", "down_grid_wait", "act_quant_launch", "no_dense", "kv_fp8", "moe_sum_launch",
-             "mla_tile_in_page0")
+             "mla_tile_in_page0", "fp8_scale_columns")
     families = ("act_quant_in_gate_up", "mla_st", "mla_res", "dense_m", "dense_attn_m", "moe_gu_", "moe_dn_",
                 "matvec_b", "moe_stream", "moe_tile", "page")
     if variant not in known and not variant.startswith(families):

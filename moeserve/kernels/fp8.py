@@ -168,7 +168,8 @@ if triton is not None:
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_SIZE_M: tl.constexpr, SCALED: tl.constexpr, FUSE_QUANT: tl.constexpr,
                               PARTIALS: tl.constexpr, REDUCE_IN_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              FP8_MAX_C: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr = False):
+                              FP8_MAX_C: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr = False,
+                              SCALE_PER_TILE: tl.constexpr = False, PDL: tl.constexpr = False):
         pdl_begin(PDL)
         # c = (a * a_scale) @ (b * b_scale).T over the K range of groups_per_split whole scale groups
         # [pid_k * k_per_split, + k_per_split). BLOCK_K divides GROUP_K, so one K step has one
@@ -182,6 +183,11 @@ if triton is not None:
         #   REDUCE_IN_GEMM: by the tile's last program to finish (an arrival counter a tile, which
         #   that program resets to 0 for the next call); else by _splitk_reduce_kernel, a launch more.
         # HAS_BIAS: c += bias[n], in fp32 before the one rounding to c's dtype.
+        # EVEN_K: BLOCK_K divides k, so no K step needs a bound on its columns.
+        # SCALE_PER_TILE: BLOCK_N divides GROUP_N, so the tile's columns share one weight scale a K
+        #   step: one scalar load, multiplied into the activation scales before one FMA an element,
+        #   where a scale a column took a load each and two multiplies an element (the promotion was
+        #   most of the 64-row decode GEMM's instructions, which is issue-bound; Nsight Compute).
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_m, num_pid_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
@@ -194,6 +200,7 @@ if triton is not None:
         b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
         as_rows = as_ptr + offs_m.to(tl.int64) * stride_asm
         bs_cols = bs_ptr + (offs_n // GROUP_N).to(tl.int64) * stride_bsn
+        bs_tile = bs_ptr + (pid_n * BLOCK_N // GROUP_N).to(tl.int64) * stride_bsn
         # k_start as a product with the constexpr GROUP_K: the compiler then knows the K offsets are
         # 16-byte aligned and pipelines the loads (async copies). From a plain runtime k_per_split it
         # could not, left the loop unpipelined, and the kernel ran 5-8x slower on an H200.
@@ -204,16 +211,23 @@ if triton is not None:
         for step in range(0, num_steps):
             k0 = k_start + step * BLOCK_K
             kk = k0 + offs_k
-            a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < k), other=0.0)
-            b = tl.load(b_cols + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < k), other=0.0)
+            if EVEN_K:
+                a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None], other=0.0)
+                b = tl.load(b_cols + kk[:, None], mask=mask_n[None, :], other=0.0)
+            else:
+                a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < k), other=0.0)
+                b = tl.load(b_cols + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < k), other=0.0)
             if SCALED:
-                b_s = tl.load(bs_cols + k0 // GROUP_K, mask=mask_n, other=0.0)
                 if FUSE_QUANT:
                     aq, a_s = _quant_group_tile(a.to(tl.float32), FP8_MAX_C, FAST)
                     a = aq.to(b_ptr.dtype.element_ty)
                 else:
                     a_s = tl.load(as_rows + k0 // GROUP_K, mask=mask_m, other=0.0)
-                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+                if SCALE_PER_TILE:
+                    acc += tl.dot(a, b) * (a_s * tl.load(bs_tile + k0 // GROUP_K))[:, None]
+                else:
+                    b_s = tl.load(bs_cols + k0 // GROUP_K, mask=mask_n, other=0.0)
+                    acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             else:
                 acc += tl.dot(a, b)
         c_mask = mask_m[:, None] & mask_n[None, :]
@@ -364,7 +378,8 @@ def splitk_matmul(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict
         a, a_s, w, w_s, out, partials, counters if reduce_in_gemm else out, bias, m, n, k, groups_per_split,
         split, a.stride(0), a_s.stride(0), w.stride(0), w_s.stride(0), out.stride(0),
         GROUP_N=block[0], GROUP_K=block[1], SCALED=scales is not None, FUSE_QUANT=fuse_quant, PARTIALS=split > 1,
-        REDUCE_IN_GEMM=reduce_in_gemm, HAS_BIAS=has_bias, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda, **cfg,
+        REDUCE_IN_GEMM=reduce_in_gemm, HAS_BIAS=has_bias, FP8_MAX_C=FP8_MAX, FAST=a.is_cuda,
+        EVEN_K=k % cfg["BLOCK_K"] == 0, SCALE_PER_TILE=scale_per_tile(block, cfg["BLOCK_N"]), **cfg,
         **pdl_launch(a.device))
     if split > 1 and not reduce_in_gemm:
         reduce_block = 1024
@@ -373,6 +388,12 @@ def splitk_matmul(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict
                                                                    BLOCK=reduce_block, num_warps=4,
                                                                    **pdl_launch(a.device))
     return out
+
+
+def scale_per_tile(block: tuple[int, int], block_n: int) -> bool:
+    """Whether the dense FP8 GEMM's BLOCK_N-column tiles (starting at multiples of BLOCK_N) each lie in
+    one weight-scale row of block[0] columns, and take one scale a K step (moe_config.DENSE_FP8_SCALE_PER_TILE)."""
+    return moe_config.DENSE_FP8_SCALE_PER_TILE and block[0] % block_n == 0
 
 
 def _fp8_shapes_ok(block: tuple[int, int]) -> bool:

@@ -194,6 +194,14 @@ MIN_GROUPS_PER_SPLIT = 2
 FUSE_MAX_M = 16
 
 
+# The dense FP8 GEMM, where BLOCK_N divides the weights' scale block: one weight scale a tile and K
+# step, loaded as a scalar and multiplied into the activation scales, so the promotion is one FMA an
+# accumulator element (a scale a column: a load each, two multiplies an element). Results differ
+# from that order in fp32 rounding only. H200, 64 rows: q/kv_a 6.9 -> 5.3 us (the loop 203 -> 144
+# sm_90 instructions). Not in the fused MoE: its GEMMs got 4% slower at 64 tokens with it.
+# Off: the column form (an A/B switch; docs/perf/kernels_moe.md, "One weight scale a tile").
+DENSE_FP8_SCALE_PER_TILE = True
+
 # The split-K sum by the GEMM's last program of each tile (fp8.splitk_matmul), not a second launch:
 # 1-7 us less a split call on an H200 (docs/perf/kernels_moe.md, "five ideas that did not pay").
 # A config's REDUCE_IN_GEMM overrides it (the tuning sweep tries both).

@@ -34,6 +34,7 @@ CHECKS = {  # variant: what must hold after apply(variant)
     "kv_fp8": "sa.ENGINE_KWARGS == {'kv_cache_dtype': 'fp8'}",
     "page64+mla_tile_in_page0": "sa.ENGINE_KWARGS == {'block_size': 64} and not attention_triton.MLA_TILE_IN_PAGE",
     "mla_res3": "attention_triton.MLA_RESIDENT == 3",
+    "fp8_scale_columns": "not moe_config.DENSE_FP8_SCALE_PER_TILE",
     "moe_gu_r96": ("moe_config.moe_config(64, 66, 2048, 1408, 8, 'fp8', torch.device('cpu'), 2)['maxnreg'] == 96 "
                    "and 'maxnreg' not in moe_config.moe_config(1, 66, 2048, 1408, 8, 'fp8', torch.device('cpu'), 2)"),
     "no_dense": ("(Linear(8, 4)(torch.ones(2, 3, 8)) == torch.zeros(2, 3, 4)).all() "

@@ -42,6 +42,8 @@ GEMM_CASES = {  # name: (m, n, k, block, dtype, config)
     "M200_split2_fused_fp16": (200, 40, 96, (32, 32), torch.float16, _cfg(64, 32, 2, True)),
     "M200_split3_unfused": (200, 24, 130, (32, 32), torch.float32, _cfg(64, 16, 3, False)),
     "M3_group128_split2_fused": (3, 48, 300, (128, 128), torch.float32, _cfg(16, 32, 2, True)),
+    # tiles twice a weight-scale row wide: a scale a column (fp8.scale_per_tile false)
+    "M64_split2_unfused_bn64": (64, 72, 160, (32, 32), torch.float32, _cfg(32, 64, 2, False)),
 }
 
 
@@ -71,6 +73,8 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
         # the split summed by each tile's last program or by the second launch: the same order, the same bits
         in_gemm, by_pass = (block_fp8_matmul_triton(x, w, ws, block, dict(cfg, REDUCE_IN_GEMM=r)) for r in (True, False))
         results[name + "_reduce_in_gemm_eq_pass"] = (float((in_gemm.float() - by_pass.float()).abs().max()), 0.0)
+        columns = _scale_columns(block_fp8_matmul_triton, x, w, ws, block, cfg)
+        results[name + "_tile_scale_vs_columns"] = (rel_err(out, columns), tol)
 
     # the default CPU config (a pretend 4-SM device) through the public name
     x = torch.randn(2, 256)
@@ -113,12 +117,23 @@ def _interpreter_cases() -> dict[str, tuple[float, float]]:
     return results
 
 
+def _scale_columns(fn, *args, **kwargs):
+    """fn's result with a weight scale a column (moe_config.DENSE_FP8_SCALE_PER_TILE off): the form with one
+    scale a tile differs from it in fp32 rounding only."""
+    moe_config.DENSE_FP8_SCALE_PER_TILE = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        moe_config.DENSE_FP8_SCALE_PER_TILE = True
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     return run_interpreted(__file__)
 
 
-CASES = ([f"{n}{s}" for n in GEMM_CASES for s in ("", "_vs_unsplit", "_fused_eq_unfused", "_reduce_in_gemm_eq_pass")]
+CASES = ([f"{n}{s}" for n in GEMM_CASES for s in ("", "_vs_unsplit", "_fused_eq_unfused", "_reduce_in_gemm_eq_pass",
+                                                   "_tile_scale_vs_columns")]
          + ["dispatch_default_config", "fused_strided_x", "gemv_bias_reduce_in_gemm", "split_counters_back_to_zero"]
          + [f"{n}{s}" for n in ("moe_T1", "moe_T9_fp16", "moe_T40") for s in ("_fused", "_fused_eq_unfused")])
 
