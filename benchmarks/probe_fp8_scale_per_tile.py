@@ -9,8 +9,9 @@ and the activation scales multiplied by it first take the compiled sm_90 loop fr
 K 2048 (--models V3: also V3's q_a + kv_a, q_b and o_proj), at 1, 8, 64 and 128 rows with the tuned tiles,
 activations quantized beforehand (as the engine's norm hands them over), from CUDA-graph replays over
 rotating inputs (kernel_bench_moe's Timer), each against the plain-torch reference. (The same form in the
-fused MoE's GEMMs, measured with this change's first version: 150.3 -> 156.2 us at 64 tokens, so the MoE keeps
-a scale a column; docs/perf/kernels_moe.md.)
+fused MoE, timed by versions of this probe that ran the whole V2-Lite MoE layer too: in both GEMMs 150.3 ->
+156.2 us at 64 tokens, in the down GEMM alone 154.1 -> 157.7, so the MoE keeps a scale a column;
+docs/perf/kernels_moe.md.)
 
     PYTHONUNBUFFERED=1 python benchmarks/probe_fp8_scale_per_tile.py [--models V2-Lite,V3] --out $OUT
 """

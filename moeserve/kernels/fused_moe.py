@@ -316,7 +316,9 @@ if triton is not None:
                 b_up = tl.load(w_up + wk[:, None], mask=w_mask, other=0.0)
             if W_FP8:
                 # A weight scale a column, even where a tile's columns share one: the dense FP8 GEMM's
-                # scalar form (fp8.scale_per_tile) made this kernel 4% slower at 64 tokens on an H200.
+                # scalar form (fp8.scale_per_tile) made this kernel slower at 64 tokens on an H200, in both
+                # GEMMs 4% (gate_up then took 146 registers a thread, not 128), in down alone 2% and
+                # +0.05 ms a step (though down's registers fell from 142 to 110; docs/perf/kernels_moe.md).
                 kg = k0 // GROUP_K
                 s_gate = tl.load(ws_gate + kg, mask=mask_n, other=0.0)
                 if GATE_UP:
