@@ -34,8 +34,8 @@ Variants:
   pageN              the engine's KV cache in pages of N tokens (--block-size N; default 64 for MLA models)
   mla_tile_in_page0  MLA decode addresses every token's row through its block-table entry even where a tile
                      lies in one page (attention_triton.MLA_TILE_IN_PAGE off)
-  fp8_scale_columns  the FP8 GEMMs (dense and MoE) load a weight scale a column and multiply it in apart, as
-                     before moe_config.DENSE_FP8_SCALE_PER_TILE
+  fp8_scale_columns  the dense FP8 GEMM loads a weight scale a column and multiplies it in apart, as before
+                     moe_config.DENSE_FP8_SCALE_PER_TILE (the fused MoE always does)
   no_dense           the layers' dense GEMMs (q/kv_a, o_proj, layer 0's MLP; not lm_head) launch nothing
   dense_mM_bnN_skS[_stT][_wW]  the dense FP8 GEMMs of 17-128 rows on BLOCK_M M, BLOCK_N N, SPLIT_K S (sum
                      in the GEMM), optionally T stages and W warps

@@ -197,7 +197,7 @@ FUSE_MAX_M = 16
 # The dense FP8 GEMM, where BLOCK_N divides the weights' scale block: one weight scale a tile and K
 # step, loaded as a scalar and multiplied into the activation scales, so the promotion is one FMA an
 # accumulator element (a scale a column: a load each, two multiplies an element). Results differ
-# from that order in fp32 rounding only. H200, 64 rows: q/kv_a 6.9 -> 5.3 us (the loop 203 -> 144
+# from that order in fp32 rounding only. H200, 64 rows: q/kv_a 6.8 -> 5.6 us (the loop 203 -> 144
 # sm_90 instructions). Not in the fused MoE, which got slower with it (fused_moe says how).
 # Off: the column form (an A/B switch; docs/perf/kernels_moe.md, "One weight scale a tile").
 DENSE_FP8_SCALE_PER_TILE = True
