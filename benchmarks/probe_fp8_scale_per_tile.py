@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from kernel_bench_moe import BLOCK, Timer  # noqa: E402
+from kernel_bench_moe import BLOCK, Timer, rel_err  # noqa: E402
 
 from moeserve.kernels import moe_config  # noqa: E402
 from moeserve.kernels.fp8 import (block_fp8_matmul_ref, block_fp8_matmul_triton,  # noqa: E402
@@ -39,10 +39,6 @@ SHAPES = {"V2-Lite": {"q_kv_a": (3648, 2048), "o_proj": (2048, 2048)},
           "V3": {"q_a+kv_a": (2112, 7168), "q_b": (24576, 1536), "o_proj": (7168, 16384)}}
 N_INPUTS = 4
 TIMER = Timer(False)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def both_forms(fn) -> tuple[dict, torch.Tensor]:

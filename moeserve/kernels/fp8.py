@@ -212,11 +212,11 @@ if triton is not None:
             k0 = k_start + step * BLOCK_K
             kk = k0 + offs_k
             if EVEN_K:
-                a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None], other=0.0)
-                b = tl.load(b_cols + kk[:, None], mask=mask_n[None, :], other=0.0)
+                a_mask, b_mask = mask_m[:, None], mask_n[None, :]
             else:
-                a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < k), other=0.0)
-                b = tl.load(b_cols + kk[:, None], mask=mask_n[None, :] & (kk[:, None] < k), other=0.0)
+                a_mask, b_mask = mask_m[:, None] & (kk < k)[None, :], mask_n[None, :] & (kk < k)[:, None]
+            a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
+            b = tl.load(b_cols + kk[:, None], mask=b_mask, other=0.0)
             if SCALED:
                 if FUSE_QUANT:
                     aq, a_s = _quant_group_tile(a.to(tl.float32), FP8_MAX_C, FAST)
@@ -397,7 +397,8 @@ def scale_per_tile(block: tuple[int, int], block_n: int) -> bool:
 
 
 def _fp8_shapes_ok(block: tuple[int, int]) -> bool:
-    # A K step must sit inside one scale group, and groups are tiles of a power-of-two width.
+    # A K step must sit inside one scale group, and groups are tiles of a power-of-two width (the dense
+    # and the fused MoE's Triton paths both).
     return _is_pow2(block[1]) and block[1] >= 16 and block[0] >= 1
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels import moe_config
-from moeserve.kernels.fp8 import (FP8_DTYPE, FP8_MAX, _is_pow2, dequant_block_fp8_ref, kept_counters,
+from moeserve.kernels.fp8 import (FP8_DTYPE, FP8_MAX, _fp8_shapes_ok, dequant_block_fp8_ref, kept_counters,
                                   per_token_group_quant_fp8_ref, per_token_group_quant_fp8_triton, triton_runs_on)
 from moeserve.kernels.moe_align import moe_align_block_size_triton
 
@@ -129,16 +129,11 @@ def untile_weights(w: torch.Tensor, tile_n: int, tile_k: int) -> torch.Tensor:
     return tiles.contiguous().reshape(w.shape)
 
 
-def _scale_group_fits(block: tuple[int, int]) -> bool:
-    # The Triton FP8 path's K step is one scale group (block[1] wide): a power of two of at least 16.
-    return block[1] >= 16 and _is_pow2(block[1])
-
-
 def can_tile_weights(w13: torch.Tensor, w2: torch.Tensor, tile_n: int, block: tuple[int, int]) -> bool:
     """Whether both expert stacks split into [tile_n, block[1]] tiles, w13's gate and up halves each whole
     tiles, with a scale group the Triton path takes (the K tile is the group)."""
     bk = block[1]
-    return (tile_n > 0 and _scale_group_fits(block) and w13.shape[-2] % (2 * tile_n) == 0
+    return (tile_n > 0 and _fp8_shapes_ok(block) and w13.shape[-2] % (2 * tile_n) == 0
             and w2.shape[-2] % tile_n == 0 and w13.shape[-1] % bk == 0 and w2.shape[-1] % bk == 0)
 
 
@@ -582,7 +577,7 @@ def _triton_supports(x, w13, w2, w13_scale, w2_scale, block) -> bool:
         return False
     if w13_scale is not None:
         return (w13.dtype == FP8_DTYPE and w2.dtype == FP8_DTYPE and w2_scale is not None
-                and _scale_group_fits(block))
+                and _fp8_shapes_ok(block))
     return w13.dtype == x.dtype and w2.dtype == x.dtype
 
 
